@@ -1,0 +1,15 @@
+//! portexhaust: catch Linux ephemeral-port exhaustion the moment it happens and say who caused it.
+//!
+//! Pure logic (decoding, aggregation, rendering) lives in modules that know nothing about BPF
+//! and is unit-tested without root; `loader`, `trace`, `selftest` and `workload` touch the kernel
+//! and are tested for real by the privileged tests.
+pub mod aggregate;
+pub mod clock;
+pub mod error;
+pub mod loader;
+pub mod model;
+pub mod procinfo;
+pub mod render;
+pub mod selftest;
+pub mod trace;
+pub mod workload;

@@ -1,0 +1,266 @@
+//! Command-line entry point.
+use std::{io::Write, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use portexhaust::{
+    error::{Error, one_line},
+    loader::{BackendRequest, Filters},
+    selftest, trace,
+    workload::{self, Scenario, WorkloadOptions},
+};
+use portexhaust_common::Backend;
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo portexhaust trace                       # every exhaustion failure, live, then offenders
+  sudo portexhaust trace --json | jq .         # NDJSON for pipelines
+  sudo portexhaust trace --pid 4242 --duration 60
+  sudo portexhaust trace --comm python3 --dport 27017
+  sudo portexhaust selftest                    # does it work on this kernel?";
+
+#[derive(Parser)]
+#[command(
+    name = "portexhaust",
+    version,
+    about = "Catch Linux ephemeral-port exhaustion (EADDRNOTAVAIL, errno 99) as it happens and say who caused it",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendArg {
+    /// fentry, then kprobe, then tracepoint: the first this kernel runs
+    Auto,
+    /// fentry/fexit on tcp_v{4,6}_connect and inet_hash_connect (BTF trampolines)
+    Fentry,
+    /// kprobe/kretprobe on tcp_v{4,6}_connect, kretprobe on __inet_hash_connect
+    Kprobe,
+    /// syscalls:sys_{enter,exit}_{connect,bind} and sock:inet_sock_set_state (stable ABI)
+    Tracepoint,
+}
+
+impl From<BackendArg> for BackendRequest {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => Self::Auto,
+            BackendArg::Fentry => Self::Only(Backend::Fentry),
+            BackendArg::Kprobe => Self::Only(Backend::Kprobe),
+            BackendArg::Tracepoint => Self::Only(Backend::Tracepoint),
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!(
+            "{s:?}: the duration must be a positive number of seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a command name cannot be empty".into());
+    }
+    if s.len() > 15 {
+        return Err(format!(
+            "{s:?} is longer than 15 bytes; the kernel keeps only the first 15 ({:?})",
+            &s[..15]
+        ));
+    }
+    Ok(s.to_string())
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Stream every port-exhaustion failure live, then summarise the offenders.
+    ///
+    /// Catches TCP connect() EADDRNOTAVAIL (IPv4, IPv6, v4-mapped) with the kernel site,
+    /// bind(port 0) EADDRINUSE and UDP autobind EAGAIN. Counts are exact (kept in the kernel)
+    /// even when the ring buffer overflows. Stops on Ctrl-C, SIGTERM or --duration.
+    Trace {
+        /// NDJSON on stdout: one {"type":"failure"} object per failure, then one {"type":"summary"}.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many seconds (fractions allowed).
+        #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Only this process id (repeatable).
+        #[arg(long, value_name = "PID")]
+        pid: Vec<u32>,
+        /// Only this command name, as in /proc/PID/comm (repeatable).
+        #[arg(long, value_name = "NAME", value_parser = parse_comm)]
+        comm: Vec<String>,
+        /// Only failures towards this destination port (repeatable; bind(): the local port, 0).
+        #[arg(long, value_name = "PORT")]
+        dport: Vec<u16>,
+        /// Probe backend.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+    },
+    /// Check that tracing works on this kernel: exhaust a private network namespace for real
+    /// and compare what the tracer saw with what the workload saw.
+    Selftest {
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+        /// Failing calls per kind (IPv4, IPv6, bind, UDP).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        failures: u64,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Exhaust ports in a private network namespace (test and benchmark load generator).
+    #[command(hide = true)]
+    Workload {
+        #[arg(long, value_enum)]
+        scenario: Scenario,
+        /// Size of the namespace's port range.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=20000))]
+        ports: u16,
+        /// Failing calls to make (per kind for `all`).
+        #[arg(long, default_value_t = 10)]
+        failures: u64,
+        #[arg(long, default_value_t = 5000)]
+        dport: u16,
+        #[arg(long, default_value = "pxh-workload", value_parser = parse_comm)]
+        comm: String,
+        /// Print {"ready":PID} and wait for a line on stdin before exhausting.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, rec| {
+            writeln!(
+                buf,
+                "portexhaust: {}: {}",
+                rec.level().as_str().to_lowercase(),
+                rec.args()
+            )
+        })
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let code = e.downcast_ref::<Error>().map(Error::exit_code).unwrap_or(1);
+            eprintln!("portexhaust: error: {}", one_line(e.as_ref()));
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One thread: the work is reading one ring buffer; a second core stays with the workload.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Trace {
+            json,
+            duration,
+            pid,
+            comm,
+            dport,
+            backend,
+        } => {
+            let opts = trace::TraceOptions {
+                json,
+                duration,
+                filters: Filters {
+                    pids: pid,
+                    pid_whitelist: false,
+                    comms: comm,
+                    dports: dport,
+                },
+                backend: backend.into(),
+            };
+            runtime()?.block_on(trace::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Selftest { backend, failures } => {
+            let r = selftest::run(backend.into(), failures)?;
+            println!("{}", r.table());
+            if r.passed() {
+                println!("selftest passed with the {} backend", r.backend);
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("selftest FAILED with the {} backend", r.backend);
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "portexhaust",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Workload {
+            scenario,
+            ports,
+            failures,
+            dport,
+            comm,
+            wait,
+        } => {
+            let report = workload::run(&WorkloadOptions {
+                scenario,
+                ports,
+                failures,
+                dport,
+                comm,
+                wait,
+            })?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_arguments_are_rejected() {
+        for args in [
+            &["portexhaust", "trace", "--duration", "0"][..],
+            &["portexhaust", "trace", "--duration", "abc"],
+            &["portexhaust", "trace", "--pid", "x"],
+            &["portexhaust", "trace", "--dport", "70000"],
+            &["portexhaust", "trace", "--comm", "a-name-longer-than-15"],
+            &["portexhaust", "trace", "--backend", "uprobe"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+        assert!(
+            Cli::try_parse_from(["portexhaust", "trace", "--duration", "1.5", "--pid", "3"])
+                .is_ok()
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! Decoded failures and the names shown to users. Pure: no BPF, no I/O.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use portexhaust_common::{
+    AF_INET, AF_INET6, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_TCP,
+    IPPROTO_UDP, Site,
+};
+use thiserror::Error;
+
+/// One exhaustion failure as user space sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Nanoseconds since the Unix epoch.
+    pub ts_unix_ns: i128,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// Network namespace inode, when it could be learnt.
+    pub netns: Option<u64>,
+    pub family: Family,
+    pub proto: Proto,
+    pub dst: SocketAddr,
+    pub src: Option<IpAddr>,
+    pub errno: u32,
+    pub site: Site,
+    pub backend: Backend,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+    pub fn from_af(af: u16) -> Option<Self> {
+        match af {
+            AF_INET => Some(Self::Ipv4),
+            AF_INET6 => Some(Self::Ipv6),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+    pub fn from_ipproto(p: u8) -> Option<Self> {
+        match p {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// Symbolic name of the errnos portexhaust reports (and a few neighbours for completeness).
+pub fn errno_name(errno: u32) -> &'static str {
+    match errno {
+        11 => "EAGAIN",
+        98 => "EADDRINUSE",
+        99 => "EADDRNOTAVAIL",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Command name from the kernel's NUL-padded `comm`.
+pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Kernel `comm` bytes for a name (truncated to 15 bytes plus NUL, as the kernel does).
+pub fn comm_bytes(name: &str) -> [u8; COMM_LEN] {
+    let mut out = [0u8; COMM_LEN];
+    let b = name.as_bytes();
+    let n = b.len().min(COMM_LEN - 1);
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+/// An address as stored by the eBPF programs: IPv4 in the first four bytes.
+pub fn ip_from_raw(family: Family, raw: &[u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(*raw)),
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event of {got} bytes, expected {want}")]
+    Size { got: usize, want: usize },
+    #[error("unknown address family {0}")]
+    Family(u16),
+    #[error("unknown protocol {0}")]
+    Proto(u8),
+    #[error("unknown site code {0}")]
+    Site(u8),
+    #[error("unknown backend code {0}")]
+    Backend(u8),
+}
+
+/// Decode one ring-buffer record. `mono_to_unix_ns` converts `bpf_ktime_get_ns()` values.
+pub fn decode_event(
+    bytes: &[u8],
+    mono_to_unix_ns: impl Fn(u64) -> i128,
+) -> Result<(FailureEvent, Failure), DecodeError> {
+    let want = std::mem::size_of::<FailureEvent>();
+    if bytes.len() < want {
+        return Err(DecodeError::Size {
+            got: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: FailureEvent is a Pod (integers and byte arrays only) and `bytes` holds at least
+    // size_of::<FailureEvent>() bytes; read_unaligned copes with any alignment.
+    let ev: FailureEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let failure = failure_from_event(&ev, mono_to_unix_ns)?;
+    Ok((ev, failure))
+}
+
+pub fn failure_from_event(
+    ev: &FailureEvent,
+    mono_to_unix_ns: impl Fn(u64) -> i128,
+) -> Result<Failure, DecodeError> {
+    let family = Family::from_af(ev.family).ok_or(DecodeError::Family(ev.family))?;
+    let proto = Proto::from_ipproto(ev.proto).ok_or(DecodeError::Proto(ev.proto))?;
+    let site = Site::from_u8(ev.site).ok_or(DecodeError::Site(ev.site))?;
+    let backend = Backend::from_u8(ev.backend).ok_or(DecodeError::Backend(ev.backend))?;
+    let src = (ev.flags & EVENT_SADDR_KNOWN != 0).then(|| ip_from_raw(family, &ev.saddr));
+    Ok(Failure {
+        ts_unix_ns: mono_to_unix_ns(ev.ts_ns),
+        pid: ev.pid,
+        tid: ev.tid,
+        uid: ev.uid,
+        comm: comm_str(&ev.comm),
+        cgroup_id: ev.cgroup_id,
+        netns: None,
+        family,
+        proto,
+        dst: SocketAddr::new(ip_from_raw(family, &ev.daddr), ev.dport),
+        src,
+        errno: ev.errno,
+        site,
+        backend,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FailureEvent {
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        FailureEvent {
+            ts_ns: 1_000,
+            cgroup_id: 42,
+            pid: 10,
+            tid: 11,
+            uid: 1000,
+            errno: 99,
+            daddr,
+            saddr,
+            dport: 5000,
+            family: AF_INET,
+            proto: IPPROTO_TCP,
+            site: Site::InetHashConnect as u8,
+            backend: Backend::Tracepoint as u8,
+            flags: EVENT_SADDR_KNOWN,
+            comm: comm_bytes("python3"),
+        }
+    }
+
+    fn as_bytes(ev: &FailureEvent) -> Vec<u8> {
+        // SAFETY: Pod struct viewed as bytes for the test.
+        unsafe {
+            std::slice::from_raw_parts(
+                (ev as *const FailureEvent).cast::<u8>(),
+                std::mem::size_of::<FailureEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_event() {
+        let (_, f) = decode_event(&as_bytes(&sample()), |t| t as i128 + 5).expect("decodes");
+        assert_eq!(f.ts_unix_ns, 1_005);
+        assert_eq!(f.dst.to_string(), "127.0.0.1:5000");
+        assert_eq!(f.src, Some("127.0.0.2".parse().expect("ip")));
+        assert_eq!(f.comm, "python3");
+        assert_eq!(f.site, Site::InetHashConnect);
+        assert_eq!(f.proto, Proto::Tcp);
+    }
+
+    #[test]
+    fn decodes_ipv6_event_without_source() {
+        let mut ev = sample();
+        ev.family = AF_INET6;
+        ev.daddr = Ipv6Addr::LOCALHOST.octets();
+        ev.flags = 0;
+        let (_, f) = decode_event(&as_bytes(&ev), |t| t as i128).expect("decodes");
+        assert_eq!(f.dst.to_string(), "[::1]:5000");
+        assert_eq!(f.src, None);
+        assert_eq!(f.family, Family::Ipv6);
+    }
+
+    #[test]
+    fn rejects_short_and_garbage_records() {
+        let b = as_bytes(&sample());
+        assert_eq!(
+            decode_event(&b[..10], |t| t as i128).err(),
+            Some(DecodeError::Size { got: 10, want: 88 })
+        );
+        let mut ev = sample();
+        ev.site = 200;
+        assert_eq!(
+            decode_event(&as_bytes(&ev), |t| t as i128).err(),
+            Some(DecodeError::Site(200))
+        );
+        let mut ev = sample();
+        ev.family = 1;
+        assert_eq!(
+            decode_event(&as_bytes(&ev), |t| t as i128).err(),
+            Some(DecodeError::Family(1))
+        );
+    }
+
+    #[test]
+    fn comm_round_trip_truncates_like_the_kernel() {
+        assert_eq!(
+            comm_str(&comm_bytes("a-very-long-command-name")),
+            "a-very-long-com"
+        );
+        assert_eq!(comm_str(&comm_bytes("")), "");
+    }
+}

@@ -1,0 +1,348 @@
+//! `portexhaust selftest`: does tracing work on this kernel? Exhaust a private namespace for
+//! real and check that the tracer saw exactly what the workload saw.
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+
+use crate::{
+    aggregate::dst_string,
+    clock::Clock,
+    error::{Error, Result},
+    loader::{BackendRequest, Filters, Tracer},
+    model::{Failure, decode_event, errno_name},
+    trace::announce,
+    workload::{Expected, WorkloadReport},
+};
+
+pub const SELFTEST_COMM: &str = "pxh-selftest";
+
+/// Kills the workload if the self-test bails out early, so nothing is left behind.
+struct ChildGuard(Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One row of the result table.
+#[derive(Debug)]
+pub struct Check {
+    pub what: String,
+    pub expected: u64,
+    pub events: u64,
+    pub counted: u64,
+    pub ok: bool,
+}
+
+pub struct SelftestResult {
+    pub backend: &'static str,
+    pub checks: Vec<Check>,
+}
+
+impl SelftestResult {
+    pub fn passed(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+    }
+
+    pub fn table(&self) -> String {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header(["check", "expected", "events", "counted", "result"]);
+        for c in &self.checks {
+            t.add_row([
+                c.what.clone(),
+                c.expected.to_string(),
+                c.events.to_string(),
+                c.counted.to_string(),
+                if c.ok { "pass" } else { "FAIL" }.to_string(),
+            ]);
+        }
+        t.to_string()
+    }
+}
+
+fn spawn_workload(failures: u64) -> Result<(ChildGuard, u32)> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("locating own executable", e))?;
+    let child = Command::new(exe)
+        .args(["workload", "--scenario", "all", "--ports", "10", "--comm"])
+        .arg(SELFTEST_COMM)
+        .args(["--failures", &failures.to_string(), "--wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Error::io("starting the self-test workload", e))?;
+    let mut guard = ChildGuard(child);
+    let stdout = guard
+        .0
+        .stdout
+        .as_mut()
+        .ok_or_else(|| Error::io("workload stdout", std::io::ErrorKind::BrokenPipe.into()))?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| Error::io("reading the workload's ready line", e))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|e| {
+        Error::io(
+            format!("the workload did not start (said {line:?})"),
+            std::io::Error::other(e),
+        )
+    })?;
+    let pid = v["ready"].as_u64().ok_or_else(|| {
+        Error::io(
+            "workload ready line",
+            std::io::ErrorKind::InvalidData.into(),
+        )
+    })?;
+    Ok((guard, pid as u32))
+}
+
+/// Compare what the workload saw with what the tracer reported. Pure, for unit tests.
+pub fn compare(
+    report: &WorkloadReport,
+    events: &[Failure],
+    counts: &[(portexhaust_common::CountKey, portexhaust_common::CountValue)],
+    failures_total: u64,
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut sum = 0;
+    for e in &report.expected {
+        let Expected {
+            dst,
+            errno,
+            site,
+            proto,
+            count,
+        } = e;
+        sum += count;
+        let matching = events
+            .iter()
+            .filter(|f| {
+                f.pid == report.pid
+                    && f.comm == report.comm
+                    && f.dst.to_string() == *dst
+                    && f.errno == *errno
+                    && f.site.name() == site
+                    && f.proto.name() == proto
+            })
+            .count() as u64;
+        let counted: u64 = counts
+            .iter()
+            .filter(|(k, _)| {
+                k.pid == report.pid && dst_string(k) == *dst && u32::from(k.errno) == *errno
+            })
+            .map(|(_, v)| v.count)
+            .sum();
+        checks.push(Check {
+            what: format!("{proto} {dst} {} at {site}", errno_name(*errno)),
+            expected: *count,
+            events: matching,
+            counted,
+            ok: *count > 0 && matching == *count && counted == *count,
+        });
+    }
+    let foreign = events.iter().filter(|f| f.pid != report.pid).count() as u64;
+    checks.push(Check {
+        what: "events from other processes (pid filter)".into(),
+        expected: 0,
+        events: foreign,
+        counted: 0,
+        ok: foreign == 0,
+    });
+    checks.push(Check {
+        what: "total failures (exact in-kernel count)".into(),
+        expected: sum,
+        events: events.len() as u64,
+        counted: failures_total,
+        ok: events.len() as u64 == sum && failures_total == sum,
+    });
+    if !report.unexpected.is_empty() {
+        for (what, n) in &report.unexpected {
+            checks.push(Check {
+                what: format!("workload: unexpected outcome {what}"),
+                expected: 0,
+                events: 0,
+                counted: *n,
+                ok: false,
+            });
+        }
+    }
+    checks
+}
+
+pub fn run(backend: BackendRequest, failures: u64) -> Result<SelftestResult> {
+    let opened = Tracer::open(
+        backend,
+        &Filters {
+            pid_whitelist: true,
+            ..Default::default()
+        },
+    )?;
+    announce(&opened.tracer, &opened.skipped);
+    let mut tracer = opened.tracer;
+    let clock = Clock::new();
+
+    let (mut child, pid) = spawn_workload(failures)?;
+    tracer.add_pid_filter(pid)?;
+    eprintln!(
+        "portexhaust: selftest: workload pid {pid} exhausting a private network namespace (10 ports)"
+    );
+    child
+        .0
+        .stdin
+        .as_mut()
+        .ok_or_else(|| Error::io("workload stdin", std::io::ErrorKind::BrokenPipe.into()))?
+        .write_all(b"go\n")
+        .map_err(|e| Error::io("starting the workload", e))?;
+
+    let mut events: Vec<Failure> = Vec::new();
+    let mut collect = |tracer: &mut Tracer| {
+        tracer.drain(|b| {
+            if let Ok((_, f)) = decode_event(b, |t| clock.to_unix_ns(t)) {
+                events.push(f);
+            }
+        });
+    };
+    let started = Instant::now();
+    let status = loop {
+        collect(&mut tracer);
+        match child.0.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > Duration::from_secs(120) => {
+                return Err(Error::io(
+                    "the self-test workload",
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "did not finish in 120 s"),
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(Error::io("waiting for the workload", e)),
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut so) = child.0.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut so, &mut out);
+    }
+    if !status.success() {
+        return Err(Error::io(
+            "the self-test workload",
+            std::io::Error::other(format!("exited with {status}")),
+        ));
+    }
+    let report: WorkloadReport = serde_json::from_str(out.trim()).map_err(|e| {
+        Error::io(
+            format!("parsing the workload report {out:?}"),
+            std::io::Error::other(e),
+        )
+    })?;
+    // Everything was submitted before the workload exited; read what is left.
+    collect(&mut tracer);
+    let counts = tracer.counts()?;
+    let total = tracer.failures_total()?;
+    Ok(SelftestResult {
+        backend: tracer.backend.name(),
+        checks: compare(&report, &events, &counts, total),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{Family, Proto, comm_bytes},
+        workload::Scenario,
+    };
+    use portexhaust_common::{AF_INET, Backend, CountKey, CountValue, IPPROTO_TCP, Site};
+
+    fn report() -> WorkloadReport {
+        WorkloadReport {
+            scenario: Scenario::V4,
+            pid: 50,
+            comm: SELFTEST_COMM.into(),
+            netns: None,
+            ports: 10,
+            expected: vec![Expected {
+                dst: "127.0.0.1:5000".into(),
+                errno: 99,
+                site: "__inet_hash_connect".into(),
+                proto: "tcp".into(),
+                count: 2,
+            }],
+            unexpected: vec![],
+            elapsed_s: 0.0,
+        }
+    }
+
+    fn event(pid: u32) -> Failure {
+        Failure {
+            ts_unix_ns: 0,
+            pid,
+            tid: pid,
+            uid: 0,
+            comm: SELFTEST_COMM.into(),
+            cgroup_id: 0,
+            netns: None,
+            family: Family::Ipv4,
+            proto: Proto::Tcp,
+            dst: "127.0.0.1:5000".parse().expect("addr"),
+            src: None,
+            errno: 99,
+            site: Site::InetHashConnect,
+            backend: Backend::Tracepoint,
+        }
+    }
+
+    fn count(n: u64) -> (CountKey, CountValue) {
+        let mut daddr = [0; 16];
+        daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        (
+            CountKey {
+                pid: 50,
+                dport: 5000,
+                family: AF_INET,
+                errno: 99,
+                proto: IPPROTO_TCP,
+                _pad: [0; 5],
+                daddr,
+            },
+            CountValue {
+                count: n,
+                first_ns: 0,
+                last_ns: 0,
+                comm: comm_bytes(SELFTEST_COMM),
+            },
+        )
+    }
+
+    #[test]
+    fn exact_match_passes() {
+        let checks = compare(&report(), &[event(50), event(50)], &[count(2)], 2);
+        assert!(checks.iter().all(|c| c.ok), "{checks:?}");
+    }
+
+    #[test]
+    fn a_missing_event_a_foreign_event_or_a_wrong_count_fails() {
+        let c = compare(&report(), &[event(50)], &[count(2)], 2);
+        assert!(!c[0].ok);
+        let c = compare(&report(), &[event(50), event(50), event(7)], &[count(2)], 3);
+        assert!(!c[1].ok && !c[2].ok);
+        let c = compare(&report(), &[event(50), event(50)], &[count(3)], 2);
+        assert!(!c[0].ok);
+        let mut wrong_site = event(50);
+        wrong_site.site = Site::TcpV4Connect;
+        let c = compare(&report(), &[event(50), wrong_site], &[count(2)], 2);
+        assert!(!c[0].ok);
+    }
+
+    #[test]
+    fn zero_expected_never_passes() {
+        let mut r = report();
+        r.expected[0].count = 0;
+        let c = compare(&r, &[], &[], 0);
+        assert!(!c[0].ok);
+    }
+}

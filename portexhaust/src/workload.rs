@@ -1,0 +1,437 @@
+//! Real port exhaustion in a private network namespace, for `selftest`, the privileged tests
+//! and the benchmarks (`portexhaust workload`, hidden from --help).
+//!
+//! Safety rule: the process first moves itself into a new, anonymous network namespace and
+//! proves it did (its namespace differs from PID 1's) before it writes any sysctl. The range
+//! and `tcp_tw_reuse` are per-namespace, so the host is never changed, and the namespace
+//! disappears with the process, even when it is killed.
+use std::{
+    io::{self, BufRead, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+
+use crate::procinfo::netns_of;
+
+#[derive(Debug, Error)]
+pub enum WorkloadError {
+    #[error("unshare(CLONE_NEWNET) failed: {0} (needs root or CAP_SYS_ADMIN)")]
+    Unshare(io::Error),
+    #[error("refusing to touch sysctls: still in the host's network namespace")]
+    NotIsolated,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> WorkloadError {
+    let context = context.into();
+    move |source| WorkloadError::Io { context, source }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Hold every port to 127.0.0.1:DPORT, then fail IPv4 connects.
+    V4,
+    /// Hold every port to [::1]:DPORT, then fail IPv6 connects.
+    V6,
+    /// Hold every port to 127.0.0.1:DPORT, then fail AF_INET6 connects to ::ffff:127.0.0.1.
+    V4mapped,
+    /// Leave every port in TIME_WAIT (tcp_tw_reuse=0), then fail IPv4 connects.
+    Timewait,
+    /// Bind every port, then fail TCP bind(port 0) with EADDRINUSE.
+    Bind,
+    /// Bind every UDP port, then fail UDP connect() (autobind) with EAGAIN.
+    Udp,
+    /// Hold every port, then a tight loop of failing connects (storm).
+    Storm,
+    /// v4, v6, bind and udp in turn (what selftest runs).
+    All,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadOptions {
+    pub scenario: Scenario,
+    pub ports: u16,
+    pub failures: u64,
+    pub dport: u16,
+    pub comm: String,
+    pub wait: bool,
+}
+
+/// One kind of failure the workload caused, with the count it saw itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expected {
+    pub dst: String,
+    pub errno: u32,
+    pub site: String,
+    pub proto: String,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkloadReport {
+    pub scenario: Scenario,
+    pub pid: u32,
+    pub comm: String,
+    pub netns: Option<u64>,
+    pub ports: u16,
+    pub expected: Vec<Expected>,
+    /// Attempts that did not fail as planned (succeeded, or another errno): "errno N" -> count.
+    pub unexpected: Vec<(String, u64)>,
+    pub elapsed_s: f64,
+}
+
+pub const PORT_BASE: u16 = 40000;
+
+// ---------------------------------------------------------------------------------------------
+// Namespace set-up.
+
+fn set_comm(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated buffer of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+fn lo_up() -> Result<(), WorkloadError> {
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(io_err("socket for ioctl"))?;
+    // SAFETY: ifreq is plain old data; the name is NUL-terminated; the fd is valid.
+    unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        use std::os::fd::AsRawFd;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+            return Err(io_err("SIOCGIFFLAGS lo")(io::Error::last_os_error()));
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) != 0 {
+            return Err(io_err("SIOCSIFFLAGS lo up")(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), WorkloadError> {
+    std::fs::write(path, value).map_err(io_err(format!("writing {path}")))
+}
+
+/// Enter a fresh network namespace and shrink its port range to `ports` ports.
+/// Must run before any thread is spawned: unshare() moves only the calling thread.
+pub fn isolate(ports: u16, tw_reuse: Option<u8>) -> Result<(), WorkloadError> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(WorkloadError::Unshare(io::Error::last_os_error()));
+    }
+    let mine = netns_of(std::process::id());
+    if mine.is_none() || mine == netns_of(1) {
+        return Err(WorkloadError::NotIsolated);
+    }
+    lo_up()?;
+    let hi = PORT_BASE + ports.max(1) - 1;
+    write_sysctl(
+        "/proc/sys/net/ipv4/ip_local_port_range",
+        &format!("{PORT_BASE} {hi}"),
+    )?;
+    if let Some(r) = tw_reuse {
+        write_sysctl("/proc/sys/net/ipv4/tcp_tw_reuse", &r.to_string())?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket helpers.
+
+fn listener(addr: SocketAddr) -> Result<Socket, WorkloadError> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(io_err("listener socket"))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true).map_err(io_err("IPV6_V6ONLY"))?;
+    }
+    s.set_reuse_address(true).map_err(io_err("SO_REUSEADDR"))?;
+    s.bind(&addr.into())
+        .map_err(io_err(format!("bind {addr}")))?;
+    s.listen(4096).map_err(io_err("listen"))?;
+    Ok(s)
+}
+
+fn errno_of(e: &io::Error) -> u32 {
+    e.raw_os_error().unwrap_or(0) as u32
+}
+
+/// Tallies attempts that should fail with one errno.
+struct Tally {
+    want: u32,
+    seen: u64,
+    other: std::collections::BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn new(want: u32) -> Self {
+        Self {
+            want,
+            seen: 0,
+            other: Default::default(),
+        }
+    }
+    fn record(&mut self, r: io::Result<()>) {
+        match r {
+            Err(e) if errno_of(&e) == self.want => self.seen += 1,
+            Err(e) => {
+                *self
+                    .other
+                    .entry(format!("errno {}", errno_of(&e)))
+                    .or_default() += 1
+            }
+            Ok(()) => *self.other.entry("succeeded".into()).or_default() += 1,
+        }
+    }
+}
+
+/// Open `n` connections to `dst` and keep them (each takes one local port for this 4-tuple).
+fn hold(dst: SocketAddr, n: u16) -> Result<Vec<Socket>, WorkloadError> {
+    (0..n)
+        .map(|i| {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+                .map_err(io_err("socket"))?;
+            s.connect(&dst.into()).map_err(io_err(format!(
+                "holding connection {} of {n} to {dst}",
+                i + 1
+            )))?;
+            Ok(s)
+        })
+        .collect()
+}
+
+fn fail_connects(domain: Domain, ty: Type, dst: SocketAddr, k: u64, want: u32) -> Tally {
+    let mut t = Tally::new(want);
+    for _ in 0..k {
+        let r = Socket::new(domain, ty, None).and_then(|s| s.connect(&dst.into()));
+        t.record(r);
+    }
+    t
+}
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+}
+fn v6(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)
+}
+
+struct Outcome {
+    expected: Vec<Expected>,
+    unexpected: Vec<(String, u64)>,
+}
+
+impl Outcome {
+    fn push(&mut self, dst: SocketAddr, site: &str, proto: &str, t: Tally) {
+        self.expected.push(Expected {
+            dst: dst.to_string(),
+            errno: t.want,
+            site: site.into(),
+            proto: proto.into(),
+            count: t.seen,
+        });
+        for (k, v) in t.other {
+            self.unexpected.push((format!("{dst} {proto}: {k}"), v));
+        }
+    }
+}
+
+/// Leave `n` client sockets to `dst` in TIME_WAIT: the client closes first (active close).
+fn make_time_wait(listener: &Socket, dst: SocketAddr, n: u16) -> Result<(), WorkloadError> {
+    for i in 0..n {
+        let c = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+            .map_err(io_err("socket"))?;
+        c.connect(&dst.into())
+            .map_err(io_err(format!("churn connection {} of {n}", i + 1)))?;
+        let (mut srv, _) = listener.accept().map_err(io_err("accept"))?;
+        drop(c); // client FIN first -> the client side will hold TIME_WAIT
+        let mut buf = [0u8; 1];
+        // The server reads EOF, then closes: the client's FIN_WAIT2 -> TIME_WAIT.
+        let _ = srv.read(&mut buf);
+        drop(srv);
+    }
+    // Let the last FIN/ACK exchange land (loopback: microseconds).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    Ok(())
+}
+
+fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError> {
+    let mut out = Outcome {
+        expected: Vec::new(),
+        unexpected: Vec::new(),
+    };
+    let k = o.failures;
+    let n = o.ports;
+    let p = o.dport;
+    match o.scenario {
+        Scenario::V4 | Scenario::Storm => {
+            let _l = listener(v4(p))?;
+            let _held = hold(v4(p), n)?;
+            let t = fail_connects(Domain::IPV4, Type::STREAM, v4(p), k, 99);
+            out.push(v4(p), "__inet_hash_connect", "tcp", t);
+        }
+        Scenario::V6 => {
+            let _l = listener(v6(p))?;
+            let _held = hold(v6(p), n)?;
+            let t = fail_connects(Domain::IPV6, Type::STREAM, v6(p), k, 99);
+            out.push(v6(p), "__inet_hash_connect", "tcp", t);
+        }
+        Scenario::V4mapped => {
+            let _l = listener(v4(p))?;
+            let _held = hold(v4(p), n)?;
+            let mapped = SocketAddr::new(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()), p);
+            let t = fail_connects(Domain::IPV6, Type::STREAM, mapped, k, 99);
+            out.push(mapped, "__inet_hash_connect", "tcp", t);
+        }
+        Scenario::Timewait => {
+            let l = listener(v4(p))?;
+            make_time_wait(&l, v4(p), n)?;
+            let t = fail_connects(Domain::IPV4, Type::STREAM, v4(p), k, 99);
+            out.push(v4(p), "__inet_hash_connect", "tcp", t);
+        }
+        Scenario::Bind => bind_scenario(&mut out, n, k)?,
+        Scenario::Udp => udp_scenario(&mut out, n, k, p + 1)?,
+        Scenario::All => {
+            // bind(0) and UDP first: their sockets give their ports back at close, whereas
+            // closed TCP connections linger (FIN_WAIT2/TIME_WAIT) and would keep the range full.
+            bind_scenario(&mut out, n, k)?;
+            udp_scenario(&mut out, n, k, p + 1)?;
+            let _l4 = listener(v4(p))?;
+            let _l6 = listener(v6(p))?;
+            let _h4 = hold(v4(p), n)?;
+            let t = fail_connects(Domain::IPV4, Type::STREAM, v4(p), k, 99);
+            out.push(v4(p), "__inet_hash_connect", "tcp", t);
+            let _h6 = hold(v6(p), n)?;
+            let t = fail_connects(Domain::IPV6, Type::STREAM, v6(p), k, 99);
+            out.push(v6(p), "__inet_hash_connect", "tcp", t);
+        }
+    }
+    Ok(out)
+}
+
+/// Bind every port of the range to 127.0.0.1, then bind(127.0.0.1:0) must fail (EADDRINUSE).
+fn bind_scenario(out: &mut Outcome, n: u16, k: u64) -> Result<(), WorkloadError> {
+    let any = v4(0);
+    let _held: Vec<Socket> = (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                .map_err(io_err("socket"))?;
+            s.bind(&any.into())
+                .map_err(io_err("binding a port of the range"))?;
+            Ok(s)
+        })
+        .collect::<Result<_, WorkloadError>>()?;
+    let mut t = Tally::new(98);
+    for _ in 0..k {
+        t.record(
+            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                .and_then(|s| s.bind(&any.into())),
+        );
+    }
+    out.push(any, "bind", "tcp", t);
+    Ok(())
+}
+
+/// Bind every UDP port of the range, then connect() on an unbound UDP socket must fail to
+/// autobind (EAGAIN).
+fn udp_scenario(out: &mut Outcome, n: u16, k: u64, port: u16) -> Result<(), WorkloadError> {
+    let _held: Vec<Socket> = (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+                .map_err(io_err("socket"))?;
+            s.bind(&v4(0).into())
+                .map_err(io_err("binding a UDP port of the range"))?;
+            Ok(s)
+        })
+        .collect::<Result<_, WorkloadError>>()?;
+    let t = fail_connects(Domain::IPV4, Type::DGRAM, v4(port), k, 11);
+    out.push(v4(port), "udp_autobind", "udp", t);
+    Ok(())
+}
+
+/// Run a workload in this process: isolate, announce, optionally wait for "go", exhaust.
+pub fn run(o: &WorkloadOptions) -> Result<WorkloadReport, WorkloadError> {
+    set_comm(&o.comm);
+    let tw_reuse = matches!(o.scenario, Scenario::Timewait).then_some(0);
+    isolate(o.ports, tw_reuse)?;
+    let pid = std::process::id();
+    if o.wait {
+        let mut stdout = io::stdout().lock();
+        let _ = writeln!(stdout, "{{\"ready\":{pid}}}");
+        let _ = stdout.flush();
+        let mut line = String::new();
+        io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(io_err("waiting for go on stdin"))?;
+    }
+    let started = Instant::now();
+    let outcome = run_scenario(o)?;
+    Ok(WorkloadReport {
+        scenario: o.scenario,
+        pid,
+        comm: o.comm.clone(),
+        netns: netns_of(pid),
+        ports: o.ports,
+        expected: outcome.expected,
+        unexpected: outcome.unexpected,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_separates_expected_from_other_outcomes() {
+        let mut t = Tally::new(99);
+        t.record(Err(io::Error::from_raw_os_error(99)));
+        t.record(Err(io::Error::from_raw_os_error(99)));
+        t.record(Err(io::Error::from_raw_os_error(111)));
+        t.record(Ok(()));
+        assert_eq!(t.seen, 2);
+        assert_eq!(t.other.get("errno 111"), Some(&1));
+        assert_eq!(t.other.get("succeeded"), Some(&1));
+    }
+
+    #[test]
+    fn report_round_trips_as_json() {
+        let r = WorkloadReport {
+            scenario: Scenario::V4,
+            pid: 1,
+            comm: "x".into(),
+            netns: Some(5),
+            ports: 10,
+            expected: vec![Expected {
+                dst: "127.0.0.1:5000".into(),
+                errno: 99,
+                site: "__inet_hash_connect".into(),
+                proto: "tcp".into(),
+                count: 3,
+            }],
+            unexpected: vec![],
+            elapsed_s: 0.1,
+        };
+        let s = serde_json::to_string(&r).expect("json");
+        let back: WorkloadReport = serde_json::from_str(&s).expect("parse");
+        assert_eq!(back.expected, r.expected);
+        assert_eq!(back.scenario, Scenario::V4);
+    }
+}

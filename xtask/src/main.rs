@@ -1,0 +1,51 @@
+//! Developer tasks: `cargo xtask setup | build | run | install | test | vmtest`.
+//!
+//! Everything that needs root or the network namespace machinery lives here rather than in a
+//! cargo `runner`, so that a plain `cargo test` stays unprivileged.
+mod setup;
+mod test;
+mod vmtest;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "portexhaust developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker, Debian packages.
+    Setup,
+    /// Set up if needed, then build the release binary (eBPF object embedded).
+    Build,
+    /// Set up if needed, build, and run portexhaust as root with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and install the binary into /usr/local/bin (so that `sudo portexhaust trace` works).
+    Install {
+        #[arg(long, default_value = "/usr/local/bin")]
+        prefix: String,
+    },
+    /// Set up if needed, run unit tests, then the privileged tests one at a time as root.
+    Test(test::TestArgs),
+    /// Boot Debian kernels under QEMU and run selftest/trace for every backend in each.
+    Vmtest(vmtest::VmtestArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::setup().map(|_| ()),
+        Cmd::Build => setup::build_release().map(|_| ()),
+        Cmd::Run { args } => setup::run(&args),
+        Cmd::Install { prefix } => setup::install(&prefix),
+        Cmd::Test(args) => test::test(&args),
+        Cmd::Vmtest(args) => vmtest::vmtest(&args),
+    }
+}

@@ -1,0 +1,266 @@
+//! Fresh-machine set-up, build, run and install.
+//!
+//! What a fresh machine of this kind lacks (see shared/notes/toolchain.md): nightly `rust-src`
+//! (for `-Z build-std=core`), `bpf-linker` built against the nightly toolchain's own LLVM (the
+//! crates.io default wants a newer LLVM than the toolchain ships), and a few Debian packages the
+//! tests use. Every step checks first and only acts when something is missing.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Debian packages the test suite and the VM matrix use.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",        // ip, ss: namespaces and socket listings in tests
+    "procps",          // sysctl
+    "qemu-system-x86", // vmtest: boots other kernels
+    "busybox-static",  // vmtest: the guest userland
+    "cpio",            // vmtest: initramfs
+];
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("xtask: {}", msg.as_ref());
+}
+
+pub fn workspace_root() -> PathBuf {
+    // xtask/Cargo.toml sits one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn run_checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn home() -> PathBuf {
+    env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// The nightly toolchain's own libLLVM, which bpf-linker must be linked against.
+fn nightly_libllvm() -> Result<PathBuf> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("the nightly toolchain is missing: `rustup toolchain install nightly`")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let found = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") || n.starts_with("libLLVM-"))
+        });
+    found.with_context(|| format!("no libLLVM shared library in {}", lib.display()))
+}
+
+fn llvm_major(lib: &Path) -> Option<u32> {
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> 22
+    let name = lib.file_name()?.to_str()?;
+    let rest = name
+        .strip_prefix("libLLVM.so.")
+        .or_else(|| name.strip_prefix("libLLVM-"))?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn bpf_linker_works() -> bool {
+    output(Command::new("bpf-linker").arg("--version")).is_some()
+        || output(Command::new(home().join(".cargo/bin/bpf-linker")).arg("--version")).is_some()
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let llvm = nightly_libllvm()?;
+    let major =
+        llvm_major(&llvm).context("cannot tell the LLVM version of the nightly toolchain")?;
+    // A private prefix whose lib/ holds libLLVM.so (for linking) and the soname (for run time,
+    // through bpf-linker's rpath). It must stay in place after the install.
+    let shim = home().join(".cache/portexhaust-llvm/lib");
+    std::fs::create_dir_all(&shim)?;
+    for name in [
+        "libLLVM.so".to_string(),
+        llvm.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("libLLVM.so")
+            .to_string(),
+    ] {
+        let link = shim.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    log(format!(
+        "installing bpf-linker against the nightly toolchain's LLVM {major} (about a minute)"
+    ));
+    let prefix = shim.parent().context("shim has a parent")?;
+    run_checked(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", prefix),
+    )
+}
+
+fn missing_debian_packages() -> Vec<&'static str> {
+    DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect()
+}
+
+/// Install what is missing; returns what was done (empty when nothing was needed).
+pub fn setup() -> Result<Vec<String>> {
+    let mut did = Vec::new();
+
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        log("installing the nightly toolchain");
+        run_checked(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+        did.push("installed the nightly toolchain".to_string());
+    }
+
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        log("adding rust-src to nightly (needed for -Z build-std=core)");
+        run_checked(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        did.push("added nightly rust-src".to_string());
+    }
+
+    if !bpf_linker_works() {
+        install_bpf_linker()?;
+        did.push("installed bpf-linker".to_string());
+    }
+
+    let missing = missing_debian_packages();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "Debian packages missing: {}; run `sudo apt-get install -y {}` or run this as root",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+        log(format!("installing Debian packages: {}", missing.join(" ")));
+        run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        did.push(format!("installed Debian packages: {}", missing.join(" ")));
+    }
+
+    if did.is_empty() {
+        log("setup: everything was already in place");
+    } else {
+        for d in &did {
+            log(format!("setup: {d}"));
+        }
+    }
+    Ok(did)
+}
+
+/// Build the release binary and return its path.
+pub fn build_release() -> Result<PathBuf> {
+    setup()?;
+    let root = workspace_root();
+    log("building portexhaust (release, eBPF object embedded)");
+    run_checked(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "portexhaust",
+    ]))?;
+    let bin = root.join("target/release/portexhaust");
+    if !bin.exists() {
+        bail!("build finished but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let bin = build_release()?;
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&bin);
+        c
+    };
+    cmd.args(args);
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {}", bin.display()))?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+pub fn install(prefix: &str) -> Result<()> {
+    let bin = build_release()?;
+    let dest = Path::new(prefix).join("portexhaust");
+    let mut cmd = if is_root() {
+        Command::new("install")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("install");
+        c
+    };
+    run_checked(cmd.args(["-m", "0755"]).arg(&bin).arg(&dest))?;
+    log(format!("installed {}", dest.display()));
+    Ok(())
+}

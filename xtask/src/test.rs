@@ -1,0 +1,57 @@
+//! `cargo xtask test`: set-up, unit tests, then the privileged tests one at a time as root.
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::setup::{is_root, run_checked, setup, workspace_root};
+
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Run only the unit tests (no root needed); the privileged tests are not run.
+    #[arg(long)]
+    pub unprivileged_only: bool,
+    /// Only privileged tests whose name contains this filter.
+    #[arg(long)]
+    pub filter: Option<String>,
+}
+
+pub fn test(args: &TestArgs) -> Result<()> {
+    setup()?;
+    let root = workspace_root();
+    eprintln!("xtask: unit tests");
+    run_checked(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "portexhaust-ebpf",
+    ]))?;
+    if args.unprivileged_only {
+        eprintln!("xtask: privileged tests NOT run (--unprivileged-only)");
+        return Ok(());
+    }
+    if !is_root() {
+        // Kernel tests are the point of this suite: not being able to run them is a failure,
+        // never a silent skip (in CI or elsewhere).
+        bail!(
+            "the privileged tests need root (they load eBPF programs and create network \
+             namespaces): run `sudo -E cargo xtask test`, or `cargo xtask test --unprivileged-only`"
+        );
+    }
+    eprintln!("xtask: privileged tests (root, one at a time, private network namespaces)");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root).args([
+        "test",
+        "--release",
+        "--package",
+        "portexhaust",
+        "--test",
+        "privileged",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ]);
+    if let Some(f) = &args.filter {
+        cmd.arg(f);
+    }
+    run_checked(&mut cmd)
+}
