@@ -170,7 +170,7 @@ fn report(f: Failure<'_>) {
         _pad: [0; 5],
         daddr: info.daddr,
     };
-    match COUNTS.get_ptr_mut(&key) {
+    match COUNTS.get_ptr_mut(key) {
         Some(v) => {
             // SAFETY: `v` points into the map value; the count is updated atomically because
             // several CPUs may fail towards the same key at once.
@@ -187,8 +187,8 @@ fn report(f: Failure<'_>) {
                 comm,
             };
             // BPF_NOEXIST: if another CPU inserted the key meanwhile, add to its value instead.
-            if COUNTS.insert(&key, &fresh, 1).is_err() {
-                match COUNTS.get_ptr_mut(&key) {
+            if COUNTS.insert(key, fresh, 1).is_err() {
+                match COUNTS.get_ptr_mut(key) {
                     Some(v) => unsafe {
                         atomic_add(&raw mut (*v).count);
                     },
@@ -371,7 +371,7 @@ pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
     };
     let mut info = empty_inflight(KIND_CONNECT, fd);
     if read_user_sockaddr(uaddr, len, &mut info) {
-        let _ = SYSCALL_INFLIGHT.insert(bpf_get_current_pid_tgid(), &info, 0);
+        let _ = SYSCALL_INFLIGHT.insert(bpf_get_current_pid_tgid(), info, 0);
     }
     0
 }
@@ -440,7 +440,7 @@ pub fn tp_sys_enter_bind(ctx: TracePointContext) -> u32 {
     // Only bind() to port 0 asks the kernel to pick a port; EADDRINUSE for an explicit port is
     // a conflict, not exhaustion.
     if read_user_sockaddr(uaddr, len, &mut info) && info.dport == 0 {
-        let _ = SYSCALL_INFLIGHT.insert(bpf_get_current_pid_tgid(), &info, 0);
+        let _ = SYSCALL_INFLIGHT.insert(bpf_get_current_pid_tgid(), info, 0);
     }
     0
 }
@@ -558,7 +558,7 @@ fn connect_entry(sk: u64, uaddr: u64, opener: Site) {
     if !read_kernel_sockaddr(uaddr, &mut info) {
         return;
     }
-    let _ = KFUNC_INFLIGHT.insert(tid, &info, 0);
+    let _ = KFUNC_INFLIGHT.insert(tid, info, 0);
 }
 
 #[inline(always)]

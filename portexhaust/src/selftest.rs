@@ -273,6 +273,7 @@ mod tests {
                 count: 2,
             }],
             unexpected: vec![],
+            time_wait_before: None,
             elapsed_s: 0.0,
         }
     }

@@ -89,6 +89,9 @@ pub struct WorkloadReport {
     pub expected: Vec<Expected>,
     /// Attempts that did not fail as planned (succeeded, or another errno): "errno N" -> count.
     pub unexpected: Vec<(String, u64)>,
+    /// TIME_WAIT sockets in the namespace just before the failing connects (timewait only).
+    #[serde(default)]
+    pub time_wait_before: Option<u64>,
     pub elapsed_s: f64,
 }
 
@@ -235,6 +238,25 @@ fn v6(port: u16) -> SocketAddr {
 struct Outcome {
     expected: Vec<Expected>,
     unexpected: Vec<(String, u64)>,
+    time_wait_before: Option<u64>,
+}
+
+/// TIME_WAIT sockets (state 06) in this thread's network namespace, IPv4 and IPv6.
+fn count_time_wait() -> u64 {
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| count_state(&s, "06"))
+        .sum()
+}
+
+/// Rows of a /proc/net/tcp listing in one state (hex code, 4th column).
+pub fn count_state(listing: &str, state: &str) -> u64 {
+    listing
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(3) == Some(state))
+        .count() as u64
 }
 
 impl Outcome {
@@ -275,6 +297,7 @@ fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError> {
     let mut out = Outcome {
         expected: Vec::new(),
         unexpected: Vec::new(),
+        time_wait_before: None,
     };
     let k = o.failures;
     let n = o.ports;
@@ -302,6 +325,7 @@ fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError> {
         Scenario::Timewait => {
             let l = listener(v4(p))?;
             make_time_wait(&l, v4(p), n)?;
+            out.time_wait_before = Some(count_time_wait());
             let t = fail_connects(Domain::IPV4, Type::STREAM, v4(p), k, 99);
             out.push(v4(p), "__inet_hash_connect", "tcp", t);
         }
@@ -391,6 +415,7 @@ pub fn run(o: &WorkloadOptions) -> Result<WorkloadReport, WorkloadError> {
         ports: o.ports,
         expected: outcome.expected,
         unexpected: outcome.unexpected,
+        time_wait_before: outcome.time_wait_before,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -412,6 +437,17 @@ mod tests {
     }
 
     #[test]
+    fn counts_sockets_by_state() {
+        let listing = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+   0: 0100007F:1388 00000000:0000 0A 00000000:00000000\n\
+   1: 0100007F:9C40 0100007F:1388 06 00000000:00000000\n\
+   2: 0100007F:9C41 0100007F:1388 06 00000000:00000000\n";
+        assert_eq!(count_state(listing, "06"), 2);
+        assert_eq!(count_state(listing, "0A"), 1);
+        assert_eq!(count_state(listing, "01"), 0);
+    }
+
+    #[test]
     fn report_round_trips_as_json() {
         let r = WorkloadReport {
             scenario: Scenario::V4,
@@ -427,6 +463,7 @@ mod tests {
                 count: 3,
             }],
             unexpected: vec![],
+            time_wait_before: None,
             elapsed_s: 0.1,
         };
         let s = serde_json::to_string(&r).expect("json");

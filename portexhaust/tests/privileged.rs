@@ -1,0 +1,459 @@
+//! Privileged tests: real eBPF programs on the running kernel, real exhaustion in private
+//! network namespaces (each workload unshares its own; it vanishes with the process).
+//!
+//! Run by `cargo xtask test` as root, one at a time (`--ignored --test-threads=1`): they load
+//! programs into the one kernel and must not see each other's workloads. They panic rather
+//! than skip when they cannot run: a kernel test that silently does nothing proves nothing.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::process::CommandExt,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "privileged tests need root: run them through `cargo xtask test` as root"
+    );
+}
+
+/// Kills and reaps a child when a test ends, passed or failed.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A workload paused in its own namespace until `go()`.
+struct Workload {
+    guard: Guard,
+    stdin: Option<ChildStdin>,
+    pid: u32,
+}
+
+impl Workload {
+    fn start(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["workload", "--scenario", scenario, "--wait", "--comm", comm])
+            .args(["--failures", &failures.to_string()])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start workload");
+        let stdin = child.stdin.take();
+        let mut guard = Guard(child);
+        let mut line = String::new();
+        BufReader::new(guard.0.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        let v: Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("workload ready line {line:?}: {e}"));
+        let pid = v["ready"].as_u64().expect("pid") as u32;
+        Self { guard, stdin, pid }
+    }
+
+    fn go(&mut self) {
+        let mut stdin = self.stdin.take().expect("go once");
+        stdin.write_all(b"go\n").expect("go");
+    }
+
+    /// Wait for the workload and return its report.
+    fn finish(mut self) -> Value {
+        let mut out = String::new();
+        self.guard
+            .0
+            .stdout
+            .as_mut()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("report");
+        let status = self.guard.0.wait().expect("wait");
+        assert!(status.success(), "workload failed: {status}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
+    }
+}
+
+/// `portexhaust trace` running until `stop()`; its stdout is drained concurrently so that a
+/// storm cannot fill the pipe and stall it.
+struct Trace {
+    guard: Guard,
+    stdout: Option<thread::JoinHandle<String>>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Trace {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("trace")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start trace");
+        let mut so = child.stdout.take().expect("stdout");
+        let se = child.stderr.take().expect("stderr");
+        let stdout = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = so.read_to_string(&mut s);
+            s
+        });
+        let (tx, rx) = mpsc::channel();
+        let stderr = thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(se).lines().map_while(Result::ok) {
+                if line.contains("ready:") {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let t = Self {
+            guard: Guard(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let (_, err, _) = t.stop();
+            panic!("tracer never became ready; stderr:\n{err}");
+        }
+        t
+    }
+
+    /// SIGTERM, then (stdout, stderr, exit code).
+    fn stop(mut self) -> (String, String, i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.guard.0.id() as i32, libc::SIGTERM) };
+        self.wait()
+    }
+
+    fn wait(&mut self) -> (String, String, i32) {
+        let status = self.guard.0.wait().expect("wait trace");
+        let out = self.stdout.take().expect("once").join().expect("stdout");
+        let err = self.stderr.take().expect("once").join().expect("stderr");
+        (out, err, status.code().unwrap_or(-1))
+    }
+}
+
+fn lines(stdout: &str) -> (Vec<Value>, Value) {
+    let mut events = Vec::new();
+    let mut summary = Value::Null;
+    for l in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON {l:?}: {e}"));
+        match v["type"].as_str() {
+            Some("failure") => events.push(v),
+            Some("summary") => summary = v,
+            other => panic!("unknown record type {other:?}"),
+        }
+    }
+    assert!(!summary.is_null(), "no summary in output:\n{stdout}");
+    (events, summary)
+}
+
+/// Run one workload under `trace --json --pid <it>` and return (events, summary, report).
+fn traced(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> (Vec<Value>, Value, Value) {
+    require_root();
+    let mut w = Workload::start(scenario, failures, comm, extra);
+    let pid = w.pid.to_string();
+    let t = Trace::start(&["--json", "--pid", &pid]);
+    w.go();
+    let report = w.finish();
+    let (out, err, code) = t.stop();
+    assert_eq!(code, 0, "trace failed:\n{err}");
+    let (events, summary) = lines(&out);
+    (events, summary, report)
+}
+
+/// The workload saw `n` failures of this errno; the tracer must agree on every field.
+fn assert_exact(
+    events: &[Value],
+    summary: &Value,
+    report: &Value,
+    want: (&str, u64, &str, &str, &str),
+) {
+    let (dst, errno, site, proto, family) = want;
+    let pid = report["pid"].as_u64().expect("pid");
+    let seen = &report["expected"][0];
+    assert_eq!(seen["dst"], dst, "{report}");
+    let n = seen["count"].as_u64().expect("count");
+    assert!(n > 0, "the workload caused no failure: {report}");
+    assert!(
+        report["unexpected"].as_array().is_some_and(Vec::is_empty),
+        "{report}"
+    );
+
+    assert_eq!(events.len() as u64, n, "one event per failure");
+    for e in events {
+        assert_eq!(e["pid"], pid);
+        assert_eq!(e["comm"], report["comm"]);
+        assert_eq!(e["dst"], dst);
+        assert_eq!(e["errno"], errno);
+        assert_eq!(e["site"], site);
+        assert_eq!(e["proto"], proto);
+        assert_eq!(e["family"], family);
+        assert_eq!(e["netns"], report["netns"], "namespace of the workload");
+        assert_eq!(e["backend"], summary["backend"]);
+        assert!(e["ts"].as_str().is_some_and(|t| t.ends_with('Z')));
+    }
+    assert_eq!(summary["failures_total"], n, "exact in-kernel total");
+    assert_eq!(summary["dropped_events"], 0);
+    let off = &summary["offenders"];
+    assert_eq!(off.as_array().map(Vec::len), Some(1), "{summary}");
+    assert_eq!(off[0]["pid"], pid);
+    assert_eq!(off[0]["comm"], report["comm"]);
+    assert_eq!(off[0]["failures"], n);
+    assert_eq!(off[0]["destinations"][0]["dst"], dst);
+    assert_eq!(off[0]["destinations"][0]["errno"], errno);
+    assert_eq!(off[0]["destinations"][0]["failures"], n);
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn ipv4_held_connections_exhaust_the_range() {
+    let (events, summary, report) = traced("v4", 25, "pxh-t-v4", &[]);
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e["src"] == "127.0.0.1" && e["errname"] == "EADDRNOTAVAIL")
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn ipv6_held_connections_exhaust_the_range() {
+    let (events, summary, report) = traced("v6", 25, "pxh-t-v6", &[]);
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        ("[::1]:5000", 99, "__inet_hash_connect", "tcp", "ipv6"),
+    );
+    assert!(events.iter().all(|e| e["src"] == "::1"));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn v4_mapped_destinations_on_ipv6_sockets() {
+    let (events, summary, report) = traced("v4mapped", 12, "pxh-t-mapped", &[]);
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        (
+            "[::ffff:127.0.0.1]:5000",
+            99,
+            "__inet_hash_connect",
+            "tcp",
+            "ipv6",
+        ),
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn time_wait_exhaustion_with_tw_reuse_off() {
+    let (events, summary, report) = traced("timewait", 20, "pxh-t-tw", &["--ports", "16"]);
+    assert_eq!(
+        report["time_wait_before"], 16,
+        "every port of the range was in TIME_WAIT before the failing connects: {report}"
+    );
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn bind_port_zero_eaddrinuse() {
+    let (events, summary, report) = traced("bind", 15, "pxh-t-bind", &[]);
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        ("127.0.0.1:0", 98, "bind", "tcp", "ipv4"),
+    );
+    assert!(events.iter().all(|e| e["errname"] == "EADDRINUSE"));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn udp_autobind_eagain() {
+    let (events, summary, report) = traced("udp", 15, "pxh-t-udp", &[]);
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        ("127.0.0.1:5001", 11, "udp_autobind", "udp", "ipv4"),
+    );
+    assert!(events.iter().all(|e| e["errname"] == "EAGAIN"));
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn storm_of_100k_failures_is_counted_exactly() {
+    require_root();
+    let n = 100_000u64;
+    let mut w = Workload::start("storm", n, "pxh-t-storm", &[]);
+    let pid = w.pid.to_string();
+    let t = Trace::start(&["--json", "--pid", &pid]);
+    w.go();
+    let report = w.finish();
+    assert_eq!(report["expected"][0]["count"], n, "{report}");
+    let (out, err, code) = t.stop();
+    assert_eq!(code, 0, "{err}");
+    let (events, summary) = lines(&out);
+    assert_eq!(summary["failures_total"], n, "exact total: {summary}");
+    assert_eq!(summary["offenders"][0]["failures"], n);
+    let dropped = summary["dropped_events"].as_u64().expect("dropped");
+    assert_eq!(
+        events.len() as u64 + dropped,
+        n,
+        "every failure is either shown or counted as dropped"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn filters_by_pid_comm_and_dport() {
+    require_root();
+    let mut a = Workload::start("v4", 7, "pxh-t-fa", &["--dport", "5000"]);
+    let mut b = Workload::start("v4", 9, "pxh-t-fb", &["--dport", "6000"]);
+    let pid_a = a.pid.to_string();
+    let by_pid = Trace::start(&["--json", "--pid", &pid_a]);
+    let by_comm = Trace::start(&["--json", "--comm", "pxh-t-fb"]);
+    let by_dport = Trace::start(&["--json", "--dport", "6000"]);
+    let both = Trace::start(&["--json", "--comm", "pxh-t-fa", "--comm", "pxh-t-fb"]);
+    a.go();
+    b.go();
+    let (ra, rb) = (a.finish(), b.finish());
+    assert_eq!(ra["expected"][0]["count"], 7);
+    assert_eq!(rb["expected"][0]["count"], 9);
+
+    let check = |t: Trace, want_pids: &[u64], want_total: u64| {
+        let (out, err, code) = t.stop();
+        assert_eq!(code, 0, "{err}");
+        let (events, summary) = lines(&out);
+        assert_eq!(summary["failures_total"], want_total, "{summary}");
+        assert_eq!(events.len() as u64, want_total);
+        for e in &events {
+            let p = e["pid"].as_u64().expect("pid");
+            assert!(want_pids.contains(&p), "unexpected pid {p}");
+        }
+    };
+    let (pa, pb) = (
+        ra["pid"].as_u64().expect("a"),
+        rb["pid"].as_u64().expect("b"),
+    );
+    check(by_pid, &[pa], 7);
+    check(by_comm, &[pb], 9);
+    check(by_dport, &[pb], 9);
+    check(both, &[pa, pb], 16);
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn duration_stops_the_tracer_and_human_output_has_a_summary() {
+    require_root();
+    let mut w = Workload::start("v4", 3, "pxh-t-human", &[]);
+    let pid = w.pid.to_string();
+    let mut t = Trace::start(&["--duration", "2", "--pid", &pid]);
+    w.go();
+    let _ = w.finish();
+    let started = Instant::now();
+    let (out, err, code) = t.wait();
+    assert_eq!(code, 0, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let mut it = out.lines();
+    let header = it.next().expect("header");
+    assert!(
+        header.starts_with("TIME") && header.contains("DESTINATION") && header.contains("SITE")
+    );
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains("pxh-t-human")).collect();
+    assert!(rows.len() >= 4, "3 rows and an offender line:\n{out}");
+    assert!(rows[0].contains("127.0.0.1:5000") && rows[0].contains("EADDRNOTAVAIL"));
+    assert!(out.contains("3 exhaustion failures"), "{out}");
+    assert!(out.contains("Offenders:"), "{out}");
+    assert!(err.contains("using backend"), "{err}");
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn non_root_gets_a_one_line_error() {
+    require_root();
+    let out = Command::new(BIN)
+        .args(["trace", "--duration", "1"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "nothing on stdout");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("not enough privileges") && err.contains("sudo"),
+        "{err}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn unavailable_backend_is_a_clear_error() {
+    require_root();
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    let out = Command::new(BIN)
+        .args(["trace", "--backend", "kprobe", "--duration", "0.5"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if kprobes {
+        assert!(out.status.success(), "{err}");
+    } else {
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains("backend kprobe is not available on this kernel"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn selftest_passes() {
+    require_root();
+    let out = Command::new(BIN)
+        .arg("selftest")
+        .output()
+        .expect("selftest");
+    let so = String::from_utf8_lossy(&out.stdout);
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{so}\n{se}");
+    assert!(so.contains("selftest passed"), "{so}");
+    for row in ["EADDRNOTAVAIL", "EADDRINUSE", "EAGAIN", "[::1]:5000"] {
+        assert!(so.contains(row), "{row} missing:\n{so}");
+    }
+}
