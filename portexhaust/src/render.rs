@@ -198,8 +198,10 @@ pub fn human_summary(s: &Summary) -> String {
         ]);
     }
     out.push_str("Offenders:\n");
-    out.push_str(&t.to_string());
-    out.push('\n');
+    for line in t.to_string().lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
     out
 }
 

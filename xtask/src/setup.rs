@@ -169,16 +169,19 @@ pub fn setup() -> Result<Vec<String>> {
         "--installed",
     ]))
     .unwrap_or_default();
-    if !comps.lines().any(|l| l.starts_with("rust-src")) {
-        log("adding rust-src to nightly (needed for -Z build-std=core)");
-        run_checked(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-        did.push("added nightly rust-src".to_string());
+    // rust-src for -Z build-std=core; clippy because the eBPF crate is linted with nightly.
+    for comp in ["rust-src", "clippy"] {
+        if !comps.lines().any(|l| l.starts_with(comp)) {
+            log(format!("adding {comp} to the nightly toolchain"));
+            run_checked(Command::new("rustup").args([
+                "component",
+                "add",
+                comp,
+                "--toolchain",
+                "nightly",
+            ]))?;
+            did.push(format!("added nightly {comp}"));
+        }
     }
 
     if !bpf_linker_works() {
