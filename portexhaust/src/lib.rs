@@ -4,6 +4,7 @@
 //! and is unit-tested without root; `loader`, `trace`, `selftest` and `workload` touch the kernel
 //! and are tested for real by the privileged tests.
 pub mod aggregate;
+pub mod btf;
 pub mod clock;
 pub mod error;
 pub mod loader;

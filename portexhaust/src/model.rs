@@ -154,7 +154,8 @@ pub fn failure_from_event(
         uid: ev.uid,
         comm: comm_str(&ev.comm),
         cgroup_id: ev.cgroup_id,
-        netns: None,
+        // 0: the kernel could not read it (no BTF offsets); user space fills it from /proc.
+        netns: (ev.netns != 0).then_some(u64::from(ev.netns)),
         family,
         proto,
         dst: SocketAddr::new(ip_from_raw(family, &ev.daddr), ev.dport),
@@ -190,6 +191,8 @@ mod tests {
             backend: Backend::Tracepoint as u8,
             flags: EVENT_SADDR_KNOWN,
             comm: comm_bytes("python3"),
+            netns: 4026531840,
+            _pad: 0,
         }
     }
 
@@ -213,6 +216,7 @@ mod tests {
         assert_eq!(f.comm, "python3");
         assert_eq!(f.site, Site::InetHashConnect);
         assert_eq!(f.proto, Proto::Tcp);
+        assert_eq!(f.netns, Some(4026531840));
     }
 
     #[test]
@@ -232,7 +236,7 @@ mod tests {
         let b = as_bytes(&sample());
         assert_eq!(
             decode_event(&b[..10], |t| t as i128).err(),
-            Some(DecodeError::Size { got: 10, want: 88 })
+            Some(DecodeError::Size { got: 10, want: 96 })
         );
         let mut ev = sample();
         ev.site = 200;

@@ -109,7 +109,9 @@ impl Session {
             }
         });
         for mut f in batch {
-            f.netns = netns.get(f.pid);
+            if f.netns.is_none() {
+                f.netns = netns.get(f.pid);
+            }
             let line = if *json {
                 render::json_line(&f)
             } else {
