@@ -261,7 +261,7 @@ pub struct Owner {
     pub pid: u32,
     pub netns: u32,
     pub cgroup_id: u64,
-    /// Start time of the process (`group_leader->start_time`, ns since boot): with the pid it
+    /// Start time of the process (`group_leader->start_boottime`, ns since boot): with the pid it
     /// identifies the process even after the pid is reused.
     pub start_ns: u64,
     pub connect_ns: u64,

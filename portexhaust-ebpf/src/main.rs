@@ -54,7 +54,7 @@ static FILTER_FLAGS: u32 = 0;
 
 /// Offsets into task_struct, nsproxy and net, resolved by the loader from the running kernel's
 /// BTF (see portexhaust/src/btf.rs): `current->nsproxy->net_ns->ns.inum` and
-/// `current->group_leader->start_time`. With HAVE_TASK_OFFSETS == 0 nothing is read.
+/// `current->group_leader->start_boottime`. With HAVE_TASK_OFFSETS == 0 nothing is read.
 #[unsafe(no_mangle)]
 static HAVE_TASK_OFFSETS: u32 = 0;
 #[unsafe(no_mangle)]

@@ -254,14 +254,15 @@ pub struct TaskOffsets {
 
 impl TaskOffsets {
     /// `current->nsproxy->net_ns->ns.inum` (the inode shown by /proc/PID/ns/net) and
-    /// `current->group_leader->start_time` (ns since boot, CLOCK_MONOTONIC; 5.5+).
+    /// `current->group_leader->start_boottime` (ns since boot including suspend, 5.5+: the clock
+    /// /proc/PID/stat derives its start time from, so the two can be compared).
     pub fn resolve(btf: &Btf) -> Result<Self, BtfError> {
         Ok(Self {
             task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
             nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
             net_ns_inum: btf.member_offset("net", "ns.inum")?,
             task_group_leader: btf.member_offset("task_struct", "group_leader")?,
-            task_start_time: btf.member_offset("task_struct", "start_time")?,
+            task_start_time: btf.member_offset("task_struct", "start_boottime")?,
         })
     }
 }

@@ -4,13 +4,16 @@
 //! and is unit-tested without root; `loader`, `trace`, `selftest` and `workload` touch the kernel
 //! and are tested for real by the privileged tests.
 pub mod aggregate;
+pub mod blame;
 pub mod btf;
 pub mod clock;
 pub mod error;
 pub mod loader;
 pub mod model;
+pub mod nsinfo;
 pub mod procinfo;
 pub mod render;
 pub mod selftest;
+pub mod sockdiag;
 pub mod trace;
 pub mod workload;
