@@ -5,7 +5,7 @@
 //!
 //! | backend    | TCP connect() exhaustion                                   | bind(0), UDP, socket types |
 //! |------------|------------------------------------------------------------|----------------------------|
-//! | fentry     | fentry/fexit tcp_v{4,6}_connect, fexit inet_hash_connect   | syscall tracepoints        |
+//! | fentry     | fentry/fexit tcp_v{4,6}_connect, fexit inet{,6}_hash_connect | syscall tracepoints      |
 //! | kprobe     | kprobe/kretprobe tcp_v{4,6}_connect, kretprobe __inet_hash_connect | syscall tracepoints |
 //! | tracepoint | sys_{enter,exit}_connect + sock:inet_sock_set_state        | syscall tracepoints        |
 //!
@@ -941,6 +941,14 @@ pub fn fexit_tcp_v6_connect(ctx: FExitContext) -> u32 {
 
 #[fexit(function = "inet_hash_connect")]
 pub fn fexit_inet_hash_connect(ctx: FExitContext) -> u32 {
+    hash_connect_return(ctx.arg::<i64>(2) as i32 as i64);
+    0
+}
+
+/// IPv6 has its own exported wrapper around __inet_hash_connect():
+/// `int inet6_hash_connect(struct inet_timewait_death_row *, struct sock *)` (5.10..6.12+).
+#[fexit(function = "inet6_hash_connect")]
+pub fn fexit_inet6_hash_connect(ctx: FExitContext) -> u32 {
     hash_connect_return(ctx.arg::<i64>(2) as i32 as i64);
     0
 }

@@ -163,7 +163,9 @@ pub fn usage(
             // Listeners and closed sockets hold no port for a destination; sockets whose
             // local port is outside the range (servers' accepted sockets, explicit binds) do
             // not use the range up.
-            if row.state == TCP_LISTEN || row.state == TCP_CLOSE || !in_range(&ns.sysctls, row.sport)
+            if row.state == TCP_LISTEN
+                || row.state == TCP_CLOSE
+                || !in_range(&ns.sysctls, row.sport)
             {
                 continue;
             }
@@ -200,7 +202,10 @@ pub fn usage(
                     (Some(f.pid), f.comm.clone(), Attribution::BeforeStart),
                     true,
                 ),
-                _ => ((None, "(before start)".to_string(), Attribution::Unknown), false),
+                _ => (
+                    (None, "(before start)".to_string(), Attribution::Unknown),
+                    false,
+                ),
             };
             let h = holders.entry(hk).or_default();
             h.sockets += 1;
@@ -225,11 +230,8 @@ pub fn usage(
                     attribution,
                 })
                 .collect();
-            u.holders.sort_by(|a, b| {
-                b.sockets
-                    .cmp(&a.sockets)
-                    .then_with(|| a.pid.cmp(&b.pid))
-            });
+            u.holders
+                .sort_by(|a, b| b.sockets.cmp(&a.sockets).then_with(|| a.pid.cmp(&b.pid)));
             u
         })
         .collect()
@@ -237,7 +239,10 @@ pub fn usage(
 
 /// Owner-map entries whose TIME_WAIT is over (TCP_TIMEWAIT_LEN = 60 s, fixed in the kernel;
 /// a few seconds of margin for the timer wheel).
-pub fn expired_owners(owners: &[(TupleKey, portexhaust_common::Owner)], now_ns: u64) -> Vec<TupleKey> {
+pub fn expired_owners(
+    owners: &[(TupleKey, portexhaust_common::Owner)],
+    now_ns: u64,
+) -> Vec<TupleKey> {
     owners
         .iter()
         .filter(|(_, o)| {
@@ -325,6 +330,9 @@ impl RateTracker {
                 (None, Some(y)) => Some(y as f64 / (b.t - a.t)),
                 _ => Some(0.0),
             },
+            // First sight of this destination: the kernel only counted connects made since
+            // tracing began (t = 0), so the average over that time is exact.
+            (Some(a), _) if a.t > 1e-3 => a.connects.map(|y| y as f64 / a.t),
             _ => None,
         };
         Rates {
@@ -460,7 +468,11 @@ pub fn blame(
             let range_size = rows
                 .first()
                 .map(|u| u.range_size)
-                .or_else(|| netns.and_then(|n| sysctls.get(&n)).map(effective_range_size))
+                .or_else(|| {
+                    netns
+                        .and_then(|n| sysctls.get(&n))
+                        .map(effective_range_size)
+                })
                 .unwrap_or(0);
             BlameEntry {
                 dst,
@@ -587,14 +599,21 @@ mod tests {
         assert_eq!(d.by_state.get("ESTABLISHED"), Some(&2));
         assert_eq!(d.tw_expiring_10s, 2);
         let churner = &d.holders[0];
-        assert_eq!((churner.pid, churner.sockets, churner.time_wait), (Some(100), 2, 2));
+        assert_eq!(
+            (churner.pid, churner.sockets, churner.time_wait),
+            (Some(100), 2, 2)
+        );
         assert!(!churner.alive);
         assert_eq!(churner.attribution, Attribution::Traced);
         assert!((churner.share - 0.4).abs() < 1e-9);
         let unknown = d.holders.iter().find(|h| h.pid.is_none()).expect("unknown");
         assert_eq!((unknown.sockets, unknown.time_wait), (1, 1));
         assert_eq!(unknown.attribution, Attribution::Unknown);
-        let old = d.holders.iter().find(|h| h.pid == Some(300)).expect("fd owner");
+        let old = d
+            .holders
+            .iter()
+            .find(|h| h.pid == Some(300))
+            .expect("fd owner");
         assert_eq!(old.attribution, Attribution::BeforeStart);
         assert!(old.alive);
     }
@@ -615,9 +634,15 @@ mod tests {
 
     #[test]
     fn rate_tracker_uses_exact_connect_counters_over_the_window() {
-        let id: DestId = (1, "127.0.0.1".parse().expect("ip"), "127.0.0.1:80".parse().expect("a"));
+        let id: DestId = (
+            1,
+            "127.0.0.1".parse().expect("ip"),
+            "127.0.0.1:80".parse().expect("a"),
+        );
         let mut r = RateTracker::new(10.0);
         assert_eq!(r.observe(0.0, id, 0, Some(0)).new_per_s, None);
+        let other: DestId = (2, id.1, id.2);
+        assert_eq!(r.observe(4.0, other, 8, Some(20)).new_per_s, Some(5.0));
         let x = r.observe(2.0, id, 40, Some(100));
         assert_eq!(x.new_per_s, Some(50.0));
         assert_eq!(x.growth_per_s, Some(20.0));
@@ -690,7 +715,14 @@ mod tests {
         assert_eq!(b[0].dst, "127.0.0.1:5000");
         assert_eq!(b[0].in_use, 2);
         assert_eq!(b[0].range_size, 10);
-        assert_eq!(b[0].failers, vec![Failer { pid: 200, comm: "failer".into(), failures: 7 }]);
+        assert_eq!(
+            b[0].failers,
+            vec![Failer {
+                pid: 200,
+                comm: "failer".into(),
+                failures: 7
+            }]
+        );
         assert_eq!(b[0].holders[0].pid, Some(100));
         assert_eq!(b[0].holders[0].time_wait, 2);
         assert!((b[0].holders[0].share - 1.0).abs() < 1e-9);

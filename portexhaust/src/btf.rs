@@ -235,7 +235,7 @@ impl Btf {
                 }
             }
         }
-        if total_bits % 8 != 0 {
+        if !total_bits.is_multiple_of(8) {
             return Err(BtfError::Bitfield(path.to_string()));
         }
         Ok(total_bits / 8)

@@ -15,5 +15,7 @@ pub mod procinfo;
 pub mod render;
 pub mod selftest;
 pub mod sockdiag;
+pub mod top;
 pub mod trace;
+pub mod view;
 pub mod workload;

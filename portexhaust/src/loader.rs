@@ -192,13 +192,14 @@ const FENTRIES: &[(&str, &str, bool)] = &[
     ("fexit_tcp_v4_connect", "tcp_v4_connect", true),
     ("fexit_tcp_v6_connect", "tcp_v6_connect", true),
     ("fexit_inet_hash_connect", "inet_hash_connect", true),
+    ("fexit_inet6_hash_connect", "inet6_hash_connect", true),
 ];
 
 /// A short description of what each backend hooks, for the start-up line.
 pub fn backend_hooks(b: Backend) -> &'static str {
     match b {
         Backend::Fentry => {
-            "fentry/fexit tcp_v4_connect, tcp_v6_connect; fexit inet_hash_connect; syscall tracepoints for bind/UDP"
+            "fentry/fexit tcp_v4_connect, tcp_v6_connect; fexit inet_hash_connect, inet6_hash_connect; syscall tracepoints for bind/UDP"
         }
         Backend::Kprobe => {
             "kprobe/kretprobe tcp_v4_connect, tcp_v6_connect; kretprobe __inet_hash_connect; syscall tracepoints for bind/UDP"

@@ -5,8 +5,8 @@ use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use portexhaust::{
     error::{Error, one_line},
-    loader::{BackendRequest, Filters},
-    selftest, trace,
+    loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
+    nsinfo, selftest, top, trace,
     workload::{self, Scenario, WorkloadOptions},
 };
 use portexhaust_common::Backend;
@@ -17,6 +17,8 @@ Examples:
   sudo portexhaust trace --json | jq .         # NDJSON for pipelines
   sudo portexhaust trace --pid 4242 --duration 60
   sudo portexhaust trace --comm python3 --dport 27017
+  sudo portexhaust top                         # live: destinations by pressure, failers, holders
+  sudo portexhaust top --json --netns /run/netns/app
   sudo portexhaust selftest                    # does it work on this kernel?";
 
 #[derive(Parser)]
@@ -105,6 +107,35 @@ enum Cmd {
         /// Probe backend.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// Size of each in-kernel socket-ownership map (LRU: the oldest are dropped and
+        /// counted as evictions when full).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
+              value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+        max_tracked_sockets: u32,
+    },
+    /// Live view of port pressure: destinations by utilisation, failing processes, and who
+    /// holds the ports (the processes that created ESTABLISHED/TIME_WAIT sockets, alive or
+    /// exited). q quits.
+    Top {
+        /// Refresh interval in seconds.
+        #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print NDJSON snapshots instead (one by default, taken one interval after start).
+        #[arg(long)]
+        json: bool,
+        /// Number of snapshots before exiting.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Only this network namespace: an inode number, or a path such as /run/netns/NAME or
+        /// /proc/PID/ns/net (repeatable; default: every namespace with processes).
+        #[arg(long, value_name = "NS")]
+        netns: Vec<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+        /// Size of each in-kernel socket-ownership map (see trace).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
+              value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+        max_tracked_sockets: u32,
     },
     /// Check that tracing works on this kernel: exhaust a private network namespace for real
     /// and compare what the tracer saw with what the workload saw.
@@ -138,6 +169,9 @@ enum Cmd {
         /// Print {"ready":PID} and wait for a line on stdin before exhausting.
         #[arg(long)]
         wait: bool,
+        /// After printing the report, keep the namespace and its sockets until stdin closes.
+        #[arg(long)]
+        linger: bool,
     },
 }
 
@@ -180,8 +214,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             comm,
             dport,
             backend,
+            max_tracked_sockets,
         } => {
             let opts = trace::TraceOptions {
+                max_tracked: max_tracked_sockets,
                 json,
                 duration,
                 filters: Filters {
@@ -193,6 +229,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 backend: backend.into(),
             };
             runtime()?.block_on(trace::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Top {
+            interval,
+            json,
+            count,
+            netns,
+            backend,
+            max_tracked_sockets,
+        } => {
+            let netns = netns
+                .iter()
+                .map(|n| nsinfo::resolve_netns(n).map_err(|e| anyhow::anyhow!("--netns {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            top::run(top::TopOptions {
+                interval,
+                json,
+                count,
+                netns,
+                backend: backend.into(),
+                max_tracked: max_tracked_sockets,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Selftest { backend, failures } => {
@@ -222,8 +280,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dport,
             comm,
             wait,
+            linger,
         } => {
-            let report = workload::run(&WorkloadOptions {
+            let (report, keep) = workload::run(&WorkloadOptions {
                 scenario,
                 ports,
                 failures,
@@ -232,6 +291,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wait,
             })?;
             println!("{}", serde_json::to_string(&report)?);
+            if linger {
+                std::io::stdout().flush()?;
+                let mut sink = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            }
+            drop(keep);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -107,7 +107,10 @@ pub fn namespaces() -> BTreeMap<u64, PathBuf> {
     };
     for e in dir.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let path = PathBuf::from(format!("/proc/{pid}/ns/net"));

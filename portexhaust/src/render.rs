@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{DestCount, Summary, top_destinations},
+    blame::BlameEntry,
     clock::{hms, rfc3339},
     model::{Failure, errno_name},
 };
@@ -125,6 +126,7 @@ struct JsonSummary<'a> {
     failures_total: u64,
     dropped_events: u64,
     offenders: Vec<JsonOffender<'a>>,
+    blame: &'a [BlameEntry],
 }
 
 pub fn json_summary(s: &Summary) -> String {
@@ -146,8 +148,72 @@ pub fn json_summary(s: &Summary) -> String {
                 destinations: &o.destinations,
             })
             .collect(),
+        blame: &s.blame,
     };
     serde_json::to_string(&j).unwrap_or_default()
+}
+
+/// "10/10 ports (100%): ESTABLISHED 4, TIME_WAIT 6"
+fn usage_line(b: &BlameEntry) -> String {
+    let states: Vec<String> = b.by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    let pct = if b.range_size == 0 {
+        0.0
+    } else {
+        100.0 * b.in_use as f64 / f64::from(b.range_size)
+    };
+    format!(
+        "{}/{} ports in use ({pct:.0}%){}{}",
+        b.in_use,
+        b.range_size,
+        if states.is_empty() { "" } else { ": " },
+        states.join(", ")
+    )
+}
+
+/// The blame section of the human summary.
+pub fn human_blame(blame: &[BlameEntry]) -> String {
+    let mut out = String::new();
+    for b in blame {
+        out.push_str(&format!(
+            "\n{} (netns {}): {}\n",
+            b.dst,
+            b.netns.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+            usage_line(b)
+        ));
+        let failers: Vec<String> = b
+            .failers
+            .iter()
+            .map(|f| format!("{} ({}) x{}", f.comm, f.pid, f.failures))
+            .collect();
+        out.push_str(&format!("  failing: {}\n", failers.join(", ")));
+        if b.holders.is_empty() {
+            out.push_str("  holders: none found (the namespace or its sockets are gone)\n");
+            continue;
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header(["  HOLDER", "PID", "STATE", "SOCKETS", "TIME_WAIT", "SHARE"]);
+        for h in &b.holders {
+            t.add_row(vec![
+                Cell::new(format!("  {}", h.comm)),
+                Cell::new(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()))
+                    .set_alignment(CellAlignment::Right),
+                Cell::new(match (h.pid, h.alive) {
+                    (None, _) => "opened before tracing",
+                    (Some(_), true) => "alive",
+                    (Some(_), false) => "exited",
+                }),
+                Cell::new(h.sockets).set_alignment(CellAlignment::Right),
+                Cell::new(h.time_wait).set_alignment(CellAlignment::Right),
+                Cell::new(format!("{:.0}%", h.share * 100.0)).set_alignment(CellAlignment::Right),
+            ]);
+        }
+        for line in t.to_string().lines() {
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The human summary printed when tracing stops.
@@ -201,6 +267,10 @@ pub fn human_summary(s: &Summary) -> String {
     for line in t.to_string().lines() {
         out.push_str(line.trim_end());
         out.push('\n');
+    }
+    if !s.blame.is_empty() {
+        out.push_str("\nWho holds the ports:");
+        out.push_str(&human_blame(&s.blame));
     }
     out
 }
@@ -301,6 +371,7 @@ mod tests {
                     failures: 30,
                 }],
             }],
+            blame: vec![],
         }
     }
 
@@ -318,6 +389,7 @@ mod tests {
             keys,
             [
                 "backend",
+                "blame",
                 "dropped_events",
                 "duration_s",
                 "failures_total",

@@ -19,6 +19,7 @@ use crate::{
     model::{Failure, decode_event},
     procinfo::NetnsCache,
     render,
+    view::{Collector, Scope},
 };
 
 #[derive(Clone, Debug)]
@@ -27,6 +28,7 @@ pub struct TraceOptions {
     pub duration: Option<Duration>,
     pub filters: Filters,
     pub backend: BackendRequest,
+    pub max_tracked: u32,
 }
 
 /// Only the fd, for readiness: the ring buffer itself stays inside the Tracer.
@@ -86,6 +88,7 @@ struct Session {
     out: Out,
     json: bool,
     decode_errors: u64,
+    collector: Collector,
 }
 
 impl Session {
@@ -97,6 +100,7 @@ impl Session {
             out,
             json,
             decode_errors,
+            collector,
         } = self;
         let mut batch: Vec<Failure> = Vec::new();
         tracer.drain(|bytes| match decode_event(bytes, |t| clock.to_unix_ns(t)) {
@@ -112,6 +116,10 @@ impl Session {
             if f.netns.is_none() {
                 f.netns = netns.get(f.pid);
             }
+            if let Some(n) = f.netns {
+                // Remembered for the blame: the failer may be gone by the summary.
+                collector.netns_of_pid.entry(f.pid).or_insert(n);
+            }
             let line = if *json {
                 render::json_line(&f)
             } else {
@@ -122,8 +130,19 @@ impl Session {
         out.flush();
     }
 
-    fn summary(&self, elapsed: Duration) -> Result<Summary> {
+    fn summary(&mut self, elapsed: Duration) -> Result<Summary> {
         let counts = self.tracer.counts()?;
+        let blame = if counts.is_empty() {
+            Vec::new()
+        } else {
+            match self.collector.collect(&mut self.tracer) {
+                Ok(v) => v.blame,
+                Err(e) => {
+                    warn!("could not work out who holds the ports: {e}");
+                    Vec::new()
+                }
+            }
+        };
         Ok(Summary {
             backend: self.tracer.backend.name(),
             duration_s: elapsed.as_secs_f64(),
@@ -131,12 +150,13 @@ impl Session {
             dropped_events: self.tracer.dropped_events()?,
             uncounted_keys: self.tracer.uncounted_keys()?,
             offenders: offenders(&counts, |t| self.clock.to_unix_ns(t)),
+            blame,
         })
     }
 }
 
 pub async fn run(opts: TraceOptions) -> Result<Summary> {
-    let opened = Tracer::open(opts.backend, &opts.filters)?;
+    let opened = Tracer::open_sized(opts.backend, &opts.filters, opts.max_tracked)?;
     announce(&opened.tracer, &opened.skipped);
     // SAFETY: the fd belongs to the ring buffer map inside the Tracer, which `s` owns for the
     // whole loop below and drops only after `ready_fd` (declared later, dropped first).
@@ -156,6 +176,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         },
         json: opts.json,
         decode_errors: 0,
+        collector: Collector::new(Scope::Failers),
     };
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
@@ -172,6 +193,18 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
             Some(d) => format!(" for {}s", d.as_secs_f64()),
             None => "; Ctrl-C to stop".to_string(),
         }
+    );
+    // The start-up census: what already holds ports before the first event.
+    let census = crate::nsinfo::census(None);
+    let sockets: usize = census.iter().map(|c| c.sockets.len()).sum();
+    let tw: usize = census
+        .iter()
+        .flat_map(|c| &c.sockets)
+        .filter(|r| r.state == crate::sockdiag::TCP_TIME_WAIT)
+        .count();
+    eprintln!(
+        "portexhaust: census: {sockets} TCP sockets ({tw} in TIME_WAIT) in {} network namespace(s) before tracing",
+        census.len()
     );
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     loop {

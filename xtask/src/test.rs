@@ -82,8 +82,8 @@ pub fn test(args: &TestArgs) -> Result<()> {
         "--release",
         "--package",
         "portexhaust",
-        "--test",
-        "privileged",
+        // Every test target: the privileged tests are the #[ignore]d ones in tests/*.rs.
+        "--tests",
         "--",
         "--ignored",
         "--test-threads=1",
