@@ -5,8 +5,10 @@
 //! and are tested for real by the privileged tests.
 pub mod aggregate;
 pub mod clock;
+pub mod container;
 pub mod error;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod procinfo;
 pub mod render;

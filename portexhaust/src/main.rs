@@ -1,12 +1,12 @@
 //! Command-line entry point.
-use std::{io::Write, process::ExitCode, time::Duration};
+use std::{io::Write, net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use portexhaust::{
     error::{Error, one_line},
     loader::{BackendRequest, Filters},
-    selftest, trace,
+    metrics, selftest, trace,
     workload::{self, Scenario, WorkloadOptions},
 };
 use portexhaust_common::Backend;
@@ -17,6 +17,7 @@ Examples:
   sudo portexhaust trace --json | jq .         # NDJSON for pipelines
   sudo portexhaust trace --pid 4242 --duration 60
   sudo portexhaust trace --comm python3 --dport 27017
+  sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
   sudo portexhaust selftest                    # does it work on this kernel?";
 
 #[derive(Parser)]
@@ -105,6 +106,14 @@ enum Cmd {
         /// Probe backend.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1), IP:PORT or
+        /// [IPv6]:PORT (0.0.0.0:PORT for a fleet's scraper).
+        #[arg(long, value_name = "ADDR", value_parser = metrics::parse_addr)]
+        metrics_addr: Option<SocketAddr>,
+        /// Leave the container labels (runtime, id, pod) off the metrics, to bound their
+        /// cardinality on hosts with many short-lived containers; events keep the container.
+        #[arg(long)]
+        no_container_labels: bool,
     },
     /// Check that tracing works on this kernel: exhaust a private network namespace for real
     /// and compare what the tracer saw with what the workload saw.
@@ -180,6 +189,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             comm,
             dport,
             backend,
+            metrics_addr,
+            no_container_labels,
         } => {
             let opts = trace::TraceOptions {
                 json,
@@ -191,6 +202,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dports: dport,
                 },
                 backend: backend.into(),
+                metrics_addr,
+                container_labels: !no_container_labels,
             };
             runtime()?.block_on(trace::run(opts))?;
             Ok(ExitCode::SUCCESS)
@@ -255,12 +268,25 @@ mod tests {
             &["portexhaust", "trace", "--dport", "70000"],
             &["portexhaust", "trace", "--comm", "a-name-longer-than-15"],
             &["portexhaust", "trace", "--backend", "uprobe"],
+            &["portexhaust", "trace", "--metrics-addr", "host:9977"],
+            &["portexhaust", "trace", "--metrics-addr", "99999"],
+            &["portexhaust", "trace", "--metrics-addr"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
         assert!(
             Cli::try_parse_from(["portexhaust", "trace", "--duration", "1.5", "--pid", "3"])
                 .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "portexhaust",
+                "trace",
+                "--metrics-addr",
+                "[::1]:9977",
+                "--no-container-labels"
+            ])
+            .is_ok()
         );
     }
 }

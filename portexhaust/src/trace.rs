@@ -1,7 +1,9 @@
 //! `portexhaust trace`: stream failures from the ring buffer, summarise on exit.
 use std::{
     io::{self, Write},
+    net::SocketAddr,
     os::fd::{AsRawFd, RawFd},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,8 +16,10 @@ use tokio::{
 use crate::{
     aggregate::{Summary, offenders},
     clock::Clock,
+    container::Resolver,
     error::{Error, Result},
     loader::{BackendRequest, Filters, Tracer, backend_hooks},
+    metrics::{self, Metrics, MetricsOptions},
     model::{Failure, decode_event},
     procinfo::NetnsCache,
     render,
@@ -27,6 +31,10 @@ pub struct TraceOptions {
     pub duration: Option<Duration>,
     pub filters: Filters,
     pub backend: BackendRequest,
+    /// Serve Prometheus metrics here (`--metrics-addr`).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Container labels on the metrics (`--no-container-labels` turns them off).
+    pub container_labels: bool,
 }
 
 /// Only the fd, for readiness: the ring buffer itself stays inside the Tracer.
@@ -83,6 +91,8 @@ struct Session {
     tracer: Tracer,
     clock: Clock,
     netns: NetnsCache,
+    containers: Resolver,
+    metrics: Option<Arc<Metrics>>,
     out: Out,
     json: bool,
     decode_errors: u64,
@@ -94,6 +104,8 @@ impl Session {
             tracer,
             clock,
             netns,
+            containers,
+            metrics,
             out,
             json,
             decode_errors,
@@ -110,6 +122,10 @@ impl Session {
         });
         for mut f in batch {
             f.netns = netns.get(f.pid);
+            f.container = containers.by_cgroup_id(f.cgroup_id);
+            if let Some(m) = metrics {
+                m.observe_failure(&f);
+            }
             let line = if *json {
                 render::json_line(&f)
             } else {
@@ -148,6 +164,8 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         tracer: opened.tracer,
         clock: Clock::new(),
         netns: NetnsCache::default(),
+        containers: Resolver::new(),
+        metrics: None,
         out: Out {
             w: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
             closed: false,
@@ -157,6 +175,27 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     };
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
+    // Bound before the ready line, so that a taken port fails the start instead of a scrape.
+    let _server = match opts.metrics_addr {
+        Some(addr) => {
+            let m = Arc::new(Metrics::new(MetricsOptions {
+                container_labels: opts.container_labels,
+                ..Default::default()
+            }));
+            m.set_backend(s.tracer.backend.name());
+            let server = metrics::serve(addr, m.clone()).await?;
+            eprintln!(
+                "portexhaust: serving Prometheus metrics on http://{}/metrics",
+                server.addr
+            );
+            s.metrics = Some(m);
+            Some(server)
+        }
+        None => None,
+    };
+    // The failure counters come from the kernel's exact counts, read once a second.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if !s.json {
         s.out.line(&render::human_header());
         s.out.flush();
@@ -184,6 +223,14 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
                 let mut guard = guard.map_err(|e| Error::io("waiting on the ring buffer", e))?;
                 s.drain();
                 guard.clear_ready();
+            }
+            _ = tick.tick(), if s.metrics.is_some() => {
+                s.drain();
+                if let Some(m) = &s.metrics
+                    && let Err(e) = m.refresh_from_tracer(&s.tracer, &s.containers)
+                {
+                    warn!("updating metrics: {e}");
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
