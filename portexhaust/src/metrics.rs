@@ -174,8 +174,15 @@ impl Cumulative {
 
 /// The series a kernel count key feeds, fixed at first sight so counters stay monotonic.
 struct Series {
+    labels: FailureLabels,
     counter: Counter,
     last: u64,
+}
+
+/// A label set served at 0 until a scrape has seen it: its count waits in `pending`.
+struct Held {
+    born_at_scrape: u64,
+    pending: u64,
 }
 
 struct State {
@@ -183,6 +190,10 @@ struct State {
     admitted: HashSet<String>,
     /// Label sets of the failure counters made so far (bounded by `max_series` + overflow).
     label_sets: HashSet<FailureLabels>,
+    /// New label sets not yet scraped at 0 (see [`Metrics::release_new_series`]).
+    held: HashMap<FailureLabels, Held>,
+    /// Expositions served so far.
+    scrapes: u64,
     /// Container of each pid, learnt from events; bounded (cleared when full: series already
     /// made keep their labels).
     pid_containers: HashMap<u32, Option<Arc<ContainerInfo>>>,
@@ -269,6 +280,8 @@ impl Metrics {
             series: HashMap::new(),
             admitted: HashSet::new(),
             label_sets: HashSet::new(),
+            held: HashMap::new(),
+            scrapes: 0,
             pid_containers: HashMap::new(),
             seen: Cumulative::new(),
             dropped: Cumulative::new(),
@@ -361,6 +374,26 @@ impl Metrics {
         }
     }
 
+    /// Give held label sets their counts once a scrape has served them at 0.
+    ///
+    /// Why hold them: Prometheus' rate() and increase() count a series' growth from its first
+    /// sample on, so a series whose first sample is already 37 contributes nothing, and a
+    /// burst from a new process (the usual exhaustion) would be invisible on every rate
+    /// panel. Serving each new label set at 0 first gives them that starting point, at the
+    /// cost of one scrape interval of delay for new series only.
+    pub fn release_new_series(&self) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let scrapes = st.scrapes;
+        st.held.retain(|labels, h| {
+            if scrapes <= h.born_at_scrape {
+                return true;
+            }
+            self.failures.get_or_create(labels).inc_by(h.pending);
+            false
+        });
+    }
+
     /// Fold the kernel's exact counts into the failure counters. `resolve_pid` is asked for the
     /// container of a pid no event has told about (a live process's /proc/PID/cgroup).
     pub fn update_counts(
@@ -368,7 +401,9 @@ impl Metrics {
         counts: &[(CountKey, CountValue)],
         mut resolve_pid: impl FnMut(u32) -> Option<ContainerInfo>,
     ) {
-        let mut st = self.state();
+        self.release_new_series();
+        let mut guard = self.state();
+        let st = &mut *guard;
         let mut fresh: Vec<(&CountKey, &CountValue, String)> = Vec::new();
         for (k, v) in counts {
             match st.series.get_mut(k) {
@@ -379,8 +414,13 @@ impl Metrics {
                     } else {
                         v.count
                     };
-                    s.counter.inc_by(add);
                     s.last = v.count;
+                    match st.held.get_mut(&s.labels) {
+                        Some(h) => h.pending += add,
+                        None => {
+                            s.counter.inc_by(add);
+                        }
+                    }
                 }
                 None => fresh.push((k, v, dst_string(k))),
             }
@@ -437,11 +477,23 @@ impl Metrics {
                 };
             }
             let counter = self.failures.get_or_create_owned(&labels);
-            st.label_sets.insert(labels);
-            counter.inc_by(v.count);
+            if st.label_sets.insert(labels.clone()) {
+                st.held.insert(
+                    labels.clone(),
+                    Held {
+                        born_at_scrape: st.scrapes,
+                        pending: v.count,
+                    },
+                );
+            } else if let Some(h) = st.held.get_mut(&labels) {
+                h.pending += v.count;
+            } else {
+                counter.inc_by(v.count);
+            }
             st.series.insert(
                 *k,
                 Series {
+                    labels,
                     counter,
                     last: v.count,
                 },
@@ -514,6 +566,7 @@ impl Metrics {
     /// Read the kernel's counters and, when failures happened since the last walk, its exact
     /// counts. Called once a second by the trace loop.
     pub fn refresh_from_tracer(&self, tracer: &Tracer, containers: &Resolver) -> Result<()> {
+        self.release_new_series();
         let seen = tracer.failures_total()?;
         self.set_dropped(tracer.dropped_events()?);
         self.set_uncounted(tracer.uncounted_keys()?);
@@ -535,12 +588,16 @@ impl Metrics {
 
     /// The exposition: OpenMetrics when `openmetrics`, else Prometheus text 0.0.4.
     pub fn encode(&self, openmetrics: bool) -> String {
+        // Held while encoding: a label set born meanwhile must not count as served at 0.
+        let mut st = self.state();
         let mut out = String::with_capacity(4096);
         let r = if openmetrics {
             text::encode(&mut out, &self.registry)
         } else {
             prometheus_text::encode(&mut out, &self.registry)
         };
+        st.scrapes += 1;
+        drop(st);
         if let Err(e) = r {
             // Writing into a String cannot fail; a label encoder could, so say so.
             let _ = writeln!(out, "# encoding error: {e}");
@@ -739,6 +796,12 @@ mod tests {
             .and_then(|v| v.parse().ok())
     }
 
+    /// One scrape, then the next refresh: what Prometheus sees a second later.
+    fn settle(m: &Metrics) {
+        m.encode(false);
+        m.release_new_series();
+    }
+
     fn docker() -> ContainerInfo {
         ContainerInfo {
             runtime: Runtime::Docker,
@@ -775,6 +838,7 @@ mod tests {
         let m = Metrics::new(MetricsOptions::default());
         m.observe_failure(&failure(7, Some(docker())));
         m.update_counts(&[(key(7, 1, 80), val(5, "app"))], |_| None);
+        settle(&m);
         m.update_counts(
             &[
                 (key(7, 1, 80), val(12, "app")),
@@ -782,6 +846,7 @@ mod tests {
             ],
             |pid| (pid == 8).then(docker),
         );
+        settle(&m);
         let t = m.encode(false);
         let hex = "ab".repeat(32);
         assert_eq!(
@@ -802,6 +867,30 @@ mod tests {
     }
 
     #[test]
+    fn new_series_are_served_at_zero_before_their_count() {
+        let m = Metrics::new(MetricsOptions::default());
+        let series = "portexhaust_failures_total{comm=\"app\"";
+        m.update_counts(&[(key(7, 1, 80), val(5, "app"))], |_| None);
+        // No scrape yet: a refresh does not release it.
+        m.release_new_series();
+        m.update_counts(&[(key(7, 1, 80), val(9, "app"))], |_| None);
+        assert_eq!(sample(&m.encode(false), series), Some(0.0));
+        // Served at 0 once: the next refresh gives it everything counted meanwhile.
+        m.release_new_series();
+        assert_eq!(sample(&m.encode(false), series), Some(9.0));
+        // A new key of an existing label set (another pid, same comm and destination) is not
+        // held: its series already has a starting point.
+        m.update_counts(
+            &[
+                (key(7, 1, 80), val(9, "app")),
+                (key(8, 1, 80), val(2, "app")),
+            ],
+            |_| None,
+        );
+        assert_eq!(sample(&m.encode(false), series), Some(11.0));
+    }
+
+    #[test]
     fn container_labels_can_be_turned_off() {
         let m = Metrics::new(MetricsOptions {
             container_labels: false,
@@ -809,6 +898,7 @@ mod tests {
         });
         m.observe_failure(&failure(7, Some(docker())));
         m.update_counts(&[(key(7, 1, 80), val(5, "app"))], |_| panic!("not asked"));
+        settle(&m);
         let t = m.encode(false);
         assert!(
             t.contains("container_runtime=\"\",container_id=\"\",pod_uid=\"\"} 5"),
@@ -831,6 +921,7 @@ mod tests {
             ],
             |_| None,
         );
+        settle(&m);
         // Later, 10.0.0.1 grows past everyone: it stays in `other` (no counter resets).
         m.update_counts(
             &[
@@ -841,6 +932,7 @@ mod tests {
             ],
             |_| None,
         );
+        settle(&m);
         let t = m.encode(false);
         let s = |dst: &str, comm: &str| {
             sample(
@@ -867,6 +959,7 @@ mod tests {
             .map(|pid| (key(pid, 1, 80), val(u64::from(pid), &format!("c{pid}"))))
             .collect();
         m.update_counts(&counts, |_| None);
+        settle(&m);
         let t = m.encode(false);
         let lines = t
             .lines()
@@ -980,6 +1073,72 @@ mod tests {
         );
         let om = m.encode(true);
         assert!(om.ends_with("# EOF\n"), "{om}");
+    }
+
+    /// Every metric and label the Grafana dashboard queries is one this exporter serves
+    /// (`instance` and `job` are added by Prometheus). The fleet test runs the queries too.
+    #[test]
+    fn dashboard_queries_only_exported_metrics_and_labels() {
+        let dash: serde_json::Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/portexhaust.json"
+        )))
+        .expect("dashboard is JSON");
+        let m = Metrics::new(MetricsOptions::default());
+        m.update_counts(&[(key(1, 1, 80), val(1, "a"))], |_| None);
+        m.set_destinations(&[DestinationGauge {
+            netns: Some(1),
+            src: None,
+            dst: "10.0.0.1:80".into(),
+            proto: "tcp",
+            range_size: 10,
+            in_use: 1,
+            utilisation: 0.1,
+            time_wait: 0,
+        }]);
+        m.set_backend("tracepoint");
+        let text = m.encode(false);
+        let mut names: HashSet<String> = HashSet::new();
+        let mut labels: HashSet<String> = ["instance", "job"].map(String::from).into();
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, rest) = l
+                .split_once('{')
+                .unwrap_or((l.split(' ').next().unwrap_or(""), ""));
+            names.insert(name.to_string());
+            for pair in rest.split("\",").filter(|p| p.contains('=')) {
+                labels.insert(pair.split('=').next().unwrap_or("").to_string());
+            }
+        }
+        let mut exprs = Vec::new();
+        let mut ids = HashSet::new();
+        for p in dash["panels"].as_array().expect("panels") {
+            assert!(
+                ids.insert(p["id"].as_u64().expect("id")),
+                "duplicate panel id"
+            );
+            for t in p["targets"].as_array().into_iter().flatten() {
+                exprs.push(t["expr"].as_str().expect("expr").to_string());
+            }
+        }
+        assert!(exprs.len() >= 10, "{exprs:?}");
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        for e in &exprs {
+            for word in e
+                .split(|c: char| !ident(c))
+                .filter(|w| w.starts_with("portexhaust_"))
+            {
+                assert!(
+                    names.contains(word),
+                    "{word} in {e:?} is not exported: {names:?}"
+                );
+            }
+            for clause in e.split(" by (").skip(1).chain(e.split(" on (").skip(1)) {
+                let inside = clause.split(')').next().unwrap_or("");
+                for label in inside.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                    assert!(labels.contains(label), "label {label} in {e:?}: {labels:?}");
+                }
+            }
+        }
     }
 
     #[test]
