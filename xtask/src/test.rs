@@ -37,7 +37,9 @@ pub fn test(args: &TestArgs) -> Result<()> {
              namespaces): run `sudo -E cargo xtask test`, or `cargo xtask test --unprivileged-only`"
         );
     }
-    eprintln!("xtask: privileged tests (root, one at a time, private network namespaces)");
+    eprintln!(
+        "xtask: privileged and fleet tests (root, one at a time, private network namespaces)"
+    );
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root).args([
         "test",
@@ -46,6 +48,8 @@ pub fn test(args: &TestArgs) -> Result<()> {
         "portexhaust",
         "--test",
         "privileged",
+        "--test",
+        "fleet",
         "--",
         "--ignored",
         "--test-threads=1",
