@@ -1,12 +1,12 @@
 //! Command-line entry point.
-use std::{io::Write, process::ExitCode, time::Duration};
+use std::{io::Write, net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use portexhaust::{
     error::{Error, one_line},
     loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
-    nsinfo, selftest, top, trace,
+    metrics, nsinfo, selftest, top, trace,
     workload::{self, Scenario, WorkloadOptions},
 };
 use portexhaust_common::Backend;
@@ -19,6 +19,7 @@ Examples:
   sudo portexhaust trace --comm python3 --dport 27017
   sudo portexhaust top                         # live: destinations by pressure, failers, holders
   sudo portexhaust top --json --netns /run/netns/app
+  sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
   sudo portexhaust selftest                    # does it work on this kernel?";
 
 #[derive(Parser)]
@@ -112,6 +113,14 @@ enum Cmd {
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
               value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
         max_tracked_sockets: u32,
+        /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1), IP:PORT or
+        /// [IPv6]:PORT (0.0.0.0:PORT for a fleet's scraper).
+        #[arg(long, value_name = "ADDR", value_parser = metrics::parse_addr)]
+        metrics_addr: Option<SocketAddr>,
+        /// Leave the container labels (runtime, id, pod) off the metrics, to bound their
+        /// cardinality on hosts with many short-lived containers; events keep the container.
+        #[arg(long)]
+        no_container_labels: bool,
     },
     /// Live view of port pressure: destinations by utilisation, failing processes, and who
     /// holds the ports (the processes that created ESTABLISHED/TIME_WAIT sockets, alive or
@@ -215,6 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dport,
             backend,
             max_tracked_sockets,
+            metrics_addr,
+            no_container_labels,
         } => {
             let opts = trace::TraceOptions {
                 max_tracked: max_tracked_sockets,
@@ -227,6 +238,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dports: dport,
                 },
                 backend: backend.into(),
+                metrics_addr,
+                container_labels: !no_container_labels,
             };
             runtime()?.block_on(trace::run(opts))?;
             Ok(ExitCode::SUCCESS)
@@ -320,12 +333,25 @@ mod tests {
             &["portexhaust", "trace", "--dport", "70000"],
             &["portexhaust", "trace", "--comm", "a-name-longer-than-15"],
             &["portexhaust", "trace", "--backend", "uprobe"],
+            &["portexhaust", "trace", "--metrics-addr", "host:9977"],
+            &["portexhaust", "trace", "--metrics-addr", "99999"],
+            &["portexhaust", "trace", "--metrics-addr"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
         assert!(
             Cli::try_parse_from(["portexhaust", "trace", "--duration", "1.5", "--pid", "3"])
                 .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "portexhaust",
+                "trace",
+                "--metrics-addr",
+                "[::1]:9977",
+                "--no-container-labels"
+            ])
+            .is_ok()
         );
     }
 }

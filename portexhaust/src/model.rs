@@ -1,11 +1,16 @@
 //! Decoded failures and the names shown to users. Pure: no BPF, no I/O.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use portexhaust_common::{
     AF_INET, AF_INET6, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_TCP,
     IPPROTO_UDP, Site,
 };
 use thiserror::Error;
+
+use crate::container::ContainerInfo;
 
 /// One exhaustion failure as user space sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +31,9 @@ pub struct Failure {
     pub errno: u32,
     pub site: Site,
     pub backend: Backend,
+    /// Container or systemd unit of `cgroup_id`, filled in by the tracer (shared: a storm
+    /// repeats the same few).
+    pub container: Option<Arc<ContainerInfo>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -163,6 +171,7 @@ pub fn failure_from_event(
         errno: ev.errno,
         site,
         backend,
+        container: None,
     })
 }
 

@@ -6,11 +6,12 @@ use crate::{
     aggregate::{DestCount, Summary, top_destinations},
     blame::BlameEntry,
     clock::{hms, rfc3339},
+    container::ContainerInfo,
     model::{Failure, errno_name},
 };
 
 /// Column layout of the live human output; the header and each row share it.
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 12] = [
     "TIME",
     "PID",
     "TID",
@@ -22,11 +23,12 @@ const HEADER: [&str; 11] = [
     "SOURCE",
     "ERRNO",
     "SITE",
+    "CONTAINER",
 ];
 
-fn row(cols: [&str; 11]) -> String {
+fn row(cols: [&str; 12]) -> String {
     format!(
-        "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {}",
+        "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {:<19} {}",
         cols[0],
         cols[1],
         cols[2],
@@ -37,7 +39,8 @@ fn row(cols: [&str; 11]) -> String {
         cols[7],
         cols[8],
         cols[9],
-        cols[10]
+        cols[10],
+        cols[11]
     )
 }
 
@@ -48,6 +51,11 @@ pub fn human_header() -> String {
 pub fn human_line(f: &Failure) -> String {
     let netns = f.netns.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     let src = f.src.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+    let container = f
+        .container
+        .as_deref()
+        .map(ContainerInfo::short)
+        .unwrap_or_else(|| "-".into());
     row([
         &hms(f.ts_unix_ns),
         &f.pid.to_string(),
@@ -60,6 +68,7 @@ pub fn human_line(f: &Failure) -> String {
         &src,
         errno_name(f.errno),
         f.site.name(),
+        &container,
     ])
 }
 
@@ -82,6 +91,8 @@ struct JsonFailure<'a> {
     errname: &'static str,
     site: &'static str,
     backend: &'static str,
+    /// `{"runtime","id","pod"}` or null.
+    container: Option<&'a ContainerInfo>,
 }
 
 pub fn json_line(f: &Failure) -> String {
@@ -102,6 +113,7 @@ pub fn json_line(f: &Failure) -> String {
         errname: errno_name(f.errno),
         site: f.site.name(),
         backend: f.backend.name(),
+        container: f.container.as_deref(),
     };
     // Serializing a struct of strings and integers cannot fail.
     serde_json::to_string(&j).unwrap_or_default()
@@ -300,6 +312,7 @@ mod tests {
             errno: 99,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
+            container: None,
         }
     }
 
@@ -325,6 +338,7 @@ mod tests {
             "errname",
             "site",
             "backend",
+            "container",
         ];
         let mut got = keys.clone();
         got.sort_unstable();
@@ -350,6 +364,32 @@ mod tests {
         assert!(v["src"].is_null());
         assert!(v["netns"].is_null());
         assert_eq!(v["dst"], "[::1]:80");
+    }
+
+    #[test]
+    fn container_in_json_and_human_output() {
+        let mut f = failure();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&json_line(&f)).expect("json")["container"]
+                .is_null()
+        );
+        f.container = Some(std::sync::Arc::new(ContainerInfo {
+            runtime: crate::container::Runtime::Containerd,
+            id: "0123456789abcdef".repeat(4),
+            pod: Some("7c9a4e2b-1f3d-4a5b-9c8d-0e1f2a3b4c5d".into()),
+        }));
+        let v: serde_json::Value = serde_json::from_str(&json_line(&f)).expect("json");
+        assert_eq!(v["container"]["runtime"], "containerd");
+        assert_eq!(v["container"]["id"], "0123456789abcdef".repeat(4));
+        assert_eq!(
+            v["container"]["pod"],
+            "7c9a4e2b-1f3d-4a5b-9c8d-0e1f2a3b4c5d"
+        );
+        let l = human_line(&f);
+        assert_eq!(
+            human_header().find("CONTAINER"),
+            l.find("containerd:0123456789ab")
+        );
     }
 
     fn summary() -> Summary {
@@ -416,7 +456,8 @@ mod tests {
         }
         assert_eq!(h.find("COMM"), l.find("python3"));
         assert_eq!(h.find("DESTINATION"), l.find("127.0.0.1:27017"));
-        assert!(l.ends_with("__inet_hash_connect"));
+        assert!(l.ends_with("__inet_hash_connect -"), "{l:?}");
+        assert_eq!(h.find("CONTAINER"), l.find(" -").map(|i| i + 1));
         let s = human_summary(&summary());
         assert!(s.contains("30 exhaustion failures"));
         assert!(s.contains("2 events not shown"));

@@ -297,6 +297,7 @@ mod tests {
             errno: 99,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
+            container: None,
         }
     }
 

@@ -1,7 +1,9 @@
 //! `portexhaust trace`: stream failures from the ring buffer, summarise on exit.
 use std::{
     io::{self, Write},
+    net::SocketAddr,
     os::fd::{AsRawFd, RawFd},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,8 +16,10 @@ use tokio::{
 use crate::{
     aggregate::{Summary, offenders},
     clock::Clock,
+    container::Resolver,
     error::{Error, Result},
     loader::{BackendRequest, Filters, Tracer, backend_hooks},
+    metrics::{self, Metrics, MetricsOptions},
     model::{Failure, decode_event},
     procinfo::NetnsCache,
     render,
@@ -29,6 +33,10 @@ pub struct TraceOptions {
     pub filters: Filters,
     pub backend: BackendRequest,
     pub max_tracked: u32,
+    /// Serve Prometheus metrics here (`--metrics-addr`).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Container labels on the metrics (`--no-container-labels` turns them off).
+    pub container_labels: bool,
 }
 
 /// Only the fd, for readiness: the ring buffer itself stays inside the Tracer.
@@ -85,6 +93,8 @@ struct Session {
     tracer: Tracer,
     clock: Clock,
     netns: NetnsCache,
+    containers: Resolver,
+    metrics: Option<Arc<Metrics>>,
     out: Out,
     json: bool,
     decode_errors: u64,
@@ -97,6 +107,8 @@ impl Session {
             tracer,
             clock,
             netns,
+            containers,
+            metrics,
             out,
             json,
             decode_errors,
@@ -119,6 +131,10 @@ impl Session {
             if let Some(n) = f.netns {
                 // Remembered for the blame: the failer may be gone by the summary.
                 collector.netns_of_pid.entry(f.pid).or_insert(n);
+            }
+            f.container = containers.by_cgroup_id(f.cgroup_id);
+            if let Some(m) = metrics {
+                m.observe_failure(&f);
             }
             let line = if *json {
                 render::json_line(&f)
@@ -155,6 +171,28 @@ impl Session {
     }
 }
 
+/// Ports in use per destination in every namespace, for the metrics (no holders needed).
+fn destination_gauges() -> Vec<metrics::DestinationGauge> {
+    let census = crate::nsinfo::census(None);
+    crate::blame::usage(&census, &Default::default(), &Default::default())
+        .into_iter()
+        .map(|u| metrics::DestinationGauge {
+            netns: Some(u.netns),
+            src: Some(u.src),
+            dst: u.dst.to_string(),
+            proto: "tcp",
+            range_size: u64::from(u.range_size),
+            in_use: u.in_use,
+            utilisation: if u.range_size == 0 {
+                1.0
+            } else {
+                u.in_use as f64 / f64::from(u.range_size)
+            },
+            time_wait: u.by_state.get("TIME_WAIT").copied().unwrap_or(0),
+        })
+        .collect()
+}
+
 pub async fn run(opts: TraceOptions) -> Result<Summary> {
     let opened = Tracer::open_sized(opts.backend, &opts.filters, opts.max_tracked)?;
     announce(&opened.tracer, &opened.skipped);
@@ -170,6 +208,8 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         tracer: opened.tracer,
         clock: Clock::new(),
         netns: NetnsCache::default(),
+        containers: Resolver::new(),
+        metrics: None,
         out: Out {
             w: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
             closed: false,
@@ -180,6 +220,28 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     };
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
+    // Bound before the ready line, so that a taken port fails the start instead of a scrape.
+    let _server = match opts.metrics_addr {
+        Some(addr) => {
+            let m = Arc::new(Metrics::new(MetricsOptions {
+                container_labels: opts.container_labels,
+                ..Default::default()
+            }));
+            m.set_backend(s.tracer.backend.name());
+            let server = metrics::serve(addr, m.clone()).await?;
+            eprintln!(
+                "portexhaust: serving Prometheus metrics on http://{}/metrics",
+                server.addr
+            );
+            s.metrics = Some(m);
+            Some(server)
+        }
+        None => None,
+    };
+    // The failure counters come from the kernel's exact counts, read once a second.
+    let mut ticks: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if !s.json {
         s.out.line(&render::human_header());
         s.out.flush();
@@ -219,6 +281,23 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
                 let mut guard = guard.map_err(|e| Error::io("waiting on the ring buffer", e))?;
                 s.drain();
                 guard.clear_ready();
+            }
+            _ = tick.tick(), if s.metrics.is_some() => {
+                s.drain();
+                ticks += 1;
+                if let Some(m) = &s.metrics {
+                    if let Err(e) = m.refresh_from_tracer(&s.tracer, &s.containers) {
+                        warn!("updating metrics: {e}");
+                    }
+                    // Port usage needs a sock_diag census of every namespace: every 5 s.
+                    if ticks % 5 == 1 {
+                        m.set_destinations(&destination_gauges());
+                        match s.tracer.lru_evictions() {
+                            Ok(n) => m.set_lru_evictions(n),
+                            Err(e) => warn!("reading LRU evictions: {e}"),
+                        }
+                    }
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

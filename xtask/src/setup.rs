@@ -19,7 +19,22 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86", // vmtest: boots other kernels
     "busybox-static",  // vmtest: the guest userland
     "cpio",            // vmtest: initramfs
+    "prometheus",      // fleet tests: a real Prometheus scrapes `trace --metrics-addr`
+    "systemd",         // fleet tests: systemd-analyze verify/security of deploy/portexhaust.service
+    "util-linux",      // fleet tests: setpriv runs the tracer with exactly the unit's capabilities
 ];
+
+/// PyPI tools the tests use, pinned, with the command each provides. They go into a private
+/// virtualenv (Debian's own Python refuses system-wide pip installs), unless already on PATH.
+pub const PYPI_TOOLS: &[(&str, &str)] = &[
+    // Validates deploy/kubernetes against the Kubernetes JSON schemas it bundles (offline).
+    ("kubernetes-validate==1.37.0", "kubernetes-validate"),
+];
+
+/// The virtualenv for `PYPI_TOOLS`; portexhaust/tests/fleet.rs looks here too.
+pub fn venv_dir() -> PathBuf {
+    home().join(".cache/portexhaust/venv")
+}
 
 fn log(msg: impl AsRef<str>) {
     eprintln!("xtask: {}", msg.as_ref());
@@ -133,6 +148,43 @@ fn install_bpf_linker() -> Result<()> {
     )
 }
 
+fn pypi_tool_works(cmd: &str) -> bool {
+    output(Command::new(cmd).arg("--version")).is_some()
+        || output(Command::new(venv_dir().join("bin").join(cmd)).arg("--version")).is_some()
+}
+
+fn install_pypi_tools() -> Result<Vec<String>> {
+    let missing: Vec<&str> = PYPI_TOOLS
+        .iter()
+        .filter(|(_, cmd)| !pypi_tool_works(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let venv = venv_dir();
+    if !venv.join("bin/pip").exists() {
+        log(format!(
+            "creating a Python virtualenv in {}",
+            venv.display()
+        ));
+        run_checked(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+            "python3 -m venv failed: install python3 and python3-venv (apt-get install python3-venv)",
+        )?;
+    }
+    log(format!("installing from PyPI: {}", missing.join(" ")));
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(&missing),
+    )?;
+    Ok(vec![format!(
+        "installed from PyPI into {}: {}",
+        venv.display(),
+        missing.join(" ")
+    )])
+}
+
 fn missing_debian_packages() -> Vec<&'static str> {
     DEBIAN_PACKAGES
         .iter()
@@ -208,6 +260,9 @@ pub fn setup() -> Result<Vec<String>> {
         )?;
         did.push(format!("installed Debian packages: {}", missing.join(" ")));
     }
+
+    // PyPI tools last: the virtualenv needs python3, which these machines have.
+    did.extend(install_pypi_tools()?);
 
     if did.is_empty() {
         log("setup: everything was already in place");

@@ -75,7 +75,9 @@ pub fn test(args: &TestArgs) -> Result<()> {
              namespaces): run `sudo -E cargo xtask test`, or `cargo xtask test --unprivileged-only`"
         );
     }
-    eprintln!("xtask: privileged tests (root, one at a time, private network namespaces)");
+    eprintln!(
+        "xtask: privileged and fleet tests (root, one at a time, private network namespaces)"
+    );
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root).args([
         "test",
