@@ -61,6 +61,7 @@ fn in_range(s: &NsSysctls, port: u16) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnerView {
     pub pid: u32,
+    pub cgroup_id: u64,
     pub comm: String,
     pub alive: bool,
     pub flags: u32,
@@ -71,6 +72,7 @@ impl OwnerView {
     pub fn from_kernel(o: &portexhaust_common::Owner, alive: bool) -> Self {
         Self {
             pid: o.pid,
+            cgroup_id: o.cgroup_id,
             comm: comm_str(&o.comm),
             alive,
             flags: o.flags,
@@ -124,6 +126,22 @@ pub struct Holder {
     /// sockets / in_use of the destination.
     pub share: f64,
     pub attribution: Attribution,
+    /// Container of the holder (filled in by the caller, which can resolve cgroups).
+    pub container: Option<crate::container::ContainerInfo>,
+    /// cgroup of the traced opener (0 when not traced), to resolve `container` even after
+    /// the process exited.
+    #[serde(skip)]
+    pub cgroup_id: u64,
+}
+
+impl Holder {
+    /// `comm`, with the container when there is one: `nginx [docker:0123456789ab]`.
+    pub fn label(&self) -> String {
+        match &self.container {
+            Some(c) => format!("{} [{}]", self.comm, c.short()),
+            None => self.comm.clone(),
+        }
+    }
 }
 
 /// Port usage towards one destination from one source address in one namespace.
@@ -145,6 +163,7 @@ struct HolderAcc {
     sockets: u64,
     time_wait: u64,
     alive: bool,
+    cgroup_id: u64,
 }
 
 /// Group every socket that uses an ephemeral port by (namespace, source, destination) and
@@ -228,6 +247,8 @@ pub fn usage(
                     time_wait: h.time_wait,
                     share: h.sockets as f64 / in_use,
                     attribution,
+                    container: None,
+                    cgroup_id: h.cgroup_id,
                 })
                 .collect();
             u.holders
@@ -395,6 +416,8 @@ pub struct Failer {
     pub pid: u32,
     pub comm: String,
     pub failures: u64,
+    /// Filled in by the caller, which can resolve cgroups.
+    pub container: Option<crate::container::ContainerInfo>,
 }
 
 /// For one destination that saw failures: who failed, and who holds its ports.
@@ -426,6 +449,7 @@ pub fn blame(
                 pid: k.pid,
                 comm: comm_str(&v.comm),
                 failures: 0,
+                container: None,
             });
         f.failures += v.count;
     }
@@ -564,6 +588,7 @@ mod tests {
                 tuple_key(7, r),
                 OwnerView {
                     pid: 100,
+                    cgroup_id: 0,
                     comm: "churner".into(),
                     alive: false,
                     flags: OWNER_TIME_WAIT,
@@ -575,6 +600,7 @@ mod tests {
             tuple_key(7, &rows[2]),
             OwnerView {
                 pid: 200,
+                cgroup_id: 0,
                 comm: "app".into(),
                 alive: true,
                 flags: 0,
@@ -681,6 +707,7 @@ mod tests {
                 tuple_key(7, r),
                 OwnerView {
                     pid: 100,
+                    cgroup_id: 0,
                     comm: "churner".into(),
                     alive: false,
                     flags: OWNER_TIME_WAIT,
@@ -720,7 +747,8 @@ mod tests {
             vec![Failer {
                 pid: 200,
                 comm: "failer".into(),
-                failures: 7
+                failures: 7,
+                container: None,
             }]
         );
         assert_eq!(b[0].holders[0].pid, Some(100));

@@ -141,6 +141,15 @@ pub fn resolve_netns(arg: &str) -> Result<(u64, PathBuf), String> {
 
 /// Read sysctls and sockets of the namespace behind `path`.
 pub fn census_of(netns: u64, path: &std::path::Path) -> std::io::Result<NsCensus> {
+    // Our own namespace needs no setns(), which needs CAP_SYS_ADMIN: a tracer confined to
+    // CAP_BPF/CAP_PERFMON (deploy/portexhaust.service) still sees its own namespace.
+    if crate::procinfo::netns_of(std::process::id()) == Some(netns) {
+        return Ok(NsCensus {
+            netns,
+            sysctls: read_sysctls(),
+            sockets: dump_tcp()?,
+        });
+    }
     let file = fs::File::open(path)?;
     let handle = std::thread::spawn(move || -> std::io::Result<NsCensus> {
         // SAFETY: a namespace fd we opened; CLONE_NEWNET setns affects only this thread,

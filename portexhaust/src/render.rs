@@ -195,7 +195,10 @@ pub fn human_blame(blame: &[BlameEntry]) -> String {
         let failers: Vec<String> = b
             .failers
             .iter()
-            .map(|f| format!("{} ({}) x{}", f.comm, f.pid, f.failures))
+            .map(|f| match &f.container {
+                Some(c) => format!("{} ({}) [{}] x{}", f.comm, f.pid, c.short(), f.failures),
+                None => format!("{} ({}) x{}", f.comm, f.pid, f.failures),
+            })
             .collect();
         out.push_str(&format!("  failing: {}\n", failers.join(", ")));
         if b.holders.is_empty() {
@@ -207,7 +210,7 @@ pub fn human_blame(blame: &[BlameEntry]) -> String {
         t.set_header(["  HOLDER", "PID", "STATE", "SOCKETS", "TIME_WAIT", "SHARE"]);
         for h in &b.holders {
             t.add_row(vec![
-                Cell::new(format!("  {}", h.comm)),
+                Cell::new(format!("  {}", h.label())),
                 Cell::new(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()))
                     .set_alignment(CellAlignment::Right),
                 Cell::new(match (h.pid, h.alive) {

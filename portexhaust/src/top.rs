@@ -151,7 +151,7 @@ pub fn render(v: &View, rows: usize) -> String {
             t.add_row(vec![
                 Cell::new(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()))
                     .set_alignment(CellAlignment::Right),
-                Cell::new(&h.comm),
+                Cell::new(h.label()),
                 Cell::new(match (h.pid, h.alive) {
                     (None, _) => "before tracing",
                     (Some(_), true) => "alive",
@@ -357,6 +357,8 @@ mod tests {
                     time_wait: 9,
                     share: 0.9,
                     attribution: Attribution::Traced,
+                    container: None,
+                    cgroup_id: 0,
                 }],
             }],
             failing: vec![FailingProcess {

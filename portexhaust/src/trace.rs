@@ -128,8 +128,9 @@ impl Session {
             if f.netns.is_none() {
                 f.netns = netns.get(f.pid);
             }
+            // Remembered for the blame: the failer may be gone by the summary.
+            collector.cgroup_of_pid.entry(f.pid).or_insert(f.cgroup_id);
             if let Some(n) = f.netns {
-                // Remembered for the blame: the failer may be gone by the summary.
                 collector.netns_of_pid.entry(f.pid).or_insert(n);
             }
             f.container = containers.by_cgroup_id(f.cgroup_id);

@@ -79,7 +79,10 @@ pub struct Collector {
     scope: Scope,
     /// pid -> netns learnt from events (still known after the process exited).
     pub netns_of_pid: HashMap<u32, u64>,
+    /// pid -> cgroup id learnt from events, for the failers' containers.
+    pub cgroup_of_pid: HashMap<u32, u64>,
     prev_failures: HashMap<u32, (u64, f64)>,
+    containers: crate::container::Resolver,
 }
 
 fn dest_addr(k: &portexhaust_common::DestKey) -> Option<SocketAddr> {
@@ -94,7 +97,9 @@ impl Collector {
             started: Instant::now(),
             scope,
             netns_of_pid: HashMap::new(),
+            cgroup_of_pid: HashMap::new(),
             prev_failures: HashMap::new(),
+            containers: crate::container::Resolver::new(),
         }
     }
 
@@ -145,7 +150,10 @@ impl Collector {
             .collect();
         let census = self.census(&counts);
         let fd_owners = nsinfo::socket_owners();
-        let usage_rows = usage(&census, &owners, &fd_owners);
+        let mut usage_rows = usage(&census, &owners, &fd_owners);
+        for h in usage_rows.iter_mut().flat_map(|u| u.holders.iter_mut()) {
+            h.container = self.container_of(h.pid, h.cgroup_id);
+        }
         let dest_stats = tracer.dest_stats()?;
         let destinations = self.rows(t, &usage_rows, &dest_stats);
         self.rates.prune(t);
@@ -154,7 +162,11 @@ impl Collector {
             .iter()
             .map(|c| (c.netns, c.sysctls.clone()))
             .collect();
-        let blame = blame(&counts, &|pid| self.netns_for(pid), &sysctls, &usage_rows);
+        let mut blame = blame(&counts, &|pid| self.netns_for(pid), &sysctls, &usage_rows);
+        for f in blame.iter_mut().flat_map(|b| b.failers.iter_mut()) {
+            let cg = self.cgroup_of_pid.get(&f.pid).copied().unwrap_or(0);
+            f.container = self.container_of(Some(f.pid), cg);
+        }
         let failing = self.failing(t, &counts);
         let clock = Clock::new();
         Ok(View {
@@ -168,6 +180,21 @@ impl Collector {
             failing,
             blame,
         })
+    }
+
+    /// The container of a process: by the cgroup the kernel saw (still right after exit, as
+    /// long as the cgroup exists), else by its current /proc/PID/cgroup.
+    fn container_of(
+        &mut self,
+        pid: Option<u32>,
+        cgroup_id: u64,
+    ) -> Option<crate::container::ContainerInfo> {
+        if cgroup_id != 0
+            && let Some(c) = self.containers.by_cgroup_id(cgroup_id)
+        {
+            return Some((*c).clone());
+        }
+        pid.and_then(|p| self.containers.by_pid(p))
     }
 
     fn rows(
