@@ -102,6 +102,10 @@ fn spawn_workload(failures: u64) -> Result<(ChildGuard, u32)> {
     Ok((guard, pid as u32))
 }
 
+fn sum_expected(r: &WorkloadReport) -> u64 {
+    r.expected.iter().map(|e| e.count).sum()
+}
+
 /// Compare what the workload saw with what the tracer reported. Pure, for unit tests.
 pub fn compare(
     report: &WorkloadReport,
@@ -144,6 +148,18 @@ pub fn compare(
             events: matching,
             counted,
             ok: *count > 0 && matching == *count && counted == *count,
+        });
+    }
+    if let Some(ns) = report.netns {
+        // The kernel reads the namespace through offsets resolved from BTF at load time:
+        // this row proves them on the running kernel.
+        let right = events.iter().filter(|f| f.netns == Some(ns)).count() as u64;
+        checks.push(Check {
+            what: format!("network namespace {ns} in every event (kernel BTF offsets)"),
+            expected: sum_expected(report),
+            events: right,
+            counted: 0,
+            ok: right == events.len() as u64 && right > 0,
         });
     }
     let foreign = events.iter().filter(|f| f.pid != report.pid).count() as u64;
@@ -243,6 +259,11 @@ pub fn run(backend: BackendRequest, failures: u64) -> Result<SelftestResult> {
     collect(&mut tracer);
     let counts = tracer.counts()?;
     let total = tracer.failures_total()?;
+    let mut report = report;
+    if !tracer.kernel_netns {
+        // No BTF: the namespace is not read in the kernel, nothing to check there.
+        report.netns = None;
+    }
     Ok(SelftestResult {
         backend: tracer.backend.name(),
         checks: compare(&report, &events, &counts, total),
@@ -341,6 +362,21 @@ mod tests {
         wrong_site.site = Site::TcpV4Connect;
         let c = compare(&report(), &[event(50), wrong_site], &[count(2)], 2);
         assert!(!c[0].ok);
+    }
+
+    #[test]
+    fn events_must_carry_the_workloads_namespace() {
+        let mut r = report();
+        r.netns = Some(5);
+        let mut a = event(50);
+        a.netns = Some(5);
+        let mut b = event(50);
+        b.netns = Some(5);
+        let ok = compare(&r, &[a.clone(), b.clone()], &[count(2)], 2);
+        assert!(ok.iter().all(|c| c.ok), "{ok:?}");
+        b.netns = Some(6);
+        let bad = compare(&r, &[a, b], &[count(2)], 2);
+        assert!(bad.iter().any(|c| !c.ok && c.what.contains("namespace")));
     }
 
     #[test]
