@@ -139,18 +139,23 @@ pub fn resolve_netns(arg: &str) -> Result<(u64, PathBuf), String> {
     Ok((meta.ino(), path))
 }
 
-/// Read sysctls and sockets of the namespace behind `path`.
-pub fn census_of(netns: u64, path: &std::path::Path) -> std::io::Result<NsCensus> {
+/// Read sysctls and sockets of the namespace behind `path`; `Ok(None)` when the namespace
+/// vanished (its last process exited) before it could be entered.
+pub fn census_of(netns: u64, path: &std::path::Path) -> std::io::Result<Option<NsCensus>> {
     // Our own namespace needs no setns(), which needs CAP_SYS_ADMIN: a tracer confined to
     // CAP_BPF/CAP_PERFMON (deploy/portexhaust.service) still sees its own namespace.
     if crate::procinfo::netns_of(std::process::id()) == Some(netns) {
-        return Ok(NsCensus {
+        return Ok(Some(NsCensus {
             netns,
             sysctls: read_sysctls(),
             sockets: dump_tcp()?,
-        });
+        }));
     }
-    let file = fs::File::open(path)?;
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let handle = std::thread::spawn(move || -> std::io::Result<NsCensus> {
         // SAFETY: a namespace fd we opened; CLONE_NEWNET setns affects only this thread,
         // which ends right after.
@@ -166,6 +171,7 @@ pub fn census_of(netns: u64, path: &std::path::Path) -> std::io::Result<NsCensus
     handle
         .join()
         .map_err(|_| std::io::Error::other("census thread panicked"))?
+        .map(Some)
 }
 
 /// Census of the given namespaces, or of every namespace with processes. A namespace that
@@ -175,16 +181,36 @@ pub fn census(only: Option<&[(u64, PathBuf)]>) -> Vec<NsCensus> {
         Some(v) => v.to_vec(),
         None => namespaces().into_iter().collect(),
     };
+    let mut warned = false;
     targets
         .iter()
         .filter_map(|(ino, path)| match census_of(*ino, path) {
-            Ok(c) => Some(c),
+            Ok(c) => c,
             Err(e) => {
-                log::debug!("census of netns {ino}: {e}");
+                if !std::mem::replace(&mut warned, true) {
+                    log::warn!("{}", census_error(*ino, &e));
+                } else {
+                    log::debug!("census of netns {ino}: {e}");
+                }
                 None
             }
         })
         .collect()
+}
+
+/// One line that says why a namespace could not be listed and what to do.
+fn census_error(ino: u64, e: &std::io::Error) -> String {
+    let hint = match e.raw_os_error() {
+        // sock_diag answers ENOENT/EPROTONOSUPPORT... as a netlink error when no handler for
+        // TCP is registered: tcp_diag (and inet_diag) are modules on many distributions and
+        // are normally autoloaded, which needs modprobe.
+        Some(libc::ENOENT) | Some(libc::EPROTONOSUPPORT) | Some(libc::EINVAL) => {
+            "; load the socket-diagnostics modules: modprobe tcp_diag inet_diag"
+        }
+        Some(libc::EPERM) => "; listing other namespaces needs CAP_SYS_ADMIN (setns)",
+        _ => "",
+    };
+    format!("cannot list the sockets of network namespace {ino}: {e}{hint}")
 }
 
 /// A process holding a socket file.

@@ -102,12 +102,15 @@ pub enum Chunk {
 }
 
 /// Decode a buffer of netlink messages, appending socket rows. Pure, for tests and fuzzing.
-pub fn parse_replies(mut buf: &[u8], out: &mut Vec<SockRow>) -> Result<Chunk, String> {
+pub fn parse_replies(mut buf: &[u8], out: &mut Vec<SockRow>) -> std::io::Result<Chunk> {
     while buf.len() >= NLMSG_HDR {
         let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         let ty = u16::from_ne_bytes([buf[4], buf[5]]);
         if len < NLMSG_HDR || len > buf.len() {
-            return Err(format!("netlink message of bad length {len}"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("sock_diag: netlink message of bad length {len}"),
+            ));
         }
         let payload = &buf[NLMSG_HDR..len];
         match ty {
@@ -118,10 +121,8 @@ pub fn parse_replies(mut buf: &[u8], out: &mut Vec<SockRow>) -> Result<Chunk, St
                     .map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]))
                     .unwrap_or(0);
                 if code != 0 {
-                    return Err(format!(
-                        "sock_diag: {}",
-                        std::io::Error::from_raw_os_error(-code)
-                    ));
+                    // Keep the errno: it tells a missing tcp_diag module from a permission.
+                    return Err(std::io::Error::from_raw_os_error(-code));
                 }
             }
             SOCK_DIAG_BY_FAMILY => {
@@ -176,7 +177,7 @@ fn dump_family(family: u8) -> std::io::Result<Vec<SockRow>> {
         match parse_replies(&buf[..n], &mut rows) {
             Ok(Chunk::Done) => break,
             Ok(Chunk::More) => {}
-            Err(e) => return Err(std::io::Error::other(e)),
+            Err(e) => return Err(e),
         }
     }
     Ok(rows)
@@ -229,7 +230,7 @@ mod tests {
         buf.extend(msg(TCP_ESTABLISHED, 40002, 5000, 0, 777));
         buf.extend(done());
         let mut rows = Vec::new();
-        assert_eq!(parse_replies(&buf, &mut rows), Ok(Chunk::Done));
+        assert_eq!(parse_replies(&buf, &mut rows).ok(), Some(Chunk::Done));
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].state, TCP_TIME_WAIT);
         assert_eq!(rows[0].expires_ms, 59_000);
