@@ -241,6 +241,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     };
     // The failure counters come from the kernel's exact counts, read once a second.
     let mut ticks: u64 = 0;
+    let mut dropped_reported: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if !s.json {
@@ -283,9 +284,20 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
                 s.drain();
                 guard.clear_ready();
             }
-            _ = tick.tick(), if s.metrics.is_some() => {
+            _ = tick.tick() => {
                 s.drain();
                 ticks += 1;
+                // Drops mean the reader fell behind; the counts stay exact, but say so now.
+                if let Ok(d) = s.tracer.dropped_events()
+                    && d > dropped_reported
+                {
+                    eprintln!(
+                        "portexhaust: {} more event(s) dropped (ring buffer full: output is not \
+                         keeping up); the counts stay exact, see the summary",
+                        d - dropped_reported
+                    );
+                    dropped_reported = d;
+                }
                 if let Some(m) = &s.metrics {
                     if let Err(e) = m.refresh_from_tracer(&s.tracer, &s.containers) {
                         warn!("updating metrics: {e}");

@@ -337,6 +337,62 @@ fn storm_of_100k_failures_is_counted_exactly() {
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
+fn a_stalled_reader_drops_events_but_counts_stay_exact() {
+    require_root();
+    let n = 200_000u64;
+    let mut w = Workload::start("storm", n, "pxh-t-drop", &[]);
+    let pid = w.pid.to_string();
+    // stdout is not read while the storm runs: the tracer blocks on the full pipe, the ring
+    // buffer fills up and the kernel counts what it could not queue.
+    let mut child = Command::new(BIN)
+        .args(["trace", "--json", "--pid", &pid])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("trace");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut guard = Guard(child);
+    let mut line = String::new();
+    while !line.contains("ready:") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("stderr") > 0,
+            "no ready line"
+        );
+    }
+    w.go();
+    let report = w.finish();
+    assert_eq!(report["expected"][0]["count"], n);
+    let mut so = guard.0.stdout.take().expect("stdout");
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) };
+    let status = guard.0.wait().expect("wait");
+    let mut err = String::new();
+    let _ = stderr.read_to_string(&mut err);
+    assert!(status.success(), "{err}");
+    let (events, summary) = lines(&reader.join().expect("stdout"));
+    let dropped = summary["dropped_events"].as_u64().expect("dropped");
+    assert!(
+        dropped > 0,
+        "the stalled reader should have made the ring buffer overflow"
+    );
+    assert_eq!(summary["failures_total"], n, "exact despite the drops");
+    assert_eq!(summary["offenders"][0]["failures"], n);
+    assert_eq!(events.len() as u64 + dropped, n);
+    assert!(
+        err.contains("dropped (ring buffer full"),
+        "live warning: {err}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
 fn filters_by_pid_comm_and_dport() {
     require_root();
     let mut a = Workload::start("v4", 7, "pxh-t-fa", &["--dport", "5000"]);
