@@ -5,11 +5,16 @@
 //! and are tested for real by the privileged tests.
 pub mod aggregate;
 pub mod clock;
+pub mod doctor;
 pub mod error;
 pub mod loader;
 pub mod model;
 pub mod procinfo;
+pub mod record;
 pub mod render;
+pub mod report;
 pub mod selftest;
+pub mod sysctl;
 pub mod trace;
+pub mod usage;
 pub mod workload;

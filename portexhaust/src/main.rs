@@ -4,9 +4,11 @@ use std::{io::Write, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use portexhaust::{
+    doctor,
     error::{Error, one_line},
     loader::{BackendRequest, Filters},
-    selftest, trace,
+    record::RecordOptions,
+    report, selftest, trace,
     workload::{self, Scenario, WorkloadOptions},
 };
 use portexhaust_common::Backend;
@@ -17,7 +19,11 @@ Examples:
   sudo portexhaust trace --json | jq .         # NDJSON for pipelines
   sudo portexhaust trace --pid 4242 --duration 60
   sudo portexhaust trace --comm python3 --dport 27017
-  sudo portexhaust selftest                    # does it work on this kernel?";
+  sudo portexhaust selftest                    # does it work on this kernel?
+  sudo portexhaust trace --record incident.ndjson
+  portexhaust report incident.ndjson --format html -o incident.html
+  sudo portexhaust doctor                      # what to fix on this host, now
+  portexhaust doctor --explain tcp_tw_recycle";
 
 #[derive(Parser)]
 #[command(
@@ -105,7 +111,20 @@ enum Cmd {
         /// Probe backend.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// Also append an incident record (NDJSON, mode 0600) to FILE for `portexhaust report`:
+        /// settings, every failure, and snapshots of the exact counts. Flushed every second.
+        #[arg(long, value_name = "FILE")]
+        record: Option<std::path::PathBuf>,
+        /// Seconds between snapshots of the exact counts in the record.
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration, requires = "record")]
+        snapshot_interval: Duration,
     },
+    /// The blame report after the fact, from one or more `trace --record` files: timeline,
+    /// offenders, holders, destinations, settings and what to change.
+    Report(report::ReportArgs),
+    /// Audit this network namespace now: range, reserved ports, TIME_WAIT settings and counters,
+    /// busy destinations, bind() before connect(); each finding with a concrete fix.
+    Doctor(doctor::DoctorArgs),
     /// Check that tracing works on this kernel: exhaust a private network namespace for real
     /// and compare what the tracer saw with what the workload saw.
     Selftest {
@@ -180,6 +199,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             comm,
             dport,
             backend,
+            record,
+            snapshot_interval,
         } => {
             let opts = trace::TraceOptions {
                 json,
@@ -191,8 +212,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dports: dport,
                 },
                 backend: backend.into(),
+                record: record.map(|path| RecordOptions {
+                    path,
+                    snapshot_interval,
+                }),
             };
             runtime()?.block_on(trace::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report(args) => Ok(ExitCode::from(report::run(&args)?)),
+        Cmd::Doctor(args) => {
+            println!("{}", doctor::run(&args).trim_end());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Selftest { backend, failures } => {
@@ -255,6 +285,19 @@ mod tests {
             &["portexhaust", "trace", "--dport", "70000"],
             &["portexhaust", "trace", "--comm", "a-name-longer-than-15"],
             &["portexhaust", "trace", "--backend", "uprobe"],
+            &["portexhaust", "trace", "--snapshot-interval", "5"],
+            &[
+                "portexhaust",
+                "trace",
+                "--record",
+                "x",
+                "--snapshot-interval",
+                "0",
+            ],
+            &["portexhaust", "report"],
+            &["portexhaust", "report", "x", "--format", "pdf"],
+            &["portexhaust", "report", "x", "--since", "yesterday"],
+            &["portexhaust", "doctor", "--explain", "tcp_tw_whatever"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
@@ -262,5 +305,43 @@ mod tests {
             Cli::try_parse_from(["portexhaust", "trace", "--duration", "1.5", "--pid", "3"])
                 .is_ok()
         );
+        for ok in [
+            &[
+                "portexhaust",
+                "trace",
+                "--record",
+                "x",
+                "--snapshot-interval",
+                "0.5",
+            ][..],
+            &[
+                "portexhaust",
+                "report",
+                "a",
+                "b",
+                "--format",
+                "html",
+                "-o",
+                "r.html",
+            ],
+            &[
+                "portexhaust",
+                "report",
+                "a",
+                "--since",
+                "2026-11-25T11:20:00Z",
+                "--pid",
+                "1",
+            ],
+            &["portexhaust", "doctor", "--json"],
+            &[
+                "portexhaust",
+                "doctor",
+                "--explain",
+                "net.ipv4.tcp_tw_recycle",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(ok).is_ok(), "{ok:?}");
+        }
     }
 }

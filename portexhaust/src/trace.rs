@@ -18,6 +18,7 @@ use crate::{
     loader::{BackendRequest, Filters, Tracer, backend_hooks},
     model::{Failure, decode_event},
     procinfo::NetnsCache,
+    record::{RecordOptions, Recorder},
     render,
 };
 
@@ -27,6 +28,8 @@ pub struct TraceOptions {
     pub duration: Option<Duration>,
     pub filters: Filters,
     pub backend: BackendRequest,
+    /// `--record FILE`: an incident record for `portexhaust report`.
+    pub record: Option<RecordOptions>,
 }
 
 /// Only the fd, for readiness: the ring buffer itself stays inside the Tracer.
@@ -86,6 +89,7 @@ struct Session {
     out: Out,
     json: bool,
     decode_errors: u64,
+    recorder: Option<Recorder>,
 }
 
 impl Session {
@@ -97,6 +101,7 @@ impl Session {
             out,
             json,
             decode_errors,
+            recorder,
         } = self;
         let mut batch: Vec<Failure> = Vec::new();
         tracer.drain(|bytes| match decode_event(bytes, |t| clock.to_unix_ns(t)) {
@@ -110,6 +115,9 @@ impl Session {
         });
         for mut f in batch {
             f.netns = netns.get(f.pid);
+            if let Some(r) = recorder.as_mut() {
+                r.failure(&f);
+            }
             let line = if *json {
                 render::json_line(&f)
             } else {
@@ -118,6 +126,25 @@ impl Session {
             out.line(&line);
         }
         out.flush();
+        if let Some(r) = recorder.as_mut() {
+            r.flush_if_due();
+        }
+    }
+
+    /// Periodic record upkeep: a snapshot of the exact counts when one is due (after draining,
+    /// so the lines before it are what the counts had seen), and the flush-every-second rule.
+    fn record_tick(&mut self, elapsed: Duration) -> Result<()> {
+        if self.recorder.as_ref().is_some_and(Recorder::snapshot_due) {
+            self.drain();
+            let summary = render::json_summary(&self.summary(elapsed)?);
+            if let Some(r) = self.recorder.as_mut() {
+                r.snapshot(&summary);
+            }
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.flush_if_due();
+        }
+        Ok(())
     }
 
     fn summary(&self, elapsed: Duration) -> Result<Summary> {
@@ -154,7 +181,15 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         },
         json: opts.json,
         decode_errors: 0,
+        recorder: None,
     };
+    if let Some(rec) = &opts.record {
+        s.recorder = Some(Recorder::create(
+            rec,
+            s.tracer.backend.name(),
+            &opts.filters,
+        )?);
+    }
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
     if !s.json {
@@ -172,6 +207,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         }
     );
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut record_tick = tokio::time::interval(crate::record::FLUSH_EVERY);
     loop {
         let sleep = async {
             match deadline {
@@ -188,6 +224,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sleep => break,
+            _ = record_tick.tick(), if s.recorder.is_some() => s.record_tick(started.elapsed())?,
         }
         if s.out.closed {
             break;
@@ -203,5 +240,8 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     };
     s.out.line(&text);
     s.out.flush();
+    if let Some(r) = s.recorder.as_mut() {
+        r.finish(&render::json_summary(&summary));
+    }
     Ok(summary)
 }

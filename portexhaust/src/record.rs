@@ -1,0 +1,456 @@
+//! `portexhaust trace --record FILE`: an NDJSON incident record, appended as events arrive, that
+//! `portexhaust report` turns into the story of an outage afterwards.
+//!
+//! Format, version 1, one JSON object per line:
+//! - `{"type":"header","version":1,"host","kernel","start_ts","backend","pid","netns",
+//!   "sysctls":{"<netns inode>":{...}},"census":[destination rows],"filters":{...}}` first;
+//! - `{"type":"sysctls","ts","netns","sysctls":{"<inode>":{...}},"census":[...]}` the first time
+//!   a failure comes from a namespace the header does not describe (read from inside it);
+//! - `{"type":"failure",...}` exactly as `trace --json` prints it;
+//! - `{"type":"snapshot","ts",...}`: the summary's exact in-kernel counts (and whatever else the
+//!   summary carries: blame, destinations) every `--snapshot-interval` and at exit;
+//! - `{"type":"summary",...}` as `trace --json` ends, absent if the tracer was killed.
+//!
+//! Durability: lines are written whole through a buffer that is handed to the kernel at least
+//! every second and at exit, so a tracer killed with SIGKILL loses at most the last second, and
+//! a cut last line only if it died inside write(2). Appending to an existing record starts a new
+//! session (a new header); a cut last line left by a killed run is terminated first so that it
+//! stays one bad line rather than corrupting the new header.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs::{File, OpenOptions},
+    io::{self, BufWriter, Read, Seek, SeekFrom, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use log::warn;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    clock::rfc3339,
+    error::{Error, Result},
+    loader::Filters,
+    model::Failure,
+    procinfo::netns_of,
+    render,
+    sysctl::{NetSysctls, in_netns_of},
+    usage::{DestRow, busiest, destination_usage},
+};
+
+/// The record format this build writes and reads.
+pub const RECORD_VERSION: u64 = 1;
+/// How often buffered lines are handed to the kernel, at the latest.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// Census rows kept per namespace: the busiest destinations are what a report needs.
+const CENSUS_ROWS: usize = 50;
+/// Give up learning a namespace's settings after this many tries (its processes keep exiting).
+const NETNS_TRIES: u8 = 3;
+
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    pub path: PathBuf,
+    pub snapshot_interval: Duration,
+}
+
+/// Filters the tracer ran with: counts in a filtered record cover only what passed them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedFilters {
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    #[serde(default)]
+    pub comms: Vec<String>,
+    #[serde(default)]
+    pub dports: Vec<u16>,
+}
+
+/// The first line of a session. Every field but `version` is optional on reading: the reader
+/// reports what it can from a hand-edited header.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Header {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    pub version: u64,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub start_ts: Option<String>,
+    #[serde(default)]
+    pub backend: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The tracer's own network namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, NetSysctls>,
+    #[serde(default)]
+    pub census: Vec<DestRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<RecordedFilters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+}
+
+/// Settings (and census) of a namespace first seen after the header.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SysctlsLine {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub ts: Option<String>,
+    #[serde(default)]
+    pub netns: Option<u64>,
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, NetSysctls>,
+    #[serde(default)]
+    pub census: Vec<DestRow>,
+}
+
+fn read_proc(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Settings and busiest destinations of the calling thread's namespace.
+fn namespace_facts(netns: Option<u64>) -> (NetSysctls, Vec<DestRow>) {
+    let sysctls = NetSysctls::read_current();
+    let census = sysctls
+        .range()
+        .and_then(|r| destination_usage(&r, netns).ok())
+        .map(|rows| busiest(rows, CENSUS_ROWS))
+        .unwrap_or_default();
+    (sysctls, census)
+}
+
+/// Open (or append to) a record file, private to its owner: records name hosts, processes
+/// and peers.
+fn open_private(path: &Path) -> io::Result<File> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Ok(f); // a FIFO or a device: nothing to tighten or repair
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        warn!(
+            "{} was readable by others; making it private (0600)",
+            path.display()
+        );
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    if meta.len() > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::End(-1))?;
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            // A previous tracer died mid-line: end that line so the new header stands alone.
+            f.write_all(b"\n")?;
+        }
+    }
+    Ok(f)
+}
+
+/// Writes one session into a record file. Write errors do not stop tracing: they are reported
+/// once on stderr and recording stops (the live output goes on).
+pub struct Recorder {
+    path: PathBuf,
+    out: Option<BufWriter<File>>,
+    dirty: bool,
+    last_flush: Instant,
+    last_snapshot: Instant,
+    interval: Duration,
+    known_netns: HashSet<u64>,
+    netns_tries: HashMap<u64, u8>,
+    failures_written: u64,
+}
+
+impl Recorder {
+    /// Create the file and write the header. Called before the tracer announces it is ready,
+    /// so a bad path is an error before anything is traced.
+    pub fn create(opts: &RecordOptions, backend: &str, filters: &Filters) -> Result<Self> {
+        let file = open_private(&opts.path)
+            .map_err(|e| Error::io(format!("opening record file {}", opts.path.display()), e))?;
+        let netns = netns_of(std::process::id());
+        let (sysctls, census) = namespace_facts(netns);
+        let header = Header {
+            kind: "header".into(),
+            version: RECORD_VERSION,
+            host: read_proc("/proc/sys/kernel/hostname"),
+            kernel: read_proc("/proc/sys/kernel/osrelease"),
+            start_ts: Some(rfc3339(now_unix_ns())),
+            backend: Some(backend.to_string()),
+            pid: Some(std::process::id()),
+            netns,
+            sysctls: netns
+                .map(|n| BTreeMap::from([(n.to_string(), sysctls)]))
+                .unwrap_or_default(),
+            census,
+            filters: Some(RecordedFilters {
+                pids: filters.pids.clone(),
+                comms: filters.comms.clone(),
+                dports: filters.dports.clone(),
+            }),
+            tool: Some(format!("portexhaust {}", env!("CARGO_PKG_VERSION"))),
+        };
+        let mut r = Self {
+            path: opts.path.clone(),
+            out: Some(BufWriter::with_capacity(64 * 1024, file)),
+            dirty: false,
+            last_flush: Instant::now(),
+            last_snapshot: Instant::now(),
+            interval: opts.snapshot_interval,
+            known_netns: netns.into_iter().collect(),
+            netns_tries: HashMap::new(),
+            failures_written: 0,
+        };
+        let line = serde_json::to_string(&header)
+            .map_err(|e| Error::io("encoding the record header", io::Error::other(e)))?;
+        r.line(&line);
+        // The header goes to disk at once: a record that is only a header still says what ran.
+        r.flush();
+        if r.out.is_none() {
+            return Err(Error::io(
+                format!("writing record file {}", opts.path.display()),
+                io::Error::other("the header could not be written"),
+            ));
+        }
+        Ok(r)
+    }
+
+    fn line(&mut self, s: &str) {
+        let Some(out) = self.out.as_mut() else { return };
+        let r = out
+            .write_all(s.as_bytes())
+            .and_then(|()| out.write_all(b"\n"));
+        match r {
+            Ok(()) => self.dirty = true,
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        warn!(
+            "recording to {} stopped: {e} (tracing goes on)",
+            self.path.display()
+        );
+        self.out = None;
+    }
+
+    /// One decoded failure, with its namespace already resolved.
+    pub fn failure(&mut self, f: &Failure) {
+        if let Some(ns) = f.netns
+            && !self.known_netns.contains(&ns)
+        {
+            self.learn_netns(ns, f.pid);
+        }
+        self.line(&render::json_line(f));
+        self.failures_written += 1;
+    }
+
+    /// Read the settings of a namespace first seen in an event, from inside it (through the
+    /// failing process, which is most likely still alive right after its failure).
+    fn learn_netns(&mut self, ns: u64, pid: u32) {
+        let tries = self.netns_tries.entry(ns).or_default();
+        if *tries >= NETNS_TRIES {
+            return;
+        }
+        *tries += 1;
+        match in_netns_of(pid, || namespace_facts(Some(ns))) {
+            Ok((sysctls, census)) => {
+                self.known_netns.insert(ns);
+                let line = SysctlsLine {
+                    kind: "sysctls".into(),
+                    ts: Some(rfc3339(now_unix_ns())),
+                    netns: Some(ns),
+                    sysctls: BTreeMap::from([(ns.to_string(), sysctls)]),
+                    census,
+                };
+                if let Ok(s) = serde_json::to_string(&line) {
+                    self.line(&s);
+                }
+            }
+            Err(e) => {
+                log::debug!("settings of network namespace {ns} (pid {pid}): {e}");
+            }
+        }
+    }
+
+    pub fn snapshot_due(&self) -> bool {
+        self.out.is_some() && self.last_snapshot.elapsed() >= self.interval
+    }
+
+    /// Write a snapshot from the summary line `trace --json` would print now. Whatever the
+    /// summary carries (offenders today; blame and destinations later) is kept.
+    pub fn snapshot(&mut self, summary_json: &str) {
+        self.last_snapshot = Instant::now();
+        if let Some(line) = snapshot_line(summary_json, now_unix_ns()) {
+            self.line(&line);
+        }
+        self.flush();
+    }
+
+    /// Hand buffered lines to the kernel if the oldest may be getting old.
+    pub fn flush_if_due(&mut self) {
+        if self.dirty && self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush();
+        }
+    }
+
+    pub fn flush(&mut self) {
+        self.last_flush = Instant::now();
+        if let Some(out) = self.out.as_mut() {
+            match out.flush() {
+                Ok(()) => self.dirty = false,
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+
+    /// Final snapshot, the summary line, and the data on disk (fdatasync).
+    pub fn finish(&mut self, summary_json: &str) {
+        self.snapshot(summary_json);
+        self.line(summary_json);
+        self.flush();
+        if let Some(out) = self.out.as_mut()
+            && let Err(e) = out.get_ref().sync_data()
+        {
+            self.fail(e);
+        }
+    }
+
+    pub fn failures_written(&self) -> u64 {
+        self.failures_written
+    }
+}
+
+fn now_unix_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// `{"type":"summary",...}` -> `{"type":"snapshot","ts":...,...}`.
+pub fn snapshot_line(summary_json: &str, unix_ns: i128) -> Option<String> {
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(summary_json).ok()?;
+    v.insert("type".into(), "snapshot".into());
+    v.insert("ts".into(), rfc3339(unix_ns).into());
+    serde_json::to_string(&v).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn opts(path: &Path) -> RecordOptions {
+        RecordOptions {
+            path: path.to_path_buf(),
+            snapshot_interval: Duration::from_secs(10),
+        }
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("read")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    }
+
+    #[test]
+    fn header_is_written_at_once_and_the_file_is_private() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("rec.ndjson");
+        let r = Recorder::create(&opts(&path), "tracepoint", &Filters::default()).expect("create");
+        let meta = std::fs::metadata(&path).expect("meta");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let l = lines(&path);
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0]["type"], "header");
+        assert_eq!(l[0]["version"], 1);
+        assert_eq!(l[0]["backend"], "tracepoint");
+        assert_eq!(l[0]["pid"], std::process::id());
+        assert!(l[0]["start_ts"].as_str().is_some_and(|t| t.ends_with('Z')));
+        let ns = l[0]["netns"].as_u64().expect("netns").to_string();
+        assert!(
+            l[0]["sysctls"][&ns]["ip_local_port_range"].is_array(),
+            "{}",
+            l[0]
+        );
+        assert!(l[0]["census"].is_array());
+        drop(r);
+    }
+
+    #[test]
+    fn snapshot_and_summary_lines() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("rec.ndjson");
+        let mut r =
+            Recorder::create(&opts(&path), "tracepoint", &Filters::default()).expect("create");
+        let summary = r#"{"type":"summary","backend":"tracepoint","duration_s":1.0,"failures_total":3,"dropped_events":0,"offenders":[],"blame":[{"dst":"1.2.3.4:80"}]}"#;
+        r.snapshot(summary);
+        r.finish(summary);
+        let l = lines(&path);
+        let kinds: Vec<&str> = l.iter().filter_map(|v| v["type"].as_str()).collect();
+        assert_eq!(kinds, ["header", "snapshot", "snapshot", "summary"]);
+        assert_eq!(l[1]["failures_total"], 3);
+        assert_eq!(
+            l[1]["blame"][0]["dst"], "1.2.3.4:80",
+            "extra summary fields are kept"
+        );
+        assert!(l[1]["ts"].as_str().is_some());
+    }
+
+    #[test]
+    fn appending_terminates_a_cut_line_and_tightens_permissions() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("rec.ndjson");
+        std::fs::write(
+            &path,
+            "{\"type\":\"header\",\"version\":1}\n{\"type\":\"fail",
+        )
+        .expect("w");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let r = Recorder::create(&opts(&path), "tracepoint", &Filters::default()).expect("create");
+        drop(r);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let l: Vec<&str> = text.lines().collect();
+        assert_eq!(l[1], "{\"type\":\"fail");
+        assert!(l[2].starts_with("{\"type\":\"header\""), "{text}");
+        assert_eq!(std::fs::metadata(&path).expect("m").mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn unwritable_path_is_a_clear_error() {
+        let e = Recorder::create(
+            &opts(Path::new("/nonexistent-dir/x.ndjson")),
+            "tracepoint",
+            &Filters::default(),
+        )
+        .err()
+        .expect("error");
+        let s = e.to_string();
+        assert!(s.contains("/nonexistent-dir/x.ndjson"), "{s}");
+    }
+
+    #[test]
+    fn snapshot_line_rewrites_the_type() {
+        let s = snapshot_line(r#"{"type":"summary","failures_total":1}"#, 0).expect("line");
+        let v: serde_json::Value = serde_json::from_str(&s).expect("json");
+        assert_eq!(v["type"], "snapshot");
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000000Z");
+        assert!(snapshot_line("not json", 0).is_none());
+    }
+}
