@@ -19,6 +19,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86", // vmtest: boots other kernels
     "busybox-static",  // vmtest: the guest userland
     "cpio",            // vmtest: initramfs
+    "chromium",        // tests/forensics.rs: the HTML report in a headless browser
 ];
 
 fn log(msg: impl AsRef<str>) {

@@ -6,6 +6,8 @@
 pub mod html;
 pub mod model;
 pub mod parse;
+#[cfg(test)]
+mod tests;
 pub mod text;
 
 use std::{io::Write, path::PathBuf};

@@ -340,14 +340,21 @@ fn session_counts(s: &Session, f: &Filter) -> SessionCounts {
     lines_only(note)
 }
 
-fn timeline(per_second: &BTreeMap<i64, u64>) -> Timeline {
-    let (Some((&first, _)), Some((&last, _))) =
-        (per_second.first_key_value(), per_second.last_key_value())
-    else {
-        return Timeline {
-            bucket_s: 1,
-            ..Default::default()
-        };
+/// Failures per bucket over `[first, last]` seconds (the recording, not just the failures:
+/// the quiet time before the first failure is part of the story).
+fn timeline(per_second: &BTreeMap<i64, u64>, span: Option<(i64, i64)>) -> Timeline {
+    let failures = per_second
+        .first_key_value()
+        .zip(per_second.last_key_value());
+    let (first, last) = match (failures, span) {
+        (Some(((&a, _), (&b, _))), Some((s, e))) => (a.min(s), b.max(e)),
+        (Some(((&a, _), (&b, _))), None) => (a, b),
+        (None, _) => {
+            return Timeline {
+                bucket_s: 1,
+                ..Default::default()
+            };
+        }
     };
     let span = (last - first + 1) as u64;
     let bucket_s = span.div_ceil(MAX_BUCKETS as u64).max(1);
@@ -645,7 +652,20 @@ pub fn build(
     findings.sort_by_key(|f| std::cmp::Reverse(f.finding.severity));
     dest_rows.truncate(MAX_DEST_ROWS);
 
-    let tl = timeline(&per_second);
+    // The recorded time inside the window, in whole seconds.
+    let secs = |t: i128| t.div_euclid(1_000_000_000) as i64;
+    let clamp = |t: i128| {
+        let t = filter.since.map_or(t, |s| t.max(s));
+        filter.until.map_or(t, |u| t.min(u))
+    };
+    let span = unique
+        .iter()
+        .filter_map(|s| Some((clamp(s.start?), clamp(s.end?))))
+        .fold(None, |acc: Option<(i64, i64)>, (a, b)| {
+            let (a, b) = (secs(a), secs(b));
+            Some(acc.map_or((a, b), |(x, y)| (x.min(a), y.max(b))))
+        });
+    let tl = timeline(&per_second, span);
     let (peak_per_s, peak_ts) = match tl.peak() {
         Some((i, c)) => (
             Some(c as f64 / tl.bucket_s as f64),

@@ -618,7 +618,15 @@ impl Reader<'_> {
         let text = match std::str::from_utf8(bytes) {
             Ok(t) if !t.contains('\0') => t.trim(),
             _ => {
-                if !last_cut {
+                if last_cut {
+                    self.problem(
+                        Some(n),
+                        Level::Note,
+                        "the file ends in binary data (NULs: it was not fully written before a \
+                         crash); ignored"
+                            .into(),
+                    );
+                } else {
                     self.problem(
                         Some(n),
                         Level::Warning,
@@ -808,7 +816,9 @@ pub fn read_from(
         Ok(head) => {
             let head = &head[..head.len().min(4096)];
             let first_line = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
-            if head.contains(&0) || std::str::from_utf8(first_line).is_err() {
+            // Only the first line decides: a record whose tail is NULs (a crash before the
+            // file system wrote the data) is still a record.
+            if first_line.contains(&0) || std::str::from_utf8(first_line).is_err() {
                 err(
                     problems,
                     "binary data: not a portexhaust record (NDJSON from `trace --record`)".into(),
