@@ -118,6 +118,10 @@ enum Cmd {
         /// Seconds between snapshots of the exact counts in the record.
         #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration, requires = "record")]
         snapshot_interval: Duration,
+        /// Failure lines written to the record per second at most; beyond that failures are
+        /// tallied per process and destination (exact counts, bounded disk use in a storm).
+        #[arg(long, value_name = "N", default_value_t = 200, requires = "record")]
+        record_events_per_s: u32,
     },
     /// The blame report after the fact, from one or more `trace --record` files: timeline,
     /// offenders, holders, destinations, settings and what to change.
@@ -201,6 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             backend,
             record,
             snapshot_interval,
+            record_events_per_s,
         } => {
             let opts = trace::TraceOptions {
                 json,
@@ -215,6 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 record: record.map(|path| RecordOptions {
                     path,
                     snapshot_interval,
+                    events_per_s: record_events_per_s,
                 }),
             };
             runtime()?.block_on(trace::run(opts))?;
@@ -286,6 +292,15 @@ mod tests {
             &["portexhaust", "trace", "--comm", "a-name-longer-than-15"],
             &["portexhaust", "trace", "--backend", "uprobe"],
             &["portexhaust", "trace", "--snapshot-interval", "5"],
+            &["portexhaust", "trace", "--record-events-per-s", "5"],
+            &[
+                "portexhaust",
+                "trace",
+                "--record",
+                "x",
+                "--record-events-per-s",
+                "-1",
+            ],
             &[
                 "portexhaust",
                 "trace",

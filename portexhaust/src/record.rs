@@ -6,9 +6,16 @@
 //!   "sysctls":{"<netns inode>":{...}},"census":[destination rows],"filters":{...}}` first;
 //! - `{"type":"sysctls","ts","netns","sysctls":{"<inode>":{...}},"census":[...]}` the first time
 //!   a failure comes from a namespace the header does not describe (read from inside it);
-//! - `{"type":"failure",...}` exactly as `trace --json` prints it;
+//! - `{"type":"failure",...}` exactly as `trace --json` prints it, at most
+//!   `--record-events-per-s` a second;
+//! - `{"type":"suppressed","ts","events":[{"pid","comm","netns","dst","errno","count",
+//!   "first_ts","last_ts","counted_by_snapshot"?}]}`: the failures beyond that rate, tallied per
+//!   (pid, destination, errno) and written at least every second, so that a storm lasting hours
+//!   neither fills the disk nor loses a count. `counted_by_snapshot` marks events the last
+//!   snapshot had already counted (they were in the ring buffer while it was taken);
 //! - `{"type":"snapshot","ts",...}`: the summary's exact in-kernel counts (and whatever else the
-//!   summary carries: blame, destinations) every `--snapshot-interval` and at exit;
+//!   summary carries: blame, destinations) every `--snapshot-interval` and at exit, with
+//!   `destinations` rows (ports in use per destination) of every namespace that had failures;
 //! - `{"type":"summary",...}` as `trace --json` ends, absent if the tracer was killed.
 //!
 //! Durability: lines are written whole through a buffer that is handed to the kernel at least
@@ -47,11 +54,62 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 const CENSUS_ROWS: usize = 50;
 /// Give up learning a namespace's settings after this many tries (its processes keep exiting).
 const NETNS_TRIES: u8 = 3;
+/// Namespaces whose destinations a snapshot lists, and rows per namespace.
+const USAGE_NAMESPACES: usize = 16;
+const USAGE_ROWS: usize = 20;
 
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
     pub path: PathBuf,
     pub snapshot_interval: Duration,
+    /// Failure lines written per second at most; the rest are tallied (0: tallies only).
+    pub events_per_s: u32,
+}
+
+/// Failures not written one by one, per (pid, destination, errno, counted by the last snapshot).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct TallyKey {
+    pid: u32,
+    dst: String,
+    errno: u32,
+    counted: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Tally {
+    comm: String,
+    netns: Option<u64>,
+    count: u64,
+    first_ns: i128,
+    last_ns: i128,
+}
+
+/// One entry of a `suppressed` line (shared with the reader).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SuppressedEntry {
+    pub pid: u32,
+    #[serde(default)]
+    pub comm: String,
+    #[serde(default)]
+    pub netns: Option<u64>,
+    pub dst: String,
+    pub errno: u32,
+    pub count: u64,
+    pub first_ts: String,
+    pub last_ts: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub counted_by_snapshot: bool,
+}
+
+/// Times in a record have microseconds; comparisons are made at that precision.
+fn micros(ns: i128) -> i128 {
+    ns.div_euclid(1000) * 1000
+}
+
+fn parse_rfc3339(s: &str) -> Option<i128> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp_nanos())
 }
 
 /// Filters the tracer ran with: counts in a filtered record cover only what passed them.
@@ -171,7 +229,15 @@ pub struct Recorder {
     interval: Duration,
     known_netns: HashSet<u64>,
     netns_tries: HashMap<u64, u8>,
+    /// A recent failing pid per namespace: the way into it for usage rows.
+    netns_pid: HashMap<u64, u32>,
     failures_written: u64,
+    cap: u32,
+    window_start: Instant,
+    in_window: u32,
+    tallies: std::collections::BTreeMap<TallyKey, Tally>,
+    /// Per pid, the newest failure the last snapshot had counted (microseconds).
+    snap_last: HashMap<u32, i128>,
 }
 
 impl Recorder {
@@ -211,7 +277,13 @@ impl Recorder {
             interval: opts.snapshot_interval,
             known_netns: netns.into_iter().collect(),
             netns_tries: HashMap::new(),
+            netns_pid: HashMap::new(),
             failures_written: 0,
+            cap: opts.events_per_s,
+            window_start: Instant::now(),
+            in_window: 0,
+            tallies: std::collections::BTreeMap::new(),
+            snap_last: HashMap::new(),
         };
         let line = serde_json::to_string(&header)
             .map_err(|e| Error::io("encoding the record header", io::Error::other(e)))?;
@@ -248,13 +320,98 @@ impl Recorder {
 
     /// One decoded failure, with its namespace already resolved.
     pub fn failure(&mut self, f: &Failure) {
-        if let Some(ns) = f.netns
-            && !self.known_netns.contains(&ns)
-        {
-            self.learn_netns(ns, f.pid);
+        if let Some(ns) = f.netns {
+            if !self.known_netns.contains(&ns) {
+                self.learn_netns(ns, f.pid);
+            }
+            if self.netns_pid.len() < 4 * USAGE_NAMESPACES || self.netns_pid.contains_key(&ns) {
+                self.netns_pid.insert(ns, f.pid);
+            }
         }
-        self.line(&render::json_line(f));
-        self.failures_written += 1;
+        if self.window_start.elapsed() >= Duration::from_secs(1) {
+            self.window_start = Instant::now();
+            self.in_window = 0;
+        }
+        if self.in_window < self.cap {
+            self.in_window += 1;
+            self.line(&render::json_line(f));
+            self.failures_written += 1;
+        } else {
+            self.tally(f);
+        }
+    }
+
+    fn tally(&mut self, f: &Failure) {
+        let ts = micros(f.ts_unix_ns);
+        let counted = self.snap_last.get(&f.pid).is_some_and(|last| ts <= *last);
+        let t = self
+            .tallies
+            .entry(TallyKey {
+                pid: f.pid,
+                dst: f.dst.to_string(),
+                errno: f.errno,
+                counted,
+            })
+            .or_insert_with(|| Tally {
+                comm: f.comm.clone(),
+                netns: f.netns,
+                count: 0,
+                first_ns: ts,
+                last_ns: ts,
+            });
+        t.count += 1;
+        t.first_ns = t.first_ns.min(ts);
+        t.last_ns = t.last_ns.max(ts);
+    }
+
+    /// Write the tallied failures as one `suppressed` line.
+    fn write_tallies(&mut self) {
+        if self.tallies.is_empty() {
+            return;
+        }
+        let events: Vec<SuppressedEntry> = std::mem::take(&mut self.tallies)
+            .into_iter()
+            .map(|(k, t)| SuppressedEntry {
+                pid: k.pid,
+                comm: t.comm,
+                netns: t.netns,
+                dst: k.dst,
+                errno: k.errno,
+                count: t.count,
+                first_ts: rfc3339(t.first_ns),
+                last_ts: rfc3339(t.last_ns),
+                counted_by_snapshot: k.counted,
+            })
+            .collect();
+        let line = serde_json::json!({
+            "type": "suppressed",
+            "ts": rfc3339(now_unix_ns()),
+            "events": events,
+        });
+        self.line(&line.to_string());
+    }
+
+    /// Ports in use per destination in every namespace that had failures (read from inside
+    /// each, through a process that failed there). Namespaces that are gone are forgotten.
+    fn usage_rows(&mut self) -> Vec<DestRow> {
+        let mut rows = Vec::new();
+        let mut gone = Vec::new();
+        for (&ns, &pid) in self.netns_pid.iter().take(USAGE_NAMESPACES) {
+            let read = in_netns_of(pid, || {
+                NetSysctls::read_current()
+                    .range()
+                    .and_then(|r| destination_usage(&r, Some(ns)).ok())
+            });
+            match read {
+                Ok(Some(r)) => rows.extend(busiest(r, USAGE_ROWS)),
+                Ok(None) => {}
+                Err(_) => gone.push(ns),
+            }
+        }
+        for ns in gone {
+            self.netns_pid.remove(&ns);
+        }
+        rows
     }
 
     /// Read the settings of a namespace first seen in an event, from inside it (through the
@@ -290,18 +447,24 @@ impl Recorder {
     }
 
     /// Write a snapshot from the summary line `trace --json` would print now. Whatever the
-    /// summary carries (offenders today; blame and destinations later) is kept.
+    /// summary carries (offenders; blame and destinations when it has them) is kept, and
+    /// destination rows from the namespaces that failed are added when it has none.
     pub fn snapshot(&mut self, summary_json: &str) {
         self.last_snapshot = Instant::now();
-        if let Some(line) = snapshot_line(summary_json, now_unix_ns()) {
+        // Tallies so far belong before the snapshot that counted them.
+        self.write_tallies();
+        let rows = self.usage_rows();
+        if let Some(line) = snapshot_line(summary_json, now_unix_ns(), &rows) {
             self.line(&line);
         }
+        self.snap_last = last_per_pid(summary_json);
         self.flush();
     }
 
     /// Hand buffered lines to the kernel if the oldest may be getting old.
     pub fn flush_if_due(&mut self) {
-        if self.dirty && self.last_flush.elapsed() >= FLUSH_EVERY {
+        if (self.dirty || !self.tallies.is_empty()) && self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.write_tallies();
             self.flush();
         }
     }
@@ -340,13 +503,36 @@ fn now_unix_ns() -> i128 {
         .unwrap_or(0)
 }
 
-/// `{"type":"summary",...}` -> `{"type":"snapshot","ts":...,...}`.
-pub fn snapshot_line(summary_json: &str, unix_ns: i128) -> Option<String> {
+/// `{"type":"summary",...}` -> `{"type":"snapshot","ts":...,...}`, with `rows` as its
+/// `destinations` unless the summary brings its own.
+pub fn snapshot_line(summary_json: &str, unix_ns: i128, rows: &[DestRow]) -> Option<String> {
     let mut v: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(summary_json).ok()?;
     v.insert("type".into(), "snapshot".into());
     v.insert("ts".into(), rfc3339(unix_ns).into());
+    if !rows.is_empty() && !v.contains_key("destinations") {
+        v.insert("destinations".into(), serde_json::to_value(rows).ok()?);
+    }
     serde_json::to_string(&v).ok()
+}
+
+/// Per pid, the newest failure a summary's offenders had counted (microseconds).
+fn last_per_pid(summary_json: &str) -> HashMap<u32, i128> {
+    let mut out = HashMap::new();
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(summary_json) else {
+        return out;
+    };
+    for o in v["offenders"].as_array().into_iter().flatten() {
+        let (Some(pid), Some(last)) = (
+            o["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+            o["last_ts"].as_str().and_then(parse_rfc3339),
+        ) else {
+            continue;
+        };
+        let e = out.entry(pid).or_insert(last);
+        *e = (*e).max(last);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -358,6 +544,7 @@ mod tests {
         RecordOptions {
             path: path.to_path_buf(),
             snapshot_interval: Duration::from_secs(10),
+            events_per_s: 1000,
         }
     }
 
@@ -447,10 +634,101 @@ mod tests {
 
     #[test]
     fn snapshot_line_rewrites_the_type() {
-        let s = snapshot_line(r#"{"type":"summary","failures_total":1}"#, 0).expect("line");
+        let s = snapshot_line(r#"{"type":"summary","failures_total":1}"#, 0, &[]).expect("line");
         let v: serde_json::Value = serde_json::from_str(&s).expect("json");
         assert_eq!(v["type"], "snapshot");
         assert_eq!(v["ts"], "1970-01-01T00:00:00.000000Z");
-        assert!(snapshot_line("not json", 0).is_none());
+        assert!(v.get("destinations").is_none());
+        assert!(snapshot_line("not json", 0, &[]).is_none());
+        let row = DestRow {
+            dst: "1.2.3.4:80".into(),
+            in_use: 5,
+            ..Default::default()
+        };
+        let s =
+            snapshot_line(r#"{"type":"summary"}"#, 0, std::slice::from_ref(&row)).expect("line");
+        let v: serde_json::Value = serde_json::from_str(&s).expect("json");
+        assert_eq!(v["destinations"][0]["dst"], "1.2.3.4:80");
+        // The summary's own rows win.
+        let s = snapshot_line(r#"{"type":"summary","destinations":[]}"#, 0, &[row]).expect("line");
+        let v: serde_json::Value = serde_json::from_str(&s).expect("json");
+        assert_eq!(v["destinations"], serde_json::json!([]));
+    }
+
+    fn failure_at(pid: u32, us: i128) -> Failure {
+        use crate::model::{Family, Proto};
+        use portexhaust_common::{Backend, Site};
+        Failure {
+            ts_unix_ns: 1_764_069_600_000_000_000 + us * 1000 + 7,
+            pid,
+            tid: pid,
+            uid: 0,
+            comm: "app".into(),
+            cgroup_id: 1,
+            netns: None,
+            family: Family::Ipv4,
+            proto: Proto::Tcp,
+            dst: "10.0.0.1:80".parse().expect("addr"),
+            src: None,
+            errno: 99,
+            site: Site::InetHashConnect,
+            backend: Backend::Tracepoint,
+        }
+    }
+
+    #[test]
+    fn failures_beyond_the_rate_are_tallied_exactly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("rec.ndjson");
+        let mut o = opts(&path);
+        o.events_per_s = 3;
+        let mut r = Recorder::create(&o, "tracepoint", &Filters::default()).expect("create");
+        for us in 0..10 {
+            r.failure(&failure_at(7, us));
+        }
+        // The kernel had counted up to us=9 (plus two it still held, us=10 and 11).
+        let summary = format!(
+            r#"{{"type":"summary","failures_total":12,"dropped_events":0,"offenders":[{{"pid":7,"comm":"app","failures":12,"first_ts":"{}","last_ts":"{}","destinations":[]}}]}}"#,
+            rfc3339(1_764_069_600_000_000_000),
+            rfc3339(1_764_069_600_000_011_000),
+        );
+        r.snapshot(&summary);
+        for us in 10..15 {
+            r.failure(&failure_at(7, us));
+        }
+        r.finish(&summary);
+        let l = lines(&path);
+        let kinds: Vec<&str> = l.iter().filter_map(|v| v["type"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "header",
+                "failure",
+                "failure",
+                "failure",
+                "suppressed",
+                "snapshot",
+                "suppressed",
+                "snapshot",
+                "summary"
+            ]
+        );
+        assert_eq!(l[4]["events"][0]["count"], 7);
+        assert!(l[4]["events"][0].get("counted_by_snapshot").is_none());
+        let after = l[6]["events"].as_array().expect("events");
+        assert_eq!(after.len(), 2);
+        let counted: Vec<(u64, bool)> = after
+            .iter()
+            .map(|e| {
+                (
+                    e["count"].as_u64().expect("count"),
+                    e["counted_by_snapshot"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect();
+        assert!(
+            counted.contains(&(2, true)) && counted.contains(&(3, false)),
+            "{counted:?}"
+        );
     }
 }

@@ -234,8 +234,9 @@ fn range_rule(range: Option<PortRange>, out: &mut Vec<Finding>) {
         return;
     }
     let per_s = r.usable as f64 / TIME_WAIT_S as f64;
+    // "About", rounded down: 28232 / 60 = 470.5 is "about 470", as people quote it.
     let per_s = if per_s >= 10.0 {
-        format!("{per_s:.0}")
+        format!("{:.0}", per_s.floor())
     } else {
         format!("{per_s:.1}")
     };
@@ -871,7 +872,10 @@ mod tests {
         let d = get(&f, "destination");
         assert!(d.title.contains("10 of 10 ports (100%)"), "{d:?}");
         assert_eq!(d.fixes[0].kind, FixKind::Application);
-        assert!(d.fixes[0].text.contains("closes first"), "{d:?}");
+        assert!(
+            d.fixes[0].text.contains("closes these connections first"),
+            "{d:?}"
+        );
         assert!(
             d.fixes
                 .iter()

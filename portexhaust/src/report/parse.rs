@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::{
     doctor::Evidence,
-    record::{Header, RECORD_VERSION, SysctlsLine},
+    record::{Header, RECORD_VERSION, SuppressedEntry, SysctlsLine},
     sysctl::NetSysctls,
     usage::DestRow,
 };
@@ -211,9 +211,13 @@ pub struct KeyAcc {
 
 impl KeyAcc {
     pub fn add(&mut self, ts: i128, comm: &str) {
-        self.count += 1;
-        self.first = Some(self.first.map_or(ts, |f| f.min(ts)));
-        self.last = Some(self.last.map_or(ts, |l| l.max(ts)));
+        self.add_n(1, ts, ts, comm);
+    }
+
+    pub fn add_n(&mut self, n: u64, first: i128, last: i128, comm: &str) {
+        self.count += n;
+        self.first = Some(self.first.map_or(first, |f| f.min(first)));
+        self.last = Some(self.last.map_or(last, |l| l.max(last)));
         if self.comm.is_empty() {
             self.comm = comm.to_string();
         }
@@ -241,6 +245,8 @@ pub struct Session {
     pub after: BTreeMap<Key, KeyAcc>,
     /// Failure lines that passed the filter, per second.
     pub per_second: BTreeMap<i64, u64>,
+    /// Failures recorded (one line each, or tallied in `suppressed` lines) that passed the
+    /// filter.
     pub recorded: u64,
     /// What the recorded failures were, per namespace.
     pub evidence: BTreeMap<Option<u64>, Evidence>,
@@ -303,6 +309,49 @@ impl Session {
             .entry(ts.div_euclid(1_000_000_000) as i64)
             .or_default() += 1;
         self.recorded += 1;
+    }
+
+    /// A tally of failures the recorder did not write one by one. The recorder has already
+    /// decided which of them the last snapshot had counted. In the timeline and in time
+    /// windows they are placed at their last time (a tally covers at most about a second).
+    fn tallied(&mut self, e: SuppressedEntry, first: i128, last: i128, filter: &Filter) {
+        self.touch(last);
+        if !filter.pid_ok(e.pid) || e.count == 0 {
+            return;
+        }
+        let key = Key {
+            pid: e.pid,
+            dst: e.dst,
+            errno: e.errno,
+        };
+        if !e.counted_by_snapshot {
+            self.after
+                .entry(key.clone())
+                .or_default()
+                .add_n(e.count, first, last, &e.comm);
+        }
+        if !filter.time_ok(last) {
+            return;
+        }
+        if let Some(ns) = e.netns {
+            self.pid_netns.insert(e.pid, ns);
+        }
+        let ev = self.evidence.entry(e.netns).or_default();
+        match e.errno {
+            99 => ev.connect_failures += e.count,
+            98 => ev.bind_failures += e.count,
+            11 => ev.udp_failures += e.count,
+            _ => {}
+        }
+        self.lines
+            .entry(key)
+            .or_default()
+            .add_n(e.count, first, last, &e.comm);
+        *self
+            .per_second
+            .entry(last.div_euclid(1_000_000_000) as i64)
+            .or_default() += e.count;
+        self.recorded += e.count;
     }
 }
 
@@ -589,6 +638,44 @@ impl Reader<'_> {
         }
     }
 
+    fn suppressed(&mut self, n: u64, v: Value) {
+        let events = match v.get("events") {
+            Some(Value::Array(a)) => a.clone(),
+            _ => {
+                self.problem(
+                    Some(n),
+                    Level::Warning,
+                    "suppressed record without an \"events\" array (skipped)".into(),
+                );
+                return;
+            }
+        };
+        let filter = self.filter;
+        for (i, e) in events.into_iter().enumerate() {
+            let e: SuppressedEntry = match serde_json::from_value(e) {
+                Ok(e) => e,
+                Err(err) => {
+                    self.problem(
+                        Some(n),
+                        Level::Warning,
+                        format!("suppressed entry {i}: {} (skipped)", json_reason(&err)),
+                    );
+                    continue;
+                }
+            };
+            let (Some(first), Some(last)) = (parse_ts(&e.first_ts), parse_ts(&e.last_ts)) else {
+                self.problem(
+                    Some(n),
+                    Level::Warning,
+                    format!("suppressed entry {i}: bad timestamp (skipped)"),
+                );
+                continue;
+            };
+            self.session(n)
+                .tallied(e, first.min(last), last.max(first), filter);
+        }
+    }
+
     fn failure(&mut self, n: u64, v: Value) {
         let f: FailureRec = match serde_json::from_value(v) {
             Ok(f) => f,
@@ -679,6 +766,7 @@ impl Reader<'_> {
         self.records += 1;
         match kind.as_deref() {
             Some("failure") => self.failure(n, v),
+            Some("suppressed") => self.suppressed(n, v),
             Some("snapshot") => self.snapshot(n, v),
             Some("summary") => self.summary(n, v),
             Some("sysctls") => self.sysctls(n, v),

@@ -168,6 +168,59 @@ fn a_killed_tracer_is_counted_from_its_last_snapshot_plus_the_lines_it_had_not_c
     );
 }
 
+fn suppressed(entries: &[(u32, &str, u64, i64, i64, bool)]) -> Value {
+    json!({"type":"suppressed","ts":ts(0),"events":entries.iter().map(|(pid, dst, n, a, b, counted)| {
+        let mut e = json!({"pid":pid,"comm":"app","netns":200,"dst":dst,"errno":99,"count":n,
+            "first_ts":ts(*a),"last_ts":ts(*b)});
+        if *counted { e["counted_by_snapshot"] = true.into(); }
+        e
+    }).collect::<Vec<_>>()})
+}
+
+#[test]
+fn tallied_failures_count_like_lines_and_respect_the_snapshot() {
+    let mut lines = vec![header("h1", 10, 0)];
+    for i in 0..3 {
+        lines.push(failure(7, "app", "10.0.0.1:80", 99, 100 + i));
+    }
+    lines.push(suppressed(&[(7, "10.0.0.1:80", 7, 103, 109, false)]));
+    // Events-only so far: 3 lines + 7 tallied.
+    assert_eq!(one(&ndjson(&lines)).failures_total, 10);
+    lines.push(snapshot(
+        1500,
+        12,
+        0,
+        &[(7, "app", vec![("10.0.0.1:80", 99, 12)], 100, 111)],
+    ));
+    lines.push(suppressed(&[
+        (7, "10.0.0.1:80", 2, 110, 111, true),
+        (7, "10.0.0.1:80", 3, 2000, 2400, false),
+        (7, "10.0.0.1:81", 4, 2100, 2200, false),
+    ]));
+    let r = one(&ndjson(&lines));
+    assert!(r.problems.is_empty(), "{:?}", problem_texts(&r));
+    assert_eq!(r.failures_total, 12 + 3 + 4);
+    assert_eq!(r.recorded_events, 3 + 7 + 2 + 3 + 4);
+    assert_eq!(r.offenders[0].destinations[1].failures, 4);
+    // Timeline: 12 events in second 0, 7 in second 2.
+    assert_eq!(r.timeline.counts, vec![12, 0, 7]);
+    // Bad entries are named and skipped.
+    let bad = ndjson(&[
+        header("h1", 10, 0),
+        json!({"type":"suppressed","events":[{"pid":1}, {"pid":1,"dst":"x","errno":99,"count":2,"first_ts":"no","last_ts":"no"}]}),
+        json!({"type":"suppressed"}),
+    ]);
+    let r = one(&bad);
+    assert_eq!(
+        problem_texts(&r),
+        [
+            "rec.ndjson:2: suppressed entry 0: missing field `dst` (skipped)",
+            "rec.ndjson:2: suppressed entry 1: bad timestamp (skipped)",
+            "rec.ndjson:3: suppressed record without an \"events\" array (skipped)",
+        ]
+    );
+}
+
 #[test]
 fn killed_before_the_first_snapshot_counts_every_flushed_line() {
     let mut lines = vec![header("h1", 10, 0)];
@@ -624,6 +677,7 @@ proptest! {
             Just(failure(1, "a", "1.2.3.4:5", 99, 3).to_string()),
             Just(snapshot(5, 3, 1, &[(1, "a", vec![("1.2.3.4:5", 99, 3)], 0, 3)]).to_string()),
             Just(summary(3, 1, 1.0, &[(1, "a", vec![("1.2.3.4:5", 99, 3)], 0, 3)]).to_string()),
+            Just(suppressed(&[(1, "1.2.3.4:5", 4, 3, 9, false), (1, "1.2.3.4:5", 1, 1, 2, true)]).to_string()),
             "\\PC{0,60}",
             "\\{\"type\":\"(header|failure|snapshot|summary|sysctls)\"(,\"[a-z_]{1,12}\":(-?[0-9]{1,25}|\"\\PC{0,10}\"|null|\\[\\]|\\{\\}|true|1e400)){0,6}\\}",
         ], 0..40)) {
