@@ -231,7 +231,6 @@ pub struct Recorder {
     netns_tries: HashMap<u64, u8>,
     /// A recent failing pid per namespace: the way into it for usage rows.
     netns_pid: HashMap<u64, u32>,
-    failures_written: u64,
     cap: u32,
     window_start: Instant,
     in_window: u32,
@@ -278,7 +277,6 @@ impl Recorder {
             known_netns: netns.into_iter().collect(),
             netns_tries: HashMap::new(),
             netns_pid: HashMap::new(),
-            failures_written: 0,
             cap: opts.events_per_s,
             window_start: Instant::now(),
             in_window: 0,
@@ -335,7 +333,6 @@ impl Recorder {
         if self.in_window < self.cap {
             self.in_window += 1;
             self.line(&render::json_line(f));
-            self.failures_written += 1;
         } else {
             self.tally(f);
         }
@@ -489,10 +486,6 @@ impl Recorder {
         {
             self.fail(e);
         }
-    }
-
-    pub fn failures_written(&self) -> u64 {
-        self.failures_written
     }
 }
 

@@ -1015,6 +1015,16 @@ fn report_reports_what_it_can_and_names_each_bad_line() {
     let (text, _, code) = report(&[&paths[0]]);
     assert_eq!(code, 0);
     assert!(text.contains("2 exhaustion failures"), "{text}");
+    // `-` reads standard input.
+    let piped = Command::new(BIN)
+        .args(["report", "-", "--format", "json"])
+        .stdin(std::fs::File::open(&paths[0]).expect("open"))
+        .output()
+        .expect("report -");
+    assert!(piped.status.success());
+    let v: Value = serde_json::from_slice(&piped.stdout).expect("json");
+    assert_eq!(v["failures_total"], 2);
+    assert!(String::from_utf8_lossy(&piped.stderr).contains("<stdin>:3: not valid JSON"));
 }
 
 #[test]

@@ -55,7 +55,8 @@ Examples:
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_help = REPORT_HELP)]
 pub struct ReportArgs {
-    /// Record files written by `portexhaust trace --record` (several are merged).
+    /// Record files written by `portexhaust trace --record` (several are merged; `-` reads
+    /// standard input).
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Output format.

@@ -848,6 +848,9 @@ fn for_each_line(
 
 /// Read one record file. Problems go to `problems`; what could be read is returned.
 pub fn read_file(path: &Path, filter: &Filter, problems: &mut Vec<Problem>) -> FileRead {
+    if path == Path::new("-") {
+        return read_from("<stdin>", std::io::stdin().lock(), filter, problems);
+    }
     let name = path.display().to_string();
     let out = FileRead {
         path: name.clone(),
