@@ -32,6 +32,18 @@ pub mod names {
     pub const KFUNC_INFLIGHT: &str = "KFUNC_INFLIGHT";
     pub const SOCKET_ARGS: &str = "SOCKET_ARGS";
     pub const SOCK_TYPES: &str = "SOCK_TYPES";
+    pub const OWNER_BY_SK: &str = "OWNER_BY_SK";
+    pub const OWNER_BY_TUPLE: &str = "OWNER_BY_TUPLE";
+    pub const DEST_STATS: &str = "DEST_STATS";
+
+    /// Globals: kernel struct offsets resolved from BTF at load time (`u32` each), and whether
+    /// they are valid (`HAVE_TASK_OFFSETS` != 0). Without them netns and start time read as 0.
+    pub const GLOBAL_HAVE_TASK_OFFSETS: &str = "HAVE_TASK_OFFSETS";
+    pub const GLOBAL_OFF_TASK_NSPROXY: &str = "OFF_TASK_NSPROXY";
+    pub const GLOBAL_OFF_NSPROXY_NET: &str = "OFF_NSPROXY_NET";
+    pub const GLOBAL_OFF_NET_INUM: &str = "OFF_NET_INUM";
+    pub const GLOBAL_OFF_TASK_GROUP_LEADER: &str = "OFF_TASK_GROUP_LEADER";
+    pub const GLOBAL_OFF_TASK_START_TIME: &str = "OFF_TASK_START_TIME";
 
     /// Global: which backend the object was loaded for ([`super::Backend`] code, `u32`).
     pub const GLOBAL_BACKEND: &str = "BACKEND";
@@ -52,7 +64,14 @@ pub mod stat {
     pub const RINGBUF_DROPS: u32 = 1;
     /// Failures whose (pid, destination, errno) key did not fit into `COUNTS` (map full).
     pub const COUNT_MAP_FULL: u32 = 2;
-    pub const LEN: u32 = 3;
+    /// New keys inserted into / removed from `OWNER_BY_TUPLE` by the kernel. With the number
+    /// of entries and user-space deletions they give the LRU evictions.
+    pub const TUPLE_INSERTS: u32 = 3;
+    pub const TUPLE_DELETES: u32 = 4;
+    /// The same for `OWNER_BY_SK`.
+    pub const SK_INSERTS: u32 = 5;
+    pub const SK_DELETES: u32 = 6;
+    pub const LEN: u32 = 7;
 }
 
 /// The kernel site a failure is attributed to.
@@ -153,9 +172,12 @@ pub struct FailureEvent {
     pub backend: u8,
     pub flags: u8,
     pub comm: [u8; COMM_LEN],
+    /// Network namespace inode of the failing task (0 when kernel BTF was not available).
+    pub netns: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<FailureEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<FailureEvent>() == 96);
 
 /// Key of the exact per-(process, destination, errno) failure counts.
 #[repr(C)]
@@ -217,9 +239,86 @@ pub struct Inflight {
     pub depth: u8,
     /// Which function opened the entry (a `Site` code: TcpV4Connect or TcpV6Connect).
     pub opener: u8,
+    /// `bpf_ktime_get_ns()` at entry, for the connect() latency histogram.
+    pub start_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Inflight>() == 48);
+const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
+
+/// `Owner::flags` bits.
+/// The owner closed first (ESTABLISHED -> FIN_WAIT1): it will hold TIME_WAIT.
+pub const OWNER_ACTIVE_CLOSE: u32 = 1;
+/// The socket left through FIN_WAIT1/FIN_WAIT2/CLOSING -> CLOSE: its tuple is in TIME_WAIT.
+pub const OWNER_TIME_WAIT: u32 = 2;
+/// The peer closed first (ESTABLISHED -> CLOSE_WAIT).
+pub const OWNER_PASSIVE_CLOSE: u32 = 4;
+
+/// The process that opened an outgoing TCP connection (captured at CLOSE -> SYN_SENT, in the
+/// connecting task's own context).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub netns: u32,
+    pub cgroup_id: u64,
+    /// Start time of the process (`group_leader->start_boottime`, ns since boot): with the pid it
+    /// identifies the process even after the pid is reused.
+    pub start_ns: u64,
+    pub connect_ns: u64,
+    /// When the socket reached CLOSE (its TIME_WAIT began, if `OWNER_TIME_WAIT`), else 0.
+    pub closed_ns: u64,
+    pub comm: [u8; COMM_LEN],
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Owner>() == 64);
+
+/// A connection's identity once its source port is known: the 4-tuple in its namespace.
+/// Socket addresses (`skaddr`) are reused quickly after a socket is freed, so owners move to
+/// this key at ESTABLISHED and keep it through TIME_WAIT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TupleKey {
+    pub netns: u32,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: [u8; 2],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 44);
+
+/// Per-destination key of the connect statistics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DestKey {
+    pub netns: u32,
+    pub family: u16,
+    pub dport: u16,
+    pub daddr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<DestKey>() == 24);
+
+/// Buckets of the latency histogram: bucket i counts latencies in [2^i, 2^(i+1)) ns
+/// (bucket 0 also takes 0 ns); the last bucket takes everything above.
+pub const LATENCY_BUCKETS: usize = 32;
+
+/// connect() statistics per destination (per CPU; user space sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestStats {
+    /// TCP connects that reached port selection (any outcome).
+    pub connects: u64,
+    /// Of those, failed with EADDRNOTAVAIL.
+    pub failures: u64,
+    pub hist: [u64; LATENCY_BUCKETS],
+}
+
+const _: () = assert!(core::mem::size_of::<DestStats>() == 272);
 
 /// `SOCK_TYPES` value: the socket type given to socket() (SOCK_STREAM = 1, SOCK_DGRAM = 2).
 pub const SOCK_STREAM: u8 = 1;
@@ -233,4 +332,8 @@ mod pod {
     unsafe impl aya::Pod for super::CountKey {}
     unsafe impl aya::Pod for super::CountValue {}
     unsafe impl aya::Pod for super::Inflight {}
+    unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::DestKey {}
+    unsafe impl aya::Pod for super::DestStats {}
 }

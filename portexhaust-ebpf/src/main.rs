@@ -5,7 +5,7 @@
 //!
 //! | backend    | TCP connect() exhaustion                                   | bind(0), UDP, socket types |
 //! |------------|------------------------------------------------------------|----------------------------|
-//! | fentry     | fentry/fexit tcp_v{4,6}_connect, fexit inet_hash_connect   | syscall tracepoints        |
+//! | fentry     | fentry/fexit tcp_v{4,6}_connect, fexit inet{,6}_hash_connect | syscall tracepoints      |
 //! | kprobe     | kprobe/kretprobe tcp_v{4,6}_connect, kretprobe __inet_hash_connect | syscall tracepoints |
 //! | tracepoint | sys_{enter,exit}_connect + sock:inet_sock_set_state        | syscall tracepoints        |
 //!
@@ -25,17 +25,18 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_current_cgroup_id,
-        generated::bpf_ktime_get_ns,
+        generated::bpf_get_current_task, generated::bpf_ktime_get_ns,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use portexhaust_common::{
-    AF_INET, AF_INET6, Backend, COMM_LEN, CountKey, CountValue, EADDRINUSE, EADDRNOTAVAIL, EAGAIN,
-    EVENT_SADDR_KNOWN, FILTER_COMM, FILTER_DPORT, FILTER_PID, FailureEvent, INFLIGHT_HASH_FAILED,
-    INFLIGHT_SADDR, INFLIGHT_SYN_SENT, INFLIGHT_V4_NESTED, IPPROTO_TCP, IPPROTO_UDP, Inflight,
-    KIND_BIND, KIND_CONNECT, SOCK_DGRAM, SOCK_STREAM, Site, stat,
+    AF_INET, AF_INET6, Backend, COMM_LEN, CountKey, CountValue, DestKey, DestStats, EADDRINUSE,
+    EADDRNOTAVAIL, EAGAIN, EVENT_SADDR_KNOWN, FILTER_COMM, FILTER_DPORT, FILTER_PID, FailureEvent,
+    INFLIGHT_HASH_FAILED, INFLIGHT_SADDR, INFLIGHT_SYN_SENT, INFLIGHT_V4_NESTED, IPPROTO_TCP,
+    IPPROTO_UDP, Inflight, KIND_BIND, KIND_CONNECT, LATENCY_BUCKETS, OWNER_ACTIVE_CLOSE,
+    OWNER_PASSIVE_CLOSE, OWNER_TIME_WAIT, Owner, SOCK_DGRAM, SOCK_STREAM, Site, TupleKey, stat,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -50,6 +51,22 @@ static BACKEND: u32 = Backend::Tracepoint as u32;
 /// Active filters (`FILTER_*` bits).
 #[unsafe(no_mangle)]
 static FILTER_FLAGS: u32 = 0;
+
+/// Offsets into task_struct, nsproxy and net, resolved by the loader from the running kernel's
+/// BTF (see portexhaust/src/btf.rs): `current->nsproxy->net_ns->ns.inum` and
+/// `current->group_leader->start_boottime`. With HAVE_TASK_OFFSETS == 0 nothing is read.
+#[unsafe(no_mangle)]
+static HAVE_TASK_OFFSETS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TASK_NSPROXY: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NSPROXY_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NET_INUM: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TASK_GROUP_LEADER: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_TASK_START_TIME: u32 = 0;
 
 // ---------------------------------------------------------------------------------------------
 // Maps.
@@ -93,8 +110,122 @@ static SOCKET_ARGS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0)
 #[map]
 static SOCK_TYPES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
 
+/// Owners of outgoing TCP sockets by kernel address, from CLOSE -> SYN_SENT until CLOSE.
+#[map]
+static OWNER_BY_SK: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131072, 0);
+
+/// Owners by (netns, 4-tuple), from ESTABLISHED through TIME_WAIT: TIME_WAIT sockets have no
+/// owner in the kernel, this map remembers who created them. User space removes entries whose
+/// TIME_WAIT is over.
+#[map]
+static OWNER_BY_TUPLE: LruHashMap<TupleKey, Owner> = LruHashMap::with_max_entries(131072, 0);
+
+/// connect() count and latency histogram per destination.
+#[map]
+static DEST_STATS: LruPerCpuHashMap<DestKey, DestStats> =
+    LruPerCpuHashMap::with_max_entries(8192, 0);
+
+/// One all-zero DestStats to insert from: 272 bytes would crowd the 512-byte BPF stack.
+#[map]
+static ZERO_STATS: PerCpuArray<DestStats> = PerCpuArray::with_max_entries(1, 0);
+
 // ---------------------------------------------------------------------------------------------
 // Shared helpers.
+
+/// Network namespace inode and process start time of the current task, through offsets
+/// resolved from BTF at load time; (0, 0) when they are unknown or unreadable.
+#[inline(always)]
+fn current_task_info() -> (u32, u64) {
+    if global(&HAVE_TASK_OFFSETS) == 0 {
+        return (0, 0);
+    }
+    // SAFETY: helper without arguments; the reads below go through bpf_probe_read_kernel,
+    // which fails cleanly on a bad address.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let read_ptr = |base: *const u8, off: u32| -> *const u8 {
+        unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const u64) }.unwrap_or(0)
+            as *const u8
+    };
+    let nsproxy = read_ptr(task, global(&OFF_TASK_NSPROXY));
+    let netns = if nsproxy.is_null() {
+        0
+    } else {
+        let net = read_ptr(nsproxy, global(&OFF_NSPROXY_NET));
+        if net.is_null() {
+            0
+        } else {
+            unsafe { bpf_probe_read_kernel(net.add(global(&OFF_NET_INUM) as usize) as *const u32) }
+                .unwrap_or(0)
+        }
+    };
+    let leader = read_ptr(task, global(&OFF_TASK_GROUP_LEADER));
+    let start = if leader.is_null() {
+        0
+    } else {
+        unsafe {
+            bpf_probe_read_kernel(leader.add(global(&OFF_TASK_START_TIME) as usize) as *const u64)
+        }
+        .unwrap_or(0)
+    };
+    (netns, start)
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// log2 bucket of a latency in ns.
+#[inline(always)]
+fn latency_bucket(ns: u64) -> usize {
+    if ns == 0 {
+        return 0;
+    }
+    let b = 63 - ns.leading_zeros() as usize;
+    if b >= LATENCY_BUCKETS {
+        LATENCY_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+/// Count a TCP connect that reached port selection, with its latency, per destination.
+#[inline(always)]
+fn record_connect(info: &Inflight, failed: bool) {
+    let (netns, _) = current_task_info();
+    let key = DestKey {
+        netns,
+        family: info.family,
+        dport: info.dport,
+        daddr: info.daddr,
+    };
+    let mut p = DEST_STATS.get_ptr_mut(key);
+    if p.is_none() {
+        let Some(zero) = ZERO_STATS.get_ptr(0) else {
+            return;
+        };
+        // SAFETY: pointer to our own all-zero scratch value. Passed by reference on purpose:
+        // by value it would be copied onto the stack, which is what the scratch map avoids.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let _ = DEST_STATS.insert(key, unsafe { &*zero }, 0);
+        p = DEST_STATS.get_ptr_mut(key);
+    }
+    let Some(p) = p else {
+        return;
+    };
+    let bucket = latency_bucket(now_ns().saturating_sub(info.start_ns));
+    // SAFETY: this CPU's slot of a per-CPU map value; nothing else writes it meanwhile.
+    unsafe {
+        (*p).connects += 1;
+        if failed {
+            (*p).failures += 1;
+        }
+        if let Some(h) = (*p).hist.get_mut(bucket) {
+            *h += 1;
+        }
+    }
+}
 
 #[inline(always)]
 fn global(v: &'static u32) -> u32 {
@@ -157,8 +288,7 @@ fn report(f: Failure<'_>) {
     if !passes_filters(pid, &comm, info.dport) {
         return;
     }
-    // SAFETY: plain helper calls without pointer arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     bump(stat::FAILURES);
 
     let key = CountKey {
@@ -205,6 +335,7 @@ fn report(f: Failure<'_>) {
     let uid = bpf_get_current_uid_gid() as u32;
     // SAFETY: helper without arguments, available to tracing programs since 4.18.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (netns, _) = current_task_info();
     entry.write(FailureEvent {
         ts_ns: now,
         cgroup_id,
@@ -225,6 +356,8 @@ fn report(f: Failure<'_>) {
             0
         },
         comm,
+        netns,
+        _pad: 0,
     });
     entry.submit(0);
 }
@@ -289,6 +422,7 @@ fn empty_inflight(kind: u8, handle: u64) -> Inflight {
         flags: 0,
         depth: 0,
         opener: 0,
+        start_ns: now_ns(),
     }
 }
 
@@ -399,7 +533,15 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         }
         return 0;
     }
-    if ret != -(EADDRNOTAVAIL as i64) || global(&BACKEND) != Backend::Tracepoint as u32 {
+    if global(&BACKEND) != Backend::Tracepoint as u32 {
+        return 0;
+    }
+    // Under this backend the connect() syscall is what can be timed; a CLOSE -> SYN_SENT seen
+    // inside it marks a TCP connect that reached port selection.
+    if info.flags & INFLIGHT_SYN_SENT != 0 {
+        record_connect(&info, ret == -(EADDRNOTAVAIL as i64));
+    }
+    if ret != -(EADDRNOTAVAIL as i64) {
         return 0;
     }
     // tcp_v4_connect() enters SYN_SENT before inet_hash_connect(); if that state was reached
@@ -479,7 +621,13 @@ pub fn tp_sys_exit_bind(ctx: TracePointContext) -> u32 {
 // 5.10..7.2): oldstate@16 newstate@20 sport@24 dport@26 family@28 protocol@30 saddr@32
 // daddr@36 saddr_v6@40 daddr_v6@56.
 
+const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
+const TCP_FIN_WAIT1: i32 = 4;
+const TCP_FIN_WAIT2: i32 = 5;
+const TCP_CLOSE: i32 = 7;
+const TCP_CLOSE_WAIT: i32 = 8;
+const TCP_CLOSING: i32 = 11;
 
 /// Note that port selection is about to run for this thread's connect, and the source address.
 #[inline(always)]
@@ -503,29 +651,144 @@ fn mark_syn_sent(ctx: &TracePointContext, p: *mut Inflight) {
         }
     }
 }
-const TCP_CLOSE: i32 = 7;
+
+/// The connection's 4-tuple from the tracepoint record, in the owner's namespace.
+#[inline(always)]
+fn tuple_of(ctx: &TracePointContext, netns: u32) -> Option<TupleKey> {
+    let family = unsafe { ctx.read_at::<u16>(28) }.ok()?;
+    let mut key = TupleKey {
+        netns,
+        family,
+        sport: unsafe { ctx.read_at::<u16>(24) }.ok()?,
+        dport: unsafe { ctx.read_at::<u16>(26) }.ok()?,
+        _pad: [0; 2],
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    if family == AF_INET {
+        key.saddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(32) }.ok()?);
+        key.daddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(36) }.ok()?);
+    } else {
+        key.saddr = unsafe { ctx.read_at::<[u8; 16]>(40) }.ok()?;
+        key.daddr = unsafe { ctx.read_at::<[u8; 16]>(56) }.ok()?;
+    }
+    Some(key)
+}
+
+/// CLOSE -> SYN_SENT runs in the connecting task: remember it as the socket's owner.
+#[inline(always)]
+fn own_socket(sk: u64) {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let (netns, start_ns) = current_task_info();
+    let owner = Owner {
+        pid,
+        netns,
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        start_ns,
+        connect_ns: now_ns(),
+        closed_ns: 0,
+        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+        flags: 0,
+        _pad: 0,
+    };
+    // BPF_NOEXIST first, to count only new keys (the eviction count is derived from this).
+    if OWNER_BY_SK.insert(sk, owner, 1).is_ok() {
+        bump(stat::SK_INSERTS);
+    } else {
+        let _ = OWNER_BY_SK.insert(sk, owner, 0);
+    }
+}
+
+/// Follow an owned socket through its states (see shared/notes/kernel.md, "Attributing
+/// TIME_WAIT"): keyed by skaddr until the source port is known, by 4-tuple from ESTABLISHED,
+/// marked at the active close, and left in place through TIME_WAIT.
+#[inline(always)]
+fn follow_socket(ctx: &TracePointContext, sk: u64, oldstate: i32, newstate: i32) {
+    let Some(owner) = OWNER_BY_SK.get_ptr(sk).map(|p| unsafe { *p }) else {
+        return;
+    };
+    if newstate == TCP_CLOSE {
+        if OWNER_BY_SK.remove(sk).is_ok() {
+            bump(stat::SK_DELETES);
+        }
+        if oldstate == TCP_SYN_SENT {
+            return; // the connect failed: no tuple was ever recorded
+        }
+        let Some(key) = tuple_of(ctx, owner.netns) else {
+            return;
+        };
+        // tcp_time_wait() -> tcp_done() sets CLOSE on the full socket as the TIME_WAIT
+        // mini-socket replaces it; that happens from FIN_WAIT1/FIN_WAIT2/CLOSING (active close).
+        if oldstate == TCP_FIN_WAIT1 || oldstate == TCP_FIN_WAIT2 || oldstate == TCP_CLOSING {
+            if let Some(p) = OWNER_BY_TUPLE.get_ptr_mut(key) {
+                // SAFETY: pointer into the map value.
+                unsafe {
+                    (*p).closed_ns = now_ns();
+                    (*p).flags |= OWNER_TIME_WAIT;
+                }
+            }
+        } else if OWNER_BY_TUPLE.remove(key).is_ok() {
+            // Passive close or reset: the port is free again, nothing to remember.
+            bump(stat::TUPLE_DELETES);
+        }
+        return;
+    }
+    let Some(key) = tuple_of(ctx, owner.netns) else {
+        return;
+    };
+    if oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED {
+        if OWNER_BY_TUPLE.insert(key, owner, 1).is_ok() {
+            bump(stat::TUPLE_INSERTS);
+        } else {
+            // The tuple is still remembered from a TIME_WAIT this connection reused.
+            let _ = OWNER_BY_TUPLE.insert(key, owner, 0);
+        }
+        return;
+    }
+    let flag = if oldstate == TCP_ESTABLISHED && newstate == TCP_FIN_WAIT1 {
+        OWNER_ACTIVE_CLOSE
+    } else if oldstate == TCP_ESTABLISHED && newstate == TCP_CLOSE_WAIT {
+        OWNER_PASSIVE_CLOSE
+    } else {
+        return;
+    };
+    if let Some(p) = OWNER_BY_TUPLE.get_ptr_mut(key) {
+        unsafe { (*p).flags |= flag };
+    }
+}
 
 #[tracepoint]
 pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    let (Ok(oldstate), Ok(newstate)) =
-        (unsafe { (ctx.read_at::<i32>(16), ctx.read_at::<i32>(20)) })
-    else {
+    let (Ok(oldstate), Ok(newstate), Ok(protocol), Ok(sk)) = (unsafe {
+        (
+            ctx.read_at::<i32>(16),
+            ctx.read_at::<i32>(20),
+            ctx.read_at::<u16>(30),
+            ctx.read_at::<u64>(8),
+        )
+    }) else {
         return 0;
     };
-    // CLOSE -> SYN_SENT happens in the connecting task, inside tcp_v{4,6}_connect, after the
-    // route (and so the source address) is known and before inet_hash_connect().
-    if oldstate != TCP_CLOSE || newstate != TCP_SYN_SENT {
+    if protocol != IPPROTO_TCP as u16 {
         return 0;
     }
-    let tid = bpf_get_current_pid_tgid();
-    // Two separate lookups with separate null checks: combining the two pointers in one test
-    // lets LLVM OR them together, which the verifier rejects (pointer |= pointer).
-    if let Some(p) = SYSCALL_INFLIGHT.get_ptr_mut(tid) {
-        mark_syn_sent(&ctx, p);
+    // CLOSE -> SYN_SENT happens in the connecting task, inside tcp_v{4,6}_connect, after the
+    // route (and so the source address) is known and before inet_hash_connect().
+    if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {
+        own_socket(sk);
+        let tid = bpf_get_current_pid_tgid();
+        // Two separate lookups with separate null checks: combining the two pointers in one
+        // test lets LLVM OR them together, which the verifier rejects (pointer |= pointer).
+        if let Some(p) = SYSCALL_INFLIGHT.get_ptr_mut(tid) {
+            mark_syn_sent(&ctx, p);
+        }
+        if let Some(p) = KFUNC_INFLIGHT.get_ptr_mut(tid) {
+            mark_syn_sent(&ctx, p);
+        }
+        return 0;
     }
-    if let Some(p) = KFUNC_INFLIGHT.get_ptr_mut(tid) {
-        mark_syn_sent(&ctx, p);
-    }
+    follow_socket(&ctx, sk, oldstate, newstate);
     0
 }
 
@@ -586,6 +849,9 @@ fn connect_return(ret: i64) {
         *p
     };
     let _ = KFUNC_INFLIGHT.remove(tid);
+    // tcp_v{4,6}_connect() covers route lookup, port selection and sending the SYN, not the
+    // wait for the handshake: its duration is the cost port selection adds.
+    record_connect(&info, ret == -(EADDRNOTAVAIL as i64));
     if ret != -(EADDRNOTAVAIL as i64) {
         return;
     }
@@ -675,6 +941,14 @@ pub fn fexit_tcp_v6_connect(ctx: FExitContext) -> u32 {
 
 #[fexit(function = "inet_hash_connect")]
 pub fn fexit_inet_hash_connect(ctx: FExitContext) -> u32 {
+    hash_connect_return(ctx.arg::<i64>(2) as i32 as i64);
+    0
+}
+
+/// IPv6 has its own exported wrapper around __inet_hash_connect():
+/// `int inet6_hash_connect(struct inet_timewait_death_row *, struct sock *)` (5.10..6.12+).
+#[fexit(function = "inet6_hash_connect")]
+pub fn fexit_inet6_hash_connect(ctx: FExitContext) -> u32 {
     hash_connect_return(ctx.arg::<i64>(2) as i32 as i64);
     0
 }

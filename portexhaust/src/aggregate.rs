@@ -38,6 +38,8 @@ pub struct Summary {
     /// Failures whose per-destination key did not fit in the counts map.
     pub uncounted_keys: u64,
     pub offenders: Vec<Offender>,
+    /// For each destination that saw failures: failers and port holders.
+    pub blame: Vec<crate::blame::BlameEntry>,
 }
 
 pub fn dst_string(key: &CountKey) -> String {

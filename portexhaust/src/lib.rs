@@ -4,17 +4,25 @@
 //! and is unit-tested without root; `loader`, `trace`, `selftest` and `workload` touch the kernel
 //! and are tested for real by the privileged tests.
 pub mod aggregate;
+pub mod blame;
+pub mod btf;
 pub mod clock;
+pub mod container;
 pub mod doctor;
 pub mod error;
 pub mod loader;
+pub mod metrics;
 pub mod model;
+pub mod nsinfo;
 pub mod procinfo;
 pub mod record;
 pub mod render;
 pub mod report;
 pub mod selftest;
+pub mod sockdiag;
 pub mod sysctl;
+pub mod top;
 pub mod trace;
 pub mod usage;
+pub mod view;
 pub mod workload;

@@ -6,15 +6,17 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FEntry, FExit, KProbe, TracePoint},
 };
 use log::{debug, info};
 use portexhaust_common::{
-    Backend, CountKey, CountValue, FILTER_COMM, FILTER_DPORT, FILTER_PID, names, stat,
+    Backend, CountKey, CountValue, DestKey, DestStats, FILTER_COMM, FILTER_DPORT, FILTER_PID,
+    LATENCY_BUCKETS, Owner, TupleKey, names, stat,
 };
 
 use crate::{
+    btf::TaskOffsets,
     error::{Error, Result, one_line},
     model::comm_bytes,
 };
@@ -190,13 +192,14 @@ const FENTRIES: &[(&str, &str, bool)] = &[
     ("fexit_tcp_v4_connect", "tcp_v4_connect", true),
     ("fexit_tcp_v6_connect", "tcp_v6_connect", true),
     ("fexit_inet_hash_connect", "inet_hash_connect", true),
+    ("fexit_inet6_hash_connect", "inet6_hash_connect", true),
 ];
 
 /// A short description of what each backend hooks, for the start-up line.
 pub fn backend_hooks(b: Backend) -> &'static str {
     match b {
         Backend::Fentry => {
-            "fentry/fexit tcp_v4_connect, tcp_v6_connect; fexit inet_hash_connect; syscall tracepoints for bind/UDP"
+            "fentry/fexit tcp_v4_connect, tcp_v6_connect; fexit inet_hash_connect, inet6_hash_connect; syscall tracepoints for bind/UDP"
         }
         Backend::Kprobe => {
             "kprobe/kretprobe tcp_v4_connect, tcp_v6_connect; kretprobe __inet_hash_connect; syscall tracepoints for bind/UDP"
@@ -290,11 +293,26 @@ fn attach_fentries(ebpf: &mut Ebpf) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // The tracer.
 
+/// Default size of each socket-ownership LRU map (entries).
+pub const DEFAULT_MAX_TRACKED: u32 = 131072;
+
 /// A loaded, attached program set and its maps. Dropping it detaches everything.
 pub struct Tracer {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     pub backend: Backend,
+    /// Whether netns/start time are read in the kernel (BTF offsets were found).
+    pub kernel_netns: bool,
+    /// Tuple-map entries deleted by user space (expired TIME_WAIT), for the eviction count.
+    user_tuple_deletes: u64,
+}
+
+/// connect() statistics of one destination, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestTotals {
+    pub connects: u64,
+    pub failures: u64,
+    pub hist: [u64; LATENCY_BUCKETS],
 }
 
 /// The outcome of backend selection: the tracer and why earlier candidates were skipped.
@@ -303,12 +321,53 @@ pub struct Opened {
     pub skipped: Vec<(Backend, String)>,
 }
 
-fn load_object(backend: Backend, filters: &Filters) -> Result<Ebpf, String> {
+/// Offsets for `current->nsproxy->net_ns->ns.inum` and the process start time, from the
+/// running kernel's BTF. Without BTF the programs still run; netns then comes from /proc.
+pub fn task_offsets() -> Option<TaskOffsets> {
+    match crate::btf::Btf::from_sys_fs() {
+        Ok(Ok(btf)) => match TaskOffsets::resolve(&btf) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                info!("kernel BTF lacks what netns attribution needs ({e}); using /proc");
+                None
+            }
+        },
+        Ok(Err(e)) => {
+            info!("kernel BTF unreadable ({e}); network namespaces come from /proc");
+            None
+        }
+        Err(e) => {
+            info!("no kernel BTF ({e}); network namespaces come from /proc");
+            None
+        }
+    }
+}
+
+fn load_object(
+    backend: Backend,
+    filters: &Filters,
+    offsets: Option<TaskOffsets>,
+    max_tracked: u32,
+) -> Result<Ebpf, String> {
     let backend_code = backend as u32;
     let flags = filters.flags();
+    let have = u32::from(offsets.is_some());
+    let o = offsets.unwrap_or_default();
     let mut ebpf = EbpfLoader::new()
         .override_global(names::GLOBAL_BACKEND, &backend_code, true)
         .override_global(names::GLOBAL_FILTER_FLAGS, &flags, true)
+        .override_global(names::GLOBAL_HAVE_TASK_OFFSETS, &have, true)
+        .override_global(names::GLOBAL_OFF_TASK_NSPROXY, &o.task_nsproxy, true)
+        .override_global(names::GLOBAL_OFF_NSPROXY_NET, &o.nsproxy_net_ns, true)
+        .override_global(names::GLOBAL_OFF_NET_INUM, &o.net_ns_inum, true)
+        .override_global(
+            names::GLOBAL_OFF_TASK_GROUP_LEADER,
+            &o.task_group_leader,
+            true,
+        )
+        .override_global(names::GLOBAL_OFF_TASK_START_TIME, &o.task_start_time, true)
+        .map_max_entries(names::OWNER_BY_SK, max_tracked)
+        .map_max_entries(names::OWNER_BY_TUPLE, max_tracked)
         .load(EBPF_OBJECT)
         .map_err(|e| format!("loading the eBPF object: {}", one_line(&e)))?;
     fill_filters(&mut ebpf, filters).map_err(|e| one_line(&e))?;
@@ -354,11 +413,16 @@ fn fill_filters(ebpf: &mut Ebpf, f: &Filters) -> Result<()> {
     Ok(())
 }
 
-fn try_backend(backend: Backend, filters: &Filters) -> Result<Ebpf, String> {
+fn try_backend(
+    backend: Backend,
+    filters: &Filters,
+    offsets: Option<TaskOffsets>,
+    max_tracked: u32,
+) -> Result<Ebpf, String> {
     if let Some(reason) = static_unavailability(backend) {
         return Err(reason);
     }
-    let mut ebpf = load_object(backend, filters)?;
+    let mut ebpf = load_object(backend, filters, offsets, max_tracked)?;
     match backend {
         Backend::Fentry => attach_fentries(&mut ebpf)?,
         Backend::Kprobe => attach_kprobes(&mut ebpf)?,
@@ -371,12 +435,18 @@ fn try_backend(backend: Backend, filters: &Filters) -> Result<Ebpf, String> {
 impl Tracer {
     /// Check privileges and tracefs, then try the requested backends in order.
     pub fn open(req: BackendRequest, filters: &Filters) -> Result<Opened> {
+        Self::open_sized(req, filters, DEFAULT_MAX_TRACKED)
+    }
+
+    /// As `open`, with the size of the socket-ownership maps.
+    pub fn open_sized(req: BackendRequest, filters: &Filters, max_tracked: u32) -> Result<Opened> {
         check_privileges()?;
         ensure_tracefs()?;
         raise_memlock();
+        let offsets = task_offsets();
         let mut skipped = Vec::new();
         for backend in req.candidates() {
-            match try_backend(backend, filters) {
+            match try_backend(backend, filters, offsets, max_tracked) {
                 Ok(mut ebpf) => {
                     let map = ebpf.take_map(names::EVENTS).ok_or(Error::MissingObject {
                         kind: "map",
@@ -391,6 +461,8 @@ impl Tracer {
                             ebpf,
                             ring,
                             backend,
+                            kernel_netns: offsets.is_some(),
+                            user_tuple_deletes: 0,
                         },
                         skipped,
                     });
@@ -477,6 +549,84 @@ impl Tracer {
             source,
         })?;
         Ok(v.iter().sum())
+    }
+
+    fn map_ref(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or(Error::MissingObject { kind: "map", name })
+    }
+
+    /// Every remembered socket owner by (netns, 4-tuple): ESTABLISHED and TIME_WAIT sockets
+    /// opened while tracing.
+    pub fn owners(&self) -> Result<Vec<(TupleKey, Owner)>> {
+        let name = names::OWNER_BY_TUPLE;
+        let m: HashMap<&MapData, TupleKey, Owner> = HashMap::try_from(self.map_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })?;
+        Ok(m.iter().filter_map(|kv| kv.ok()).collect())
+    }
+
+    /// Number of sockets remembered by kernel address (connecting or open).
+    pub fn owned_live_sockets(&self) -> Result<u64> {
+        let name = names::OWNER_BY_SK;
+        let m: HashMap<&MapData, u64, Owner> = HashMap::try_from(self.map_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })?;
+        Ok(m.keys().filter(|k| k.is_ok()).count() as u64)
+    }
+
+    /// Forget owners whose TIME_WAIT is over (60 s, TCP_TIMEWAIT_LEN, fixed in the kernel).
+    pub fn forget_owners(&mut self, keys: &[TupleKey]) -> Result<()> {
+        let name = names::OWNER_BY_TUPLE;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingObject { kind: "map", name })?;
+        let mut m: HashMap<&mut MapData, TupleKey, Owner> =
+            HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })?;
+        for k in keys {
+            if m.remove(k).is_ok() {
+                self.user_tuple_deletes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries the LRU ownership maps dropped to make room (so attribution was lost):
+    /// kernel insertions minus deletions minus what is still there.
+    pub fn lru_evictions(&self) -> Result<u64> {
+        let tuples = self.owners()?.len() as u64;
+        let live = self.owned_live_sockets()?;
+        let ins = self.stat(stat::TUPLE_INSERTS)? + self.stat(stat::SK_INSERTS)?;
+        let del = self.stat(stat::TUPLE_DELETES)?
+            + self.stat(stat::SK_DELETES)?
+            + self.user_tuple_deletes;
+        Ok(ins.saturating_sub(del + tuples + live))
+    }
+
+    /// connect() counts and latency histograms per destination.
+    pub fn dest_stats(&self) -> Result<Vec<(DestKey, DestTotals)>> {
+        let name = names::DEST_STATS;
+        let m: PerCpuHashMap<&MapData, DestKey, DestStats> =
+            PerCpuHashMap::try_from(self.map_ref(name)?)
+                .map_err(|source| Error::Map { map: name, source })?;
+        let mut out = Vec::new();
+        for kv in m.iter() {
+            let Ok((k, per_cpu)) = kv else { continue };
+            let mut t = DestTotals {
+                connects: 0,
+                failures: 0,
+                hist: [0; LATENCY_BUCKETS],
+            };
+            for v in per_cpu.iter() {
+                t.connects += v.connects;
+                t.failures += v.failures;
+                for (a, b) in t.hist.iter_mut().zip(v.hist.iter()) {
+                    *a += b;
+                }
+            }
+            out.push((k, t));
+        }
+        Ok(out)
     }
 
     pub fn failures_total(&self) -> Result<u64> {

@@ -1,14 +1,15 @@
 //! Command-line entry point.
-use std::{io::Write, process::ExitCode, time::Duration};
+use std::{io::Write, net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use portexhaust::{
     doctor,
     error::{Error, one_line},
-    loader::{BackendRequest, Filters},
+    loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
+    metrics, nsinfo,
     record::RecordOptions,
-    report, selftest, trace,
+    report, selftest, top, trace,
     workload::{self, Scenario, WorkloadOptions},
 };
 use portexhaust_common::Backend;
@@ -19,6 +20,9 @@ Examples:
   sudo portexhaust trace --json | jq .         # NDJSON for pipelines
   sudo portexhaust trace --pid 4242 --duration 60
   sudo portexhaust trace --comm python3 --dport 27017
+  sudo portexhaust top                         # live: destinations by pressure, failers, holders
+  sudo portexhaust top --json --netns /run/netns/app
+  sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
   sudo portexhaust selftest                    # does it work on this kernel?
   sudo portexhaust trace --record incident.ndjson
   portexhaust report incident.ndjson --format html -o incident.html
@@ -122,6 +126,43 @@ enum Cmd {
         /// tallied per process and destination (exact counts, bounded disk use in a storm).
         #[arg(long, value_name = "N", default_value_t = 200, requires = "record")]
         record_events_per_s: u32,
+        /// Size of each in-kernel socket-ownership map (LRU: the oldest are dropped and
+        /// counted as evictions when full).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
+              value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+        max_tracked_sockets: u32,
+        /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1), IP:PORT or
+        /// [IPv6]:PORT (0.0.0.0:PORT for a fleet's scraper).
+        #[arg(long, value_name = "ADDR", value_parser = metrics::parse_addr)]
+        metrics_addr: Option<SocketAddr>,
+        /// Leave the container labels (runtime, id, pod) off the metrics, to bound their
+        /// cardinality on hosts with many short-lived containers; events keep the container.
+        #[arg(long)]
+        no_container_labels: bool,
+    },
+    /// Live view of port pressure: destinations by utilisation, failing processes, and who
+    /// holds the ports (the processes that created ESTABLISHED/TIME_WAIT sockets, alive or
+    /// exited). q quits.
+    Top {
+        /// Refresh interval in seconds.
+        #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print NDJSON snapshots instead (one by default, taken one interval after start).
+        #[arg(long)]
+        json: bool,
+        /// Number of snapshots before exiting.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Only this network namespace: an inode number, or a path such as /run/netns/NAME or
+        /// /proc/PID/ns/net (repeatable; default: every namespace with processes).
+        #[arg(long, value_name = "NS")]
+        netns: Vec<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendArg,
+        /// Size of each in-kernel socket-ownership map (see trace).
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
+              value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+        max_tracked_sockets: u32,
     },
     /// The blame report after the fact, from one or more `trace --record` files: timeline,
     /// offenders, holders, destinations, settings and what to change.
@@ -161,6 +202,9 @@ enum Cmd {
         /// Print {"ready":PID} and wait for a line on stdin before exhausting.
         #[arg(long)]
         wait: bool,
+        /// After printing the report, keep the namespace and its sockets until stdin closes.
+        #[arg(long)]
+        linger: bool,
     },
 }
 
@@ -206,8 +250,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             record,
             snapshot_interval,
             record_events_per_s,
+            max_tracked_sockets,
+            metrics_addr,
+            no_container_labels,
         } => {
             let opts = trace::TraceOptions {
+                max_tracked: max_tracked_sockets,
                 json,
                 duration,
                 filters: Filters {
@@ -222,6 +270,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     snapshot_interval,
                     events_per_s: record_events_per_s,
                 }),
+                metrics_addr,
+                container_labels: !no_container_labels,
             };
             runtime()?.block_on(trace::run(opts))?;
             Ok(ExitCode::SUCCESS)
@@ -229,6 +279,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Report(args) => Ok(ExitCode::from(report::run(&args)?)),
         Cmd::Doctor(args) => {
             println!("{}", doctor::run(&args).trim_end());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Top {
+            interval,
+            json,
+            count,
+            netns,
+            backend,
+            max_tracked_sockets,
+        } => {
+            let netns = netns
+                .iter()
+                .map(|n| nsinfo::resolve_netns(n).map_err(|e| anyhow::anyhow!("--netns {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            top::run(top::TopOptions {
+                interval,
+                json,
+                count,
+                netns,
+                backend: backend.into(),
+                max_tracked: max_tracked_sockets,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Selftest { backend, failures } => {
@@ -258,8 +330,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dport,
             comm,
             wait,
+            linger,
         } => {
-            let report = workload::run(&WorkloadOptions {
+            let (report, keep) = workload::run(&WorkloadOptions {
                 scenario,
                 ports,
                 failures,
@@ -268,6 +341,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wait,
             })?;
             println!("{}", serde_json::to_string(&report)?);
+            if linger {
+                std::io::stdout().flush()?;
+                let mut sink = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            }
+            drop(keep);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -313,6 +392,9 @@ mod tests {
             &["portexhaust", "report", "x", "--format", "pdf"],
             &["portexhaust", "report", "x", "--since", "yesterday"],
             &["portexhaust", "doctor", "--explain", "tcp_tw_whatever"],
+            &["portexhaust", "trace", "--metrics-addr", "host:9977"],
+            &["portexhaust", "trace", "--metrics-addr", "99999"],
+            &["portexhaust", "trace", "--metrics-addr"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
@@ -358,5 +440,15 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(ok).is_ok(), "{ok:?}");
         }
+        assert!(
+            Cli::try_parse_from([
+                "portexhaust",
+                "trace",
+                "--metrics-addr",
+                "[::1]:9977",
+                "--no-container-labels"
+            ])
+            .is_ok()
+        );
     }
 }

@@ -1,11 +1,16 @@
 //! Decoded failures and the names shown to users. Pure: no BPF, no I/O.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use portexhaust_common::{
     AF_INET, AF_INET6, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_TCP,
     IPPROTO_UDP, Site,
 };
 use thiserror::Error;
+
+use crate::container::ContainerInfo;
 
 /// One exhaustion failure as user space sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +31,9 @@ pub struct Failure {
     pub errno: u32,
     pub site: Site,
     pub backend: Backend,
+    /// Container or systemd unit of `cgroup_id`, filled in by the tracer (shared: a storm
+    /// repeats the same few).
+    pub container: Option<Arc<ContainerInfo>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -154,7 +162,8 @@ pub fn failure_from_event(
         uid: ev.uid,
         comm: comm_str(&ev.comm),
         cgroup_id: ev.cgroup_id,
-        netns: None,
+        // 0: the kernel could not read it (no BTF offsets); user space fills it from /proc.
+        netns: (ev.netns != 0).then_some(u64::from(ev.netns)),
         family,
         proto,
         dst: SocketAddr::new(ip_from_raw(family, &ev.daddr), ev.dport),
@@ -162,6 +171,7 @@ pub fn failure_from_event(
         errno: ev.errno,
         site,
         backend,
+        container: None,
     })
 }
 
@@ -190,6 +200,8 @@ mod tests {
             backend: Backend::Tracepoint as u8,
             flags: EVENT_SADDR_KNOWN,
             comm: comm_bytes("python3"),
+            netns: 4026531840,
+            _pad: 0,
         }
     }
 
@@ -213,6 +225,7 @@ mod tests {
         assert_eq!(f.comm, "python3");
         assert_eq!(f.site, Site::InetHashConnect);
         assert_eq!(f.proto, Proto::Tcp);
+        assert_eq!(f.netns, Some(4026531840));
     }
 
     #[test]
@@ -232,7 +245,7 @@ mod tests {
         let b = as_bytes(&sample());
         assert_eq!(
             decode_event(&b[..10], |t| t as i128).err(),
-            Some(DecodeError::Size { got: 10, want: 88 })
+            Some(DecodeError::Size { got: 10, want: 96 })
         );
         let mut ev = sample();
         ev.site = 200;

@@ -175,6 +175,54 @@ fn read_proc(path: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Namespaces whose settings the header lists at most.
+const HEADER_NAMESPACES: usize = 256;
+
+/// The start-up census: the settings of every namespace that has processes, and the busiest
+/// destinations among all of them (sock_diag, through the blame module's census).
+fn startup_facts(own: Option<u64>) -> (BTreeMap<String, NetSysctls>, Vec<DestRow>) {
+    let census = crate::nsinfo::census(None);
+    let rows: Vec<DestRow> = crate::blame::usage(&census, &Default::default(), &Default::default())
+        .into_iter()
+        .map(|u| DestRow {
+            netns: Some(u.netns),
+            src: Some(u.src.to_string()),
+            dst: u.dst.to_string(),
+            proto: "tcp".into(),
+            range_size: u64::from(u.range_size),
+            in_use: u.in_use,
+            by_state: u
+                .by_state
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            utilisation: if u.range_size == 0 {
+                1.0
+            } else {
+                (u.in_use as f64 / f64::from(u.range_size)).min(1.0)
+            },
+            ..Default::default()
+        })
+        .collect();
+    let mut rows = rows;
+    rows.sort_by(|a, b| b.in_use.cmp(&a.in_use).then_with(|| a.dst.cmp(&b.dst)));
+    let mut sysctls = BTreeMap::new();
+    for (ino, path) in crate::nsinfo::namespaces()
+        .into_iter()
+        .take(HEADER_NAMESPACES)
+    {
+        if let Ok(s) = crate::sysctl::in_netns(&path, NetSysctls::read_current) {
+            sysctls.insert(ino.to_string(), s);
+        }
+    }
+    if let Some(n) = own {
+        sysctls
+            .entry(n.to_string())
+            .or_insert_with(NetSysctls::read_current);
+    }
+    (sysctls, busiest(rows, CENSUS_ROWS))
+}
+
 /// Settings and busiest destinations of the calling thread's namespace.
 fn namespace_facts(netns: Option<u64>) -> (NetSysctls, Vec<DestRow>) {
     let sysctls = NetSysctls::read_current();
@@ -246,7 +294,7 @@ impl Recorder {
         let file = open_private(&opts.path)
             .map_err(|e| Error::io(format!("opening record file {}", opts.path.display()), e))?;
         let netns = netns_of(std::process::id());
-        let (sysctls, census) = namespace_facts(netns);
+        let (sysctls, census) = startup_facts(netns);
         let header = Header {
             kind: "header".into(),
             version: RECORD_VERSION,
@@ -256,9 +304,7 @@ impl Recorder {
             backend: Some(backend.to_string()),
             pid: Some(std::process::id()),
             netns,
-            sysctls: netns
-                .map(|n| BTreeMap::from([(n.to_string(), sysctls)]))
-                .unwrap_or_default(),
+            sysctls: sysctls.clone(),
             census,
             filters: Some(RecordedFilters {
                 pids: filters.pids.clone(),
@@ -274,7 +320,7 @@ impl Recorder {
             last_flush: Instant::now(),
             last_snapshot: Instant::now(),
             interval: opts.snapshot_interval,
-            known_netns: netns.into_iter().collect(),
+            known_netns: sysctls.keys().filter_map(|k| k.parse().ok()).collect(),
             netns_tries: HashMap::new(),
             netns_pid: HashMap::new(),
             cap: opts.events_per_s,
@@ -663,6 +709,7 @@ mod tests {
             proto: Proto::Tcp,
             dst: "10.0.0.1:80".parse().expect("addr"),
             src: None,
+            container: None,
             errno: 99,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,

@@ -4,12 +4,14 @@ use serde::Serialize;
 
 use crate::{
     aggregate::{DestCount, Summary, top_destinations},
+    blame::BlameEntry,
     clock::{hms, rfc3339},
+    container::ContainerInfo,
     model::{Failure, errno_name},
 };
 
 /// Column layout of the live human output; the header and each row share it.
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 12] = [
     "TIME",
     "PID",
     "TID",
@@ -21,11 +23,12 @@ const HEADER: [&str; 11] = [
     "SOURCE",
     "ERRNO",
     "SITE",
+    "CONTAINER",
 ];
 
-fn row(cols: [&str; 11]) -> String {
+fn row(cols: [&str; 12]) -> String {
     format!(
-        "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {}",
+        "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {:<19} {}",
         cols[0],
         cols[1],
         cols[2],
@@ -36,7 +39,8 @@ fn row(cols: [&str; 11]) -> String {
         cols[7],
         cols[8],
         cols[9],
-        cols[10]
+        cols[10],
+        cols[11]
     )
 }
 
@@ -47,6 +51,11 @@ pub fn human_header() -> String {
 pub fn human_line(f: &Failure) -> String {
     let netns = f.netns.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     let src = f.src.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+    let container = f
+        .container
+        .as_deref()
+        .map(ContainerInfo::short)
+        .unwrap_or_else(|| "-".into());
     row([
         &hms(f.ts_unix_ns),
         &f.pid.to_string(),
@@ -59,6 +68,7 @@ pub fn human_line(f: &Failure) -> String {
         &src,
         errno_name(f.errno),
         f.site.name(),
+        &container,
     ])
 }
 
@@ -81,6 +91,8 @@ struct JsonFailure<'a> {
     errname: &'static str,
     site: &'static str,
     backend: &'static str,
+    /// `{"runtime","id","pod"}` or null.
+    container: Option<&'a ContainerInfo>,
 }
 
 pub fn json_line(f: &Failure) -> String {
@@ -101,6 +113,7 @@ pub fn json_line(f: &Failure) -> String {
         errname: errno_name(f.errno),
         site: f.site.name(),
         backend: f.backend.name(),
+        container: f.container.as_deref(),
     };
     // Serializing a struct of strings and integers cannot fail.
     serde_json::to_string(&j).unwrap_or_default()
@@ -125,6 +138,7 @@ struct JsonSummary<'a> {
     failures_total: u64,
     dropped_events: u64,
     offenders: Vec<JsonOffender<'a>>,
+    blame: &'a [BlameEntry],
 }
 
 pub fn json_summary(s: &Summary) -> String {
@@ -146,8 +160,75 @@ pub fn json_summary(s: &Summary) -> String {
                 destinations: &o.destinations,
             })
             .collect(),
+        blame: &s.blame,
     };
     serde_json::to_string(&j).unwrap_or_default()
+}
+
+/// "10/10 ports (100%): ESTABLISHED 4, TIME_WAIT 6"
+fn usage_line(b: &BlameEntry) -> String {
+    let states: Vec<String> = b.by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    let pct = if b.range_size == 0 {
+        0.0
+    } else {
+        100.0 * b.in_use as f64 / f64::from(b.range_size)
+    };
+    format!(
+        "{}/{} ports in use ({pct:.0}%){}{}",
+        b.in_use,
+        b.range_size,
+        if states.is_empty() { "" } else { ": " },
+        states.join(", ")
+    )
+}
+
+/// The blame section of the human summary.
+pub fn human_blame(blame: &[BlameEntry]) -> String {
+    let mut out = String::new();
+    for b in blame {
+        out.push_str(&format!(
+            "\n{} (netns {}): {}\n",
+            b.dst,
+            b.netns.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+            usage_line(b)
+        ));
+        let failers: Vec<String> = b
+            .failers
+            .iter()
+            .map(|f| match &f.container {
+                Some(c) => format!("{} ({}) [{}] x{}", f.comm, f.pid, c.short(), f.failures),
+                None => format!("{} ({}) x{}", f.comm, f.pid, f.failures),
+            })
+            .collect();
+        out.push_str(&format!("  failing: {}\n", failers.join(", ")));
+        if b.holders.is_empty() {
+            out.push_str("  holders: none found (the namespace or its sockets are gone)\n");
+            continue;
+        }
+        let mut t = Table::new();
+        t.load_preset(NOTHING);
+        t.set_header(["  HOLDER", "PID", "STATE", "SOCKETS", "TIME_WAIT", "SHARE"]);
+        for h in &b.holders {
+            t.add_row(vec![
+                Cell::new(format!("  {}", h.label())),
+                Cell::new(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()))
+                    .set_alignment(CellAlignment::Right),
+                Cell::new(match (h.pid, h.alive) {
+                    (None, _) => "opened before tracing",
+                    (Some(_), true) => "alive",
+                    (Some(_), false) => "exited",
+                }),
+                Cell::new(h.sockets).set_alignment(CellAlignment::Right),
+                Cell::new(h.time_wait).set_alignment(CellAlignment::Right),
+                Cell::new(format!("{:.0}%", h.share * 100.0)).set_alignment(CellAlignment::Right),
+            ]);
+        }
+        for line in t.to_string().lines() {
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The human summary printed when tracing stops.
@@ -198,8 +279,14 @@ pub fn human_summary(s: &Summary) -> String {
         ]);
     }
     out.push_str("Offenders:\n");
-    out.push_str(&t.to_string());
-    out.push('\n');
+    for line in t.to_string().lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if !s.blame.is_empty() {
+        out.push_str("\nWho holds the ports:");
+        out.push_str(&human_blame(&s.blame));
+    }
     out
 }
 
@@ -228,6 +315,7 @@ mod tests {
             errno: 99,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
+            container: None,
         }
     }
 
@@ -253,6 +341,7 @@ mod tests {
             "errname",
             "site",
             "backend",
+            "container",
         ];
         let mut got = keys.clone();
         got.sort_unstable();
@@ -280,6 +369,32 @@ mod tests {
         assert_eq!(v["dst"], "[::1]:80");
     }
 
+    #[test]
+    fn container_in_json_and_human_output() {
+        let mut f = failure();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&json_line(&f)).expect("json")["container"]
+                .is_null()
+        );
+        f.container = Some(std::sync::Arc::new(ContainerInfo {
+            runtime: crate::container::Runtime::Containerd,
+            id: "0123456789abcdef".repeat(4),
+            pod: Some("7c9a4e2b-1f3d-4a5b-9c8d-0e1f2a3b4c5d".into()),
+        }));
+        let v: serde_json::Value = serde_json::from_str(&json_line(&f)).expect("json");
+        assert_eq!(v["container"]["runtime"], "containerd");
+        assert_eq!(v["container"]["id"], "0123456789abcdef".repeat(4));
+        assert_eq!(
+            v["container"]["pod"],
+            "7c9a4e2b-1f3d-4a5b-9c8d-0e1f2a3b4c5d"
+        );
+        let l = human_line(&f);
+        assert_eq!(
+            human_header().find("CONTAINER"),
+            l.find("containerd:0123456789ab")
+        );
+    }
+
     fn summary() -> Summary {
         Summary {
             backend: "tracepoint",
@@ -299,6 +414,7 @@ mod tests {
                     failures: 30,
                 }],
             }],
+            blame: vec![],
         }
     }
 
@@ -316,6 +432,7 @@ mod tests {
             keys,
             [
                 "backend",
+                "blame",
                 "dropped_events",
                 "duration_s",
                 "failures_total",
@@ -342,7 +459,8 @@ mod tests {
         }
         assert_eq!(h.find("COMM"), l.find("python3"));
         assert_eq!(h.find("DESTINATION"), l.find("127.0.0.1:27017"));
-        assert!(l.ends_with("__inet_hash_connect"));
+        assert!(l.ends_with("__inet_hash_connect -"), "{l:?}");
+        assert_eq!(h.find("CONTAINER"), l.find(" -").map(|i| i + 1));
         let s = human_summary(&summary());
         assert!(s.contains("30 exhaustion failures"));
         assert!(s.contains("2 events not shown"));

@@ -274,6 +274,9 @@ mod tests {
             }],
             unexpected: vec![],
             time_wait_before: None,
+            churner_pid: None,
+            churner_comm: None,
+            latency_us: vec![],
             elapsed_s: 0.0,
         }
     }
@@ -294,6 +297,7 @@ mod tests {
             errno: 99,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
+            container: None,
         }
     }
 

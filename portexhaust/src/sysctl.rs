@@ -213,7 +213,13 @@ impl TcpExtCounters {
 /// Run `f` on a fresh thread inside the network namespace of `pid`; the calling thread and the
 /// rest of the process stay where they are. Needs CAP_SYS_ADMIN (root).
 pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    in_netns(Path::new(&format!("/proc/{pid}/ns/net")), f)
+}
+
+/// Run `f` on a fresh thread inside the network namespace behind `path` (`/proc/PID/ns/net`,
+/// `/run/netns/NAME`).
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let ns = File::open(path)?;
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: plain syscall on an fd we own; only this short-lived thread moves.

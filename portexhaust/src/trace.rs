@@ -1,7 +1,9 @@
 //! `portexhaust trace`: stream failures from the ring buffer, summarise on exit.
 use std::{
     io::{self, Write},
+    net::SocketAddr,
     os::fd::{AsRawFd, RawFd},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,12 +16,15 @@ use tokio::{
 use crate::{
     aggregate::{Summary, offenders},
     clock::Clock,
+    container::Resolver,
     error::{Error, Result},
     loader::{BackendRequest, Filters, Tracer, backend_hooks},
+    metrics::{self, Metrics, MetricsOptions},
     model::{Failure, decode_event},
     procinfo::NetnsCache,
     record::{RecordOptions, Recorder},
     render,
+    view::{Collector, Scope},
 };
 
 #[derive(Clone, Debug)]
@@ -28,6 +33,11 @@ pub struct TraceOptions {
     pub duration: Option<Duration>,
     pub filters: Filters,
     pub backend: BackendRequest,
+    pub max_tracked: u32,
+    /// Serve Prometheus metrics here (`--metrics-addr`).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Container labels on the metrics (`--no-container-labels` turns them off).
+    pub container_labels: bool,
     /// `--record FILE`: an incident record for `portexhaust report`.
     pub record: Option<RecordOptions>,
 }
@@ -86,9 +96,12 @@ struct Session {
     tracer: Tracer,
     clock: Clock,
     netns: NetnsCache,
+    containers: Resolver,
+    metrics: Option<Arc<Metrics>>,
     out: Out,
     json: bool,
     decode_errors: u64,
+    collector: Collector,
     recorder: Option<Recorder>,
 }
 
@@ -98,9 +111,12 @@ impl Session {
             tracer,
             clock,
             netns,
+            containers,
+            metrics,
             out,
             json,
             decode_errors,
+            collector,
             recorder,
         } = self;
         let mut batch: Vec<Failure> = Vec::new();
@@ -114,7 +130,18 @@ impl Session {
             }
         });
         for mut f in batch {
-            f.netns = netns.get(f.pid);
+            if f.netns.is_none() {
+                f.netns = netns.get(f.pid);
+            }
+            // Remembered for the blame: the failer may be gone by the summary.
+            collector.cgroup_of_pid.entry(f.pid).or_insert(f.cgroup_id);
+            if let Some(n) = f.netns {
+                collector.netns_of_pid.entry(f.pid).or_insert(n);
+            }
+            f.container = containers.by_cgroup_id(f.cgroup_id);
+            if let Some(m) = metrics {
+                m.observe_failure(&f);
+            }
             if let Some(r) = recorder.as_mut() {
                 r.failure(&f);
             }
@@ -147,8 +174,19 @@ impl Session {
         Ok(())
     }
 
-    fn summary(&self, elapsed: Duration) -> Result<Summary> {
+    fn summary(&mut self, elapsed: Duration) -> Result<Summary> {
         let counts = self.tracer.counts()?;
+        let blame = if counts.is_empty() {
+            Vec::new()
+        } else {
+            match self.collector.collect(&mut self.tracer) {
+                Ok(v) => v.blame,
+                Err(e) => {
+                    warn!("could not work out who holds the ports: {e}");
+                    Vec::new()
+                }
+            }
+        };
         Ok(Summary {
             backend: self.tracer.backend.name(),
             duration_s: elapsed.as_secs_f64(),
@@ -156,12 +194,35 @@ impl Session {
             dropped_events: self.tracer.dropped_events()?,
             uncounted_keys: self.tracer.uncounted_keys()?,
             offenders: offenders(&counts, |t| self.clock.to_unix_ns(t)),
+            blame,
         })
     }
 }
 
+/// Ports in use per destination in every namespace, for the metrics (no holders needed).
+fn destination_gauges() -> Vec<metrics::DestinationGauge> {
+    let census = crate::nsinfo::census(None);
+    crate::blame::usage(&census, &Default::default(), &Default::default())
+        .into_iter()
+        .map(|u| metrics::DestinationGauge {
+            netns: Some(u.netns),
+            src: Some(u.src),
+            dst: u.dst.to_string(),
+            proto: "tcp",
+            range_size: u64::from(u.range_size),
+            in_use: u.in_use,
+            utilisation: if u.range_size == 0 {
+                1.0
+            } else {
+                u.in_use as f64 / f64::from(u.range_size)
+            },
+            time_wait: u.by_state.get("TIME_WAIT").copied().unwrap_or(0),
+        })
+        .collect()
+}
+
 pub async fn run(opts: TraceOptions) -> Result<Summary> {
-    let opened = Tracer::open(opts.backend, &opts.filters)?;
+    let opened = Tracer::open_sized(opts.backend, &opts.filters, opts.max_tracked)?;
     announce(&opened.tracer, &opened.skipped);
     // SAFETY: the fd belongs to the ring buffer map inside the Tracer, which `s` owns for the
     // whole loop below and drops only after `ready_fd` (declared later, dropped first).
@@ -175,12 +236,15 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         tracer: opened.tracer,
         clock: Clock::new(),
         netns: NetnsCache::default(),
+        containers: Resolver::new(),
+        metrics: None,
         out: Out {
             w: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
             closed: false,
         },
         json: opts.json,
         decode_errors: 0,
+        collector: Collector::new(Scope::Failers),
         recorder: None,
     };
     if let Some(rec) = &opts.record {
@@ -192,6 +256,28 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     }
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
+    // Bound before the ready line, so that a taken port fails the start instead of a scrape.
+    let _server = match opts.metrics_addr {
+        Some(addr) => {
+            let m = Arc::new(Metrics::new(MetricsOptions {
+                container_labels: opts.container_labels,
+                ..Default::default()
+            }));
+            m.set_backend(s.tracer.backend.name());
+            let server = metrics::serve(addr, m.clone()).await?;
+            eprintln!(
+                "portexhaust: serving Prometheus metrics on http://{}/metrics",
+                server.addr
+            );
+            s.metrics = Some(m);
+            Some(server)
+        }
+        None => None,
+    };
+    // The failure counters come from the kernel's exact counts, read once a second.
+    let mut ticks: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if !s.json {
         s.out.line(&render::human_header());
         s.out.flush();
@@ -205,6 +291,18 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
             Some(d) => format!(" for {}s", d.as_secs_f64()),
             None => "; Ctrl-C to stop".to_string(),
         }
+    );
+    // The start-up census: what already holds ports before the first event.
+    let census = crate::nsinfo::census(None);
+    let sockets: usize = census.iter().map(|c| c.sockets.len()).sum();
+    let tw: usize = census
+        .iter()
+        .flat_map(|c| &c.sockets)
+        .filter(|r| r.state == crate::sockdiag::TCP_TIME_WAIT)
+        .count();
+    eprintln!(
+        "portexhaust: census: {sockets} TCP sockets ({tw} in TIME_WAIT) in {} network namespace(s) before tracing",
+        census.len()
     );
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut record_tick = tokio::time::interval(crate::record::FLUSH_EVERY);
@@ -220,6 +318,23 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
                 let mut guard = guard.map_err(|e| Error::io("waiting on the ring buffer", e))?;
                 s.drain();
                 guard.clear_ready();
+            }
+            _ = tick.tick(), if s.metrics.is_some() => {
+                s.drain();
+                ticks += 1;
+                if let Some(m) = &s.metrics {
+                    if let Err(e) = m.refresh_from_tracer(&s.tracer, &s.containers) {
+                        warn!("updating metrics: {e}");
+                    }
+                    // Port usage needs a sock_diag census of every namespace: every 5 s.
+                    if ticks % 5 == 1 {
+                        m.set_destinations(&destination_gauges());
+                        match s.tracer.lru_evictions() {
+                            Ok(n) => m.set_lru_evictions(n),
+                            Err(e) => warn!("reading LRU evictions: {e}"),
+                        }
+                    }
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

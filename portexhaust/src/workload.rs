@@ -57,6 +57,15 @@ pub enum Scenario {
     Storm,
     /// v4, v6, bind and udp in turn (what selftest runs).
     All,
+    /// A forked child (comm `<comm>-churn`) leaves the range in TIME_WAIT (tcp_tw_reuse=0)
+    /// and exits; then this process fails to the same destination.
+    ChurnThenFail,
+    /// Before the ready line: hold PORTS/2 connections open and leave the rest in TIME_WAIT
+    /// (sockets that exist before a tracer starts). No failures.
+    Hold,
+    /// connect() latency: fill 99% of a wide range towards DPORT, then FAILURES connects to
+    /// DPORT (nearly full) and FAILURES to DPORT+1 (empty). No failures expected.
+    Latency,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +88,10 @@ pub struct Expected {
     pub count: u64,
 }
 
+/// Sockets a workload keeps open until it exits (so `--linger` keeps them visible).
+#[derive(Default)]
+pub struct Keep(Vec<Socket>);
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkloadReport {
     pub scenario: Scenario,
@@ -92,6 +105,14 @@ pub struct WorkloadReport {
     /// TIME_WAIT sockets in the namespace just before the failing connects (timewait only).
     #[serde(default)]
     pub time_wait_before: Option<u64>,
+    /// churn-then-fail: the child that left the TIME_WAIT sockets.
+    #[serde(default)]
+    pub churner_pid: Option<u32>,
+    #[serde(default)]
+    pub churner_comm: Option<String>,
+    /// latency: client-side median connect() time per destination, microseconds.
+    #[serde(default)]
+    pub latency_us: Vec<(String, f64)>,
     pub elapsed_s: f64,
 }
 
@@ -235,10 +256,15 @@ fn v6(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)
 }
 
+#[derive(Default)]
 struct Outcome {
     expected: Vec<Expected>,
     unexpected: Vec<(String, u64)>,
     time_wait_before: Option<u64>,
+    churner_pid: Option<u32>,
+    churner_comm: Option<String>,
+    latency_us: Vec<(String, f64)>,
+    keep: Keep,
 }
 
 /// TIME_WAIT sockets (state 06) in this thread's network namespace, IPv4 and IPv6.
@@ -294,11 +320,7 @@ fn make_time_wait(listener: &Socket, dst: SocketAddr, n: u16) -> Result<(), Work
 }
 
 fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError> {
-    let mut out = Outcome {
-        expected: Vec::new(),
-        unexpected: Vec::new(),
-        time_wait_before: None,
-    };
+    let mut out = Outcome::default();
     let k = o.failures;
     let n = o.ports;
     let p = o.dport;
@@ -329,6 +351,37 @@ fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError> {
             let t = fail_connects(Domain::IPV4, Type::STREAM, v4(p), k, 99);
             out.push(v4(p), "__inet_hash_connect", "tcp", t);
         }
+        Scenario::ChurnThenFail => {
+            let l = listener(v4(p))?;
+            // As the kernel will keep it: TASK_COMM_LEN - 1 bytes.
+            let churn_comm: String = format!("{}-churn", o.comm).chars().take(15).collect();
+            // SAFETY: the workload is single-threaded here, so fork() is safe; the child only
+            // runs plain socket calls and leaves with _exit.
+            let child = unsafe { libc::fork() };
+            if child < 0 {
+                return Err(io_err("fork")(io::Error::last_os_error()));
+            }
+            if child == 0 {
+                set_comm(&churn_comm);
+                let code = i32::from(make_time_wait(&l, v4(p), n).is_err());
+                // SAFETY: leaving the child without running the parent's destructors.
+                unsafe { libc::_exit(code) };
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+                return Err(WorkloadError::Setup("the churner child failed".into()));
+            }
+            out.churner_pid = Some(child as u32);
+            out.churner_comm = Some(churn_comm);
+            out.time_wait_before = Some(count_time_wait());
+            let t = fail_connects(Domain::IPV4, Type::STREAM, v4(p), k, 99);
+            out.push(v4(p), "__inet_hash_connect", "tcp", t);
+            out.keep.0.push(l);
+        }
+        Scenario::Hold => {} // prepared before the ready line
+        Scenario::Latency => latency_scenario(&mut out, n, k, p)?,
         Scenario::Bind => bind_scenario(&mut out, n, k)?,
         Scenario::Udp => udp_scenario(&mut out, n, k, p + 1)?,
         Scenario::All => {
@@ -347,6 +400,90 @@ fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError> {
         }
     }
     Ok(out)
+}
+
+/// Hold half the range open to DPORT and leave the other half in TIME_WAIT.
+fn hold_prepare(n: u16, p: u16) -> Result<Keep, WorkloadError> {
+    let l = listener(v4(p))?;
+    make_time_wait(&l, v4(p), n - n / 2)?;
+    let mut keep = hold(v4(p), n / 2)?;
+    keep.push(l);
+    Ok(Keep(keep))
+}
+
+/// Accept connections in the background so the accept queue never fills. The accepted side
+/// is closed at once: the client socket stays (in CLOSE_WAIT) and keeps its port, and only
+/// one fd per connection is spent.
+fn acceptor(l: Socket) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || while l.accept().is_ok() {})
+}
+
+/// As many fds as allowed: the hard limit, or more where CAP_SYS_RESOURCE permits.
+fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers. Best effort: the connects fail loudly if fds run out.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        let want = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: 1 << 20,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn timed_connects(dst: SocketAddr, m: u64, keep: &mut Vec<Socket>) -> Result<f64, WorkloadError> {
+    let mut times = Vec::with_capacity(m as usize);
+    for _ in 0..m {
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+            .map_err(io_err("socket"))?;
+        let t0 = Instant::now();
+        s.connect(&dst.into())
+            .map_err(io_err(format!("timed connect to {dst}")))?;
+        times.push(t0.elapsed().as_secs_f64() * 1e6);
+        keep.push(s);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times.get(times.len() / 2).copied().unwrap_or(0.0))
+}
+
+/// Fill 99% of the range towards `p`, then time `m` connects to `p` and `m` to `p + 1`.
+fn latency_scenario(out: &mut Outcome, n: u16, m: u64, p: u16) -> Result<(), WorkloadError> {
+    raise_nofile();
+    let full = v4(p);
+    let empty = v4(p + 1);
+    let _a = acceptor(listener(full)?);
+    let _b = acceptor(listener(empty)?);
+    let fill = u64::from(n) * 99 / 100;
+    if fill + m > u64::from(n) {
+        return Err(WorkloadError::Setup(format!(
+            "--ports {n} leaves no room for {m} timed connects after filling 99%"
+        )));
+    }
+    let mut keep = hold(full, fill as u16)?;
+    // Interleave so that background noise hits both destinations alike.
+    let mut med_full = Vec::new();
+    let mut med_empty = Vec::new();
+    for _ in 0..m.div_ceil(10) {
+        med_full.push(timed_connects(full, 10.min(m), &mut keep)?);
+        med_empty.push(timed_connects(empty, 10.min(m), &mut keep)?);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    out.latency_us = vec![
+        (full.to_string(), median(med_full)),
+        (empty.to_string(), median(med_empty)),
+    ];
+    out.keep.0.extend(keep);
+    Ok(())
 }
 
 /// Bind every port of the range to 127.0.0.1, then bind(127.0.0.1:0) must fail (EADDRINUSE).
@@ -390,11 +527,20 @@ fn udp_scenario(out: &mut Outcome, n: u16, k: u64, port: u16) -> Result<(), Work
 }
 
 /// Run a workload in this process: isolate, announce, optionally wait for "go", exhaust.
-pub fn run(o: &WorkloadOptions) -> Result<WorkloadReport, WorkloadError> {
+/// The returned `Keep` holds sockets that must stay open until the caller lets go.
+pub fn run(o: &WorkloadOptions) -> Result<(WorkloadReport, Keep), WorkloadError> {
     set_comm(&o.comm);
-    let tw_reuse = matches!(o.scenario, Scenario::Timewait).then_some(0);
+    let tw_reuse = matches!(
+        o.scenario,
+        Scenario::Timewait | Scenario::ChurnThenFail | Scenario::Hold
+    )
+    .then_some(0);
     isolate(o.ports, tw_reuse)?;
     let pid = std::process::id();
+    let prepared = match o.scenario {
+        Scenario::Hold => hold_prepare(o.ports, o.dport)?,
+        _ => Keep::default(),
+    };
     if o.wait {
         let mut stdout = io::stdout().lock();
         let _ = writeln!(stdout, "{{\"ready\":{pid}}}");
@@ -406,8 +552,9 @@ pub fn run(o: &WorkloadOptions) -> Result<WorkloadReport, WorkloadError> {
             .map_err(io_err("waiting for go on stdin"))?;
     }
     let started = Instant::now();
-    let outcome = run_scenario(o)?;
-    Ok(WorkloadReport {
+    let mut outcome = run_scenario(o)?;
+    outcome.keep.0.extend(prepared.0);
+    let report = WorkloadReport {
         scenario: o.scenario,
         pid,
         comm: o.comm.clone(),
@@ -416,8 +563,12 @@ pub fn run(o: &WorkloadOptions) -> Result<WorkloadReport, WorkloadError> {
         expected: outcome.expected,
         unexpected: outcome.unexpected,
         time_wait_before: outcome.time_wait_before,
+        churner_pid: outcome.churner_pid,
+        churner_comm: outcome.churner_comm,
+        latency_us: outcome.latency_us,
         elapsed_s: started.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((report, outcome.keep))
 }
 
 #[cfg(test)]
@@ -464,6 +615,9 @@ mod tests {
             }],
             unexpected: vec![],
             time_wait_before: None,
+            churner_pid: None,
+            churner_comm: None,
+            latency_us: vec![],
             elapsed_s: 0.1,
         };
         let s = serde_json::to_string(&r).expect("json");

@@ -19,8 +19,23 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86", // vmtest: boots other kernels
     "busybox-static",  // vmtest: the guest userland
     "cpio",            // vmtest: initramfs
+    "prometheus",      // fleet tests: a real Prometheus scrapes `trace --metrics-addr`
+    "systemd",         // fleet tests: systemd-analyze verify/security of deploy/portexhaust.service
+    "util-linux",      // fleet tests: setpriv runs the tracer with exactly the unit's capabilities
     "chromium",        // tests/forensics.rs: the HTML report in a headless browser
 ];
+
+/// PyPI tools the tests use, pinned, with the command each provides. They go into a private
+/// virtualenv (Debian's own Python refuses system-wide pip installs), unless already on PATH.
+pub const PYPI_TOOLS: &[(&str, &str)] = &[
+    // Validates deploy/kubernetes against the Kubernetes JSON schemas it bundles (offline).
+    ("kubernetes-validate==1.37.0", "kubernetes-validate"),
+];
+
+/// The virtualenv for `PYPI_TOOLS`; portexhaust/tests/fleet.rs looks here too.
+pub fn venv_dir() -> PathBuf {
+    home().join(".cache/portexhaust/venv")
+}
 
 fn log(msg: impl AsRef<str>) {
     eprintln!("xtask: {}", msg.as_ref());
@@ -134,6 +149,43 @@ fn install_bpf_linker() -> Result<()> {
     )
 }
 
+fn pypi_tool_works(cmd: &str) -> bool {
+    output(Command::new(cmd).arg("--version")).is_some()
+        || output(Command::new(venv_dir().join("bin").join(cmd)).arg("--version")).is_some()
+}
+
+fn install_pypi_tools() -> Result<Vec<String>> {
+    let missing: Vec<&str> = PYPI_TOOLS
+        .iter()
+        .filter(|(_, cmd)| !pypi_tool_works(cmd))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let venv = venv_dir();
+    if !venv.join("bin/pip").exists() {
+        log(format!(
+            "creating a Python virtualenv in {}",
+            venv.display()
+        ));
+        run_checked(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+            "python3 -m venv failed: install python3 and python3-venv (apt-get install python3-venv)",
+        )?;
+    }
+    log(format!("installing from PyPI: {}", missing.join(" ")));
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(&missing),
+    )?;
+    Ok(vec![format!(
+        "installed from PyPI into {}: {}",
+        venv.display(),
+        missing.join(" ")
+    )])
+}
+
 fn missing_debian_packages() -> Vec<&'static str> {
     DEBIAN_PACKAGES
         .iter()
@@ -170,16 +222,19 @@ pub fn setup() -> Result<Vec<String>> {
         "--installed",
     ]))
     .unwrap_or_default();
-    if !comps.lines().any(|l| l.starts_with("rust-src")) {
-        log("adding rust-src to nightly (needed for -Z build-std=core)");
-        run_checked(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-        did.push("added nightly rust-src".to_string());
+    // rust-src for -Z build-std=core; clippy because the eBPF crate is linted with nightly.
+    for comp in ["rust-src", "clippy"] {
+        if !comps.lines().any(|l| l.starts_with(comp)) {
+            log(format!("adding {comp} to the nightly toolchain"));
+            run_checked(Command::new("rustup").args([
+                "component",
+                "add",
+                comp,
+                "--toolchain",
+                "nightly",
+            ]))?;
+            did.push(format!("added nightly {comp}"));
+        }
     }
 
     if !bpf_linker_works() {
@@ -206,6 +261,9 @@ pub fn setup() -> Result<Vec<String>> {
         )?;
         did.push(format!("installed Debian packages: {}", missing.join(" ")));
     }
+
+    // PyPI tools last: the virtualenv needs python3, which these machines have.
+    did.extend(install_pypi_tools()?);
 
     if did.is_empty() {
         log("setup: everything was already in place");

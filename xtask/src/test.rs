@@ -15,9 +15,47 @@ pub struct TestArgs {
     pub filter: Option<String>,
 }
 
+/// `cargo fmt --check` and clippy with warnings denied, the eBPF crate included (it is built
+/// for its own target with nightly, so it gets its own clippy run).
+fn lint(root: &std::path::Path) -> Result<()> {
+    eprintln!("xtask: lint (fmt, clippy)");
+    run_checked(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    run_checked(Command::new("cargo").current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "portexhaust-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run_checked(
+        Command::new("cargo")
+            .current_dir(root.join("portexhaust-ebpf"))
+            .args([
+                "+nightly",
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )
+}
+
 pub fn test(args: &TestArgs) -> Result<()> {
     setup()?;
     let root = workspace_root();
+    lint(&root)?;
     eprintln!("xtask: unit tests");
     run_checked(Command::new("cargo").current_dir(&root).args([
         "test",
@@ -37,15 +75,17 @@ pub fn test(args: &TestArgs) -> Result<()> {
              namespaces): run `sudo -E cargo xtask test`, or `cargo xtask test --unprivileged-only`"
         );
     }
-    eprintln!("xtask: privileged tests (root, one at a time, private network namespaces)");
+    eprintln!(
+        "xtask: privileged and fleet tests (root, one at a time, private network namespaces)"
+    );
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&root).args([
         "test",
         "--release",
         "--package",
         "portexhaust",
-        "--test",
-        "privileged",
+        // Every test target: the privileged tests are the #[ignore]d ones in tests/*.rs.
+        "--tests",
         "--",
         "--ignored",
         "--test-threads=1",

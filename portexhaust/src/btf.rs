@@ -1,0 +1,393 @@
+//! A small reader for the kernel's BTF (`/sys/kernel/btf/vmlinux`): just enough to find the
+//! byte offset of a struct member, so the eBPF programs can follow `current->nsproxy->net_ns`
+//! without offsets fixed for one kernel build (Rust eBPF emits no CO-RE relocations; the
+//! offsets are resolved here at load time and handed over as globals).
+//!
+//! Format: include/uapi/linux/btf.h. Only what member lookup needs is decoded; every other
+//! kind is skipped by its documented size.
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BtfError {
+    #[error("not BTF data (bad magic or header)")]
+    BadHeader,
+    #[error("BTF data is truncated")]
+    Truncated,
+    #[error("unknown BTF kind {0}")]
+    UnknownKind(u32),
+    #[error("struct {0} not found in BTF")]
+    NoStruct(String),
+    #[error("member {member} not found in struct {ty}")]
+    NoMember { ty: String, member: String },
+    #[error("member {0} is a bitfield")]
+    Bitfield(String),
+}
+
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FWD: u32 = 7;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_FLOAT: u32 = 16;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Clone, Debug)]
+struct Member {
+    name: String,
+    ty: u32,
+    /// Offset in bits; `None` for a bitfield (its bit offset is not byte addressable).
+    bit_offset: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+enum Type {
+    Composite {
+        members: Vec<Member>,
+    },
+    /// typedef / const / volatile / restrict / type_tag: look through to `ty`.
+    Alias {
+        ty: u32,
+    },
+    Other,
+}
+
+pub struct Btf {
+    types: Vec<Type>, // index = type id; 0 is void
+    structs: HashMap<String, u32>,
+}
+
+fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
+    b.get(off..off + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(BtfError::Truncated)
+}
+
+fn str_at(strings: &[u8], off: u32) -> String {
+    let start = off as usize;
+    let Some(rest) = strings.get(start..) else {
+        return String::new();
+    };
+    let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end]).into_owned()
+}
+
+impl Btf {
+    pub fn from_sys_fs() -> std::io::Result<Result<Self, BtfError>> {
+        let data = std::fs::read("/sys/kernel/btf/vmlinux")?;
+        Ok(Self::parse(&data))
+    }
+
+    /// Parse little-endian BTF (the only byte order of the machines we load on).
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
+            return Err(BtfError::BadHeader);
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let types_b = data
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .ok_or(BtfError::Truncated)?;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or(BtfError::Truncated)?;
+
+        let mut types = vec![Type::Other];
+        let mut structs = HashMap::new();
+        let mut off = 0usize;
+        while off < types_b.len() {
+            let name_off = u32_at(types_b, off)?;
+            let info = u32_at(types_b, off + 4)?;
+            let size_or_type = u32_at(types_b, off + 8)?;
+            off += 12;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            let id = types.len() as u32;
+            let ty = match kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let m = off + i * 12;
+                        let raw_off = u32_at(types_b, m + 8)?;
+                        // With kind_flag the top 8 bits hold a bitfield size (0 = not one).
+                        let (bit_offset, bitfield) = if kind_flag {
+                            (raw_off & 0xff_ffff, raw_off >> 24 != 0)
+                        } else {
+                            (raw_off, false)
+                        };
+                        members.push(Member {
+                            name: str_at(strings, u32_at(types_b, m)?),
+                            ty: u32_at(types_b, m + 4)?,
+                            bit_offset: (!bitfield).then_some(bit_offset),
+                        });
+                    }
+                    off += vlen * 12;
+                    if kind == KIND_STRUCT {
+                        let name = str_at(strings, name_off);
+                        // The first definition with members wins (vmlinux has one per name).
+                        if !name.is_empty() && !members.is_empty() {
+                            structs.entry(name).or_insert(id);
+                        }
+                    }
+                    Type::Composite { members }
+                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    Type::Alias { ty: size_or_type }
+                }
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
+                    off += 4;
+                    Type::Other
+                }
+                KIND_ARRAY => {
+                    off += 12;
+                    Type::Other
+                }
+                KIND_ENUM | KIND_FUNC_PROTO => {
+                    off += vlen * 8;
+                    Type::Other
+                }
+                KIND_DATASEC | KIND_ENUM64 => {
+                    off += vlen * 12;
+                    Type::Other
+                }
+                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
+                k => return Err(BtfError::UnknownKind(k)),
+            };
+            if off > types_b.len() {
+                return Err(BtfError::Truncated);
+            }
+            types.push(ty);
+        }
+        Ok(Self { types, structs })
+    }
+
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            match self.types.get(id as usize) {
+                Some(Type::Alias { ty }) => id = *ty,
+                _ => break,
+            }
+        }
+        id
+    }
+
+    /// Find `name` among the members of composite type `id`, looking into anonymous
+    /// struct/union members as C does. Returns the bit offset and member type.
+    fn find(&self, id: u32, name: &str, depth: u32) -> Option<Result<(u32, u32), ()>> {
+        let Type::Composite { members } = self.types.get(self.resolve(id) as usize)? else {
+            return None;
+        };
+        for m in members {
+            if m.name == name {
+                return Some(m.bit_offset.map(|b| (b, m.ty)).ok_or(()));
+            }
+        }
+        if depth > 8 {
+            return None;
+        }
+        for m in members.iter().filter(|m| m.name.is_empty()) {
+            if let Some(found) = self.find(m.ty, name, depth + 1) {
+                return Some(match (found, m.bit_offset) {
+                    (Ok((b, t)), Some(base)) => Ok((base + b, t)),
+                    _ => Err(()),
+                });
+            }
+        }
+        None
+    }
+
+    /// Byte offset of a member path inside a struct, e.g. `("net", "ns.inum")`.
+    pub fn member_offset(&self, ty: &str, path: &str) -> Result<u32, BtfError> {
+        let mut id = *self
+            .structs
+            .get(ty)
+            .ok_or_else(|| BtfError::NoStruct(ty.to_string()))?;
+        let mut total_bits = 0u32;
+        for part in path.split('.') {
+            match self.find(id, part, 0) {
+                Some(Ok((bits, mty))) => {
+                    total_bits += bits;
+                    id = mty;
+                }
+                Some(Err(())) => return Err(BtfError::Bitfield(part.to_string())),
+                None => {
+                    return Err(BtfError::NoMember {
+                        ty: ty.to_string(),
+                        member: path.to_string(),
+                    });
+                }
+            }
+        }
+        if !total_bits.is_multiple_of(8) {
+            return Err(BtfError::Bitfield(path.to_string()));
+        }
+        Ok(total_bits / 8)
+    }
+}
+
+/// Kernel struct offsets the programs need, resolved from BTF.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub net_ns_inum: u32,
+    pub task_group_leader: u32,
+    pub task_start_time: u32,
+}
+
+impl TaskOffsets {
+    /// `current->nsproxy->net_ns->ns.inum` (the inode shown by /proc/PID/ns/net) and
+    /// `current->group_leader->start_boottime` (ns since boot including suspend, 5.5+: the clock
+    /// /proc/PID/stat derives its start time from, so the two can be compared).
+    pub fn resolve(btf: &Btf) -> Result<Self, BtfError> {
+        Ok(Self {
+            task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
+            nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
+            net_ns_inum: btf.member_offset("net", "ns.inum")?,
+            task_group_leader: btf.member_offset("task_struct", "group_leader")?,
+            task_start_time: btf.member_offset("task_struct", "start_boottime")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Assemble a BTF blob: types are (name, info, size_or_type, trailing bytes).
+    fn blob(strings: &[&str], types: &[(u32, u32, u32, Vec<u8>)]) -> (Vec<u8>, Vec<u32>) {
+        let mut strs = vec![0u8];
+        let mut offs = Vec::new();
+        for s in strings {
+            offs.push(strs.len() as u32);
+            strs.extend_from_slice(s.as_bytes());
+            strs.push(0);
+        }
+        let mut tb = Vec::new();
+        for (name, info, sz, extra) in types {
+            tb.extend_from_slice(&name.to_le_bytes());
+            tb.extend_from_slice(&info.to_le_bytes());
+            tb.extend_from_slice(&sz.to_le_bytes());
+            tb.extend_from_slice(extra);
+        }
+        let mut d = vec![0x9f, 0xeb, 1, 0];
+        for v in [
+            24u32,
+            0,
+            tb.len() as u32,
+            tb.len() as u32,
+            strs.len() as u32,
+        ] {
+            d.extend_from_slice(&v.to_le_bytes());
+        }
+        d.extend_from_slice(&tb);
+        d.extend_from_slice(&strs);
+        (d, offs)
+    }
+
+    fn member(name: u32, ty: u32, off: u32) -> Vec<u8> {
+        [name, ty, off]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn finds_nested_and_anonymous_members() {
+        // strings: 0 "int", 1 "ns_common", 2 "inum", 3 "net", 4 "ns", 5 "x"
+        let (_, o) = blob(&["int", "ns_common", "inum", "net", "ns", "x"], &[]);
+        let types = vec![
+            // 1: int
+            (o[0], KIND_INT << 24, 4, 0x20u32.to_le_bytes().to_vec()),
+            // 2: struct ns_common { int x @0; int inum @32 bits }
+            (
+                o[1],
+                (KIND_STRUCT << 24) | 2,
+                8,
+                [member(o[5], 1, 0), member(o[2], 1, 32)].concat(),
+            ),
+            // 3: anonymous union { struct ns_common ns @0 }
+            (0, (KIND_UNION << 24) | 1, 8, member(o[4], 2, 0)),
+            // 4: const anonymous union (alias)
+            (0, KIND_CONST << 24, 3, vec![]),
+            // 5: struct net { int x @0; <anon const union> @64 bits }
+            (
+                o[3],
+                (KIND_STRUCT << 24) | 2,
+                16,
+                [member(o[5], 1, 0), member(0, 4, 64)].concat(),
+            ),
+        ];
+        let (data, _) = blob(&["int", "ns_common", "inum", "net", "ns", "x"], &types);
+        let btf = Btf::parse(&data).expect("parse");
+        assert_eq!(btf.member_offset("ns_common", "inum"), Ok(4));
+        assert_eq!(btf.member_offset("net", "ns.inum"), Ok(12));
+        assert_eq!(btf.member_offset("net", "ns"), Ok(8));
+        assert!(matches!(
+            btf.member_offset("net", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("task_struct", "pid"),
+            Err(BtfError::NoStruct(_))
+        ));
+    }
+
+    #[test]
+    fn bitfields_are_refused() {
+        let (_, o) = blob(&["int", "s", "flag"], &[]);
+        let types = vec![
+            (o[0], KIND_INT << 24, 4, 0x20u32.to_le_bytes().to_vec()),
+            // kind_flag set: member offset = (bitfield size 1 << 24) | bit 3
+            (
+                o[1],
+                (1 << 31) | (KIND_STRUCT << 24) | 1,
+                4,
+                member(o[2], 1, (1 << 24) | 3),
+            ),
+        ];
+        let (data, _) = blob(&["int", "s", "flag"], &types);
+        let btf = Btf::parse(&data).expect("parse");
+        assert_eq!(
+            btf.member_offset("s", "flag"),
+            Err(BtfError::Bitfield("flag".into()))
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert_eq!(Btf::parse(b"").err(), Some(BtfError::BadHeader));
+        assert_eq!(Btf::parse(&[0u8; 64]).err(), Some(BtfError::BadHeader));
+        let (mut d, _) = blob(&["a"], &[(1, KIND_INT << 24, 4, vec![0, 0, 0, 0])]);
+        d.truncate(d.len() - 3);
+        assert!(Btf::parse(&d).is_err());
+    }
+
+    #[test]
+    fn running_kernel_offsets_resolve_when_btf_exists() {
+        let Ok(res) = Btf::from_sys_fs() else {
+            eprintln!("no /sys/kernel/btf/vmlinux here: nothing to check");
+            return;
+        };
+        let btf = res.expect("kernel BTF parses");
+        let o = TaskOffsets::resolve(&btf).expect("offsets");
+        assert!(o.task_nsproxy > 0 && o.task_group_leader > 0 && o.task_start_time > 0);
+    }
+}

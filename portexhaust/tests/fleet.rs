@@ -1,0 +1,905 @@
+//! Fleet tests: Prometheus metrics scraped by a real Prometheus during a real exhaustion,
+//! container attribution through a real cgroup, the systemd unit's capabilities and
+//! hardening, and the Kubernetes manifests against the Kubernetes schemas.
+//!
+//! Run by `cargo xtask test` after `cargo xtask setup` installed the tools (Debian's
+//! `prometheus`, PyPI's `kubernetes-validate`), as root and one at a time: they load eBPF
+//! programs, create network namespaces and cgroups. They panic rather than skip when they
+//! cannot run. Every process they start is killed on drop, every cgroup removed, and every
+//! network address they use is on loopback (127.0.0.1) or inside a workload's own namespace.
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
+const ROOT_ONLY: &str = "privileged tests need root: run them through `cargo xtask test` as root";
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "{ROOT_ONLY}");
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+/// A private temporary directory, removed on drop.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .subsec_nanos();
+        let p =
+            std::env::temp_dir().join(format!("pxh-fleet-{tag}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills and reaps a child when a test ends, passed or failed.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes under test.
+
+/// A workload paused in its own network namespace until `go()`.
+struct Workload {
+    guard: Guard,
+    stdin: Option<ChildStdin>,
+    pid: u32,
+}
+
+impl Workload {
+    fn start(scenario: &str, failures: u64, comm: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["workload", "--scenario", scenario, "--wait", "--comm", comm])
+            .args(["--failures", &failures.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start workload");
+        let stdin = child.stdin.take();
+        let mut guard = Guard(child);
+        let mut line = String::new();
+        BufReader::new(guard.0.stdout.as_mut().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        let v: Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("workload ready line {line:?}: {e}"));
+        let pid = v["ready"].as_u64().expect("pid") as u32;
+        Self { guard, stdin, pid }
+    }
+
+    fn go(&mut self) {
+        let mut stdin = self.stdin.take().expect("go once");
+        stdin.write_all(b"go\n").expect("go");
+    }
+
+    /// Wait for the workload; returns the number of failures it caused itself.
+    fn finish(mut self) -> (Value, u64) {
+        let mut out = String::new();
+        self.guard
+            .0
+            .stdout
+            .as_mut()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("report");
+        let status = self.guard.0.wait().expect("wait");
+        assert!(status.success(), "workload failed: {status}");
+        let report: Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"));
+        assert!(
+            report["unexpected"].as_array().is_some_and(Vec::is_empty),
+            "{report}"
+        );
+        let n = report["expected"][0]["count"].as_u64().expect("count");
+        assert!(n > 0, "the workload caused no failure: {report}");
+        (report, n)
+    }
+}
+
+/// `portexhaust trace` (or any command that prints `ready:` on stderr when it traces),
+/// with stdout and stderr drained by threads.
+struct Trace {
+    guard: Guard,
+    stdout: Option<thread::JoinHandle<String>>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Trace {
+    fn start(args: &[&str]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("trace").args(args);
+        Self::spawn(cmd).unwrap_or_else(|(err, code)| {
+            panic!("tracer never became ready (exit {code:?}); stderr:\n{err}")
+        })
+    }
+
+    /// Start and wait for the ready line; Err((stderr, exit code)) if it exits first.
+    fn spawn(mut cmd: Command) -> Result<Self, (String, Option<i32>)> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start trace");
+        let mut so = child.stdout.take().expect("stdout");
+        let se = child.stderr.take().expect("stderr");
+        let stdout = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = so.read_to_string(&mut s);
+            s
+        });
+        let (tx, rx) = mpsc::channel();
+        let stderr = thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(se).lines().map_while(Result::ok) {
+                if line.contains("ready:") {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let mut t = Self {
+            guard: Guard(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = t.guard.0.kill();
+            let (_, err, code) = t.wait();
+            return Err((err, Some(code)));
+        }
+        Ok(t)
+    }
+
+    /// SIGTERM, then (stdout, stderr, exit code).
+    fn stop(mut self) -> (String, String, i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.guard.0.id() as i32, libc::SIGTERM) };
+        self.wait()
+    }
+
+    fn wait(&mut self) -> (String, String, i32) {
+        let status = self.guard.0.wait().expect("wait trace");
+        let out = self.stdout.take().expect("once").join().expect("stdout");
+        let err = self.stderr.take().expect("once").join().expect("stderr");
+        (out, err, status.code().unwrap_or(-1))
+    }
+}
+
+/// NDJSON from `trace --json`: (failure events, summary).
+fn records(stdout: &str) -> (Vec<Value>, Value) {
+    let mut events = Vec::new();
+    let mut summary = Value::Null;
+    for l in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON {l:?}: {e}"));
+        match v["type"].as_str() {
+            Some("failure") => events.push(v),
+            Some("summary") => summary = v,
+            other => panic!("unknown record type {other:?}"),
+        }
+    }
+    assert!(!summary.is_null(), "no summary in output:\n{stdout}");
+    (events, summary)
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP, by hand: a test client needs no more than HTTP/1.0 GET on loopback.
+
+fn http_get(addr: SocketAddr, target: &str, accept: Option<&str>) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {target} HTTP/1.0\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("header end");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, head.to_string(), body.to_string())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus server on loopback with a temporary config and database, scraping one
+/// target every second. Killed (and its files removed) on drop.
+struct Prometheus {
+    _guard: Guard,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Self {
+        let dir = TempDir::new("prometheus");
+        let config = dir.0.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: portexhaust\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("config");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let log = fs::File::create(dir.0.join("log")).expect("log");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--storage.tsdb.retention.time=1h")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting prometheus: {e} (install it with `cargo xtask setup`)")
+            });
+        let p = Self {
+            _guard: Guard(child),
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready", None).0 == 200 {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready after 30 s:\n{}",
+                fs::read_to_string(p._dir.0.join("log")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// An instant query through the HTTP API; panics unless Prometheus says "success".
+    fn query(&self, q: &str) -> Vec<Value> {
+        let (status, _, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", urlencode(q)),
+            None,
+        );
+        let v: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("query {q:?}: HTTP {status}: {e}: {body}"));
+        assert_eq!(v["status"], "success", "query {q:?}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The value of a query that returns one series (None: no series).
+    fn scalar(&self, q: &str) -> Option<f64> {
+        let r = self.query(q);
+        assert!(r.len() <= 1, "{q:?} returned {} series: {r:?}", r.len());
+        r.first().map(|s| {
+            s["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{q:?}: {s}"))
+        })
+    }
+
+    /// Poll `q` until `done` accepts its value, for at most `secs` seconds.
+    fn wait_for(&self, q: &str, secs: u64, done: impl Fn(Option<f64>) -> bool) -> Option<f64> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.scalar(q);
+            if done(v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{q:?} still {v:?} after {secs} s"
+            );
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus end to end.
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn prometheus_counts_the_exact_failures_of_a_real_exhaustion() {
+    require_root();
+    let comm = "pxh-fleet";
+    let mut w = Workload::start("v4", 37, comm);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let t = Trace::start(&[
+        "--json",
+        "--pid",
+        &w.pid.to_string(),
+        "--metrics-addr",
+        &metrics.to_string(),
+    ]);
+    let prom = Prometheus::start(metrics);
+    // The exporter is up and scraped before anything fails.
+    prom.wait_for("up{job=\"portexhaust\"}", 30, |v| v == Some(1.0));
+    assert_eq!(
+        prom.scalar(&format!(
+            "sum(portexhaust_failures_total{{comm=\"{comm}\"}})"
+        )),
+        None,
+        "no failure yet"
+    );
+    w.go();
+    let (report, n) = w.finish();
+    let done = unix_now();
+    // The exporter reads the kernel's counts once a second and serves a new series at 0 for
+    // one scrape before giving it its count (so that rate() sees the burst). Wait for a
+    // scrape taken after all of that (1 s read + 1 s scrape + 1 s read + 1 s scrape, plus
+    // margin); then the value must be exact, not merely reach n at some point.
+    prom.wait_for(
+        "max(timestamp(portexhaust_failures_seen_total))",
+        30,
+        |ts| ts.is_some_and(|ts| ts > done + 5.0),
+    );
+    let total = prom.scalar(&format!(
+        "sum(portexhaust_failures_total{{comm=\"{comm}\"}})"
+    ));
+    assert_eq!(total, Some(n as f64), "workload saw {n} failures: {report}");
+    let dst = report["expected"][0]["dst"].as_str().expect("dst");
+    let exact = format!(
+        "portexhaust_failures_total{{comm=\"{comm}\",errno=\"EADDRNOTAVAIL\",proto=\"tcp\",dst=\"{dst}\"}}"
+    );
+    assert_eq!(prom.scalar(&exact), Some(n as f64), "{exact}");
+    // Prometheus saw the series at 0 first, so increase() counts the whole burst.
+    assert_eq!(
+        prom.scalar(&format!("min_over_time({exact}[5m])")),
+        Some(0.0)
+    );
+    let inc = prom
+        .scalar(&format!("increase({exact}[5m])"))
+        .expect("increase");
+    assert!(inc >= n as f64, "increase {inc} < {n}");
+    assert_eq!(
+        prom.scalar("portexhaust_failures_seen_total"),
+        Some(n as f64)
+    );
+    assert_eq!(
+        prom.scalar("portexhaust_backend{backend=\"tracepoint\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        prom.scalar("count(portexhaust_build_info{version!=\"\",kernel!=\"\"})"),
+        Some(1.0)
+    );
+
+    // Every query of the Grafana dashboard runs in this real Prometheus, with Grafana's
+    // variables filled in as Grafana would.
+    let dash: Value = serde_json::from_str(
+        &fs::read_to_string(repo().join("deploy/grafana/portexhaust.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut ran = 0;
+    for p in dash["panels"].as_array().expect("panels") {
+        for target in p["targets"].as_array().into_iter().flatten() {
+            let q = target["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$__rate_interval", "5s")
+                .replace("$__range", "5m")
+                .replace("$instance", ".*");
+            let r = prom.query(&q);
+            if q.contains("portexhaust_failures_total") {
+                assert!(!r.is_empty(), "{q:?} found nothing after {n} failures");
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 10, "only {ran} dashboard queries");
+
+    let (out, err, code) = t.stop();
+    assert_eq!(code, 0, "trace failed:\n{err}");
+    let (events, summary) = records(&out);
+    assert_eq!(summary["failures_total"], n, "{summary}");
+    assert_eq!(events.len() as u64, n);
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_taken_metrics_port_is_a_clear_start_error() {
+    require_root();
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["trace", "--duration", "5", "--metrics-addr"])
+        .arg(addr.to_string());
+    match Trace::spawn(cmd) {
+        Ok(t) => {
+            let (_, err, _) = t.stop();
+            panic!("trace started although {addr} is taken:\n{err}");
+        }
+        Err((err, code)) => {
+            assert_eq!(code, Some(1), "{err}");
+            let last = err.lines().last().unwrap_or("");
+            assert!(
+                last.starts_with("portexhaust: error: serving metrics on ")
+                    && last.contains(&addr.to_string())
+                    && last.contains("in use"),
+                "{err}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Container attribution through a real cgroup.
+
+/// Cgroup directories made by a test: processes still in them go back to the root cgroup and
+/// the directories are removed (innermost first), even when the test fails.
+struct Cgroups {
+    root: PathBuf,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cgroups {
+    fn mkdir(&mut self, rel: &str) -> PathBuf {
+        let mut p = self.root.clone();
+        for part in rel.split('/') {
+            p.push(part);
+            if !p.exists() {
+                fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+                self.dirs.push(p.clone());
+            }
+        }
+        p
+    }
+
+    fn enter(dir: &Path, pid: u32) {
+        fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", dir.display()));
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines() {
+                    let _ = fs::write(self.root.join("cgroup.procs"), pid);
+                }
+            }
+            // A just-killed process can take a moment to leave its cgroup.
+            for _ in 0..50 {
+                if fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn hex64(seed: u64) -> String {
+    // Deterministic per run, unique enough not to clash with a real container.
+    (0..4)
+        .map(|i| {
+            format!(
+                "{:016x}",
+                seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(i * 16) ^ i as u64
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn failures_are_attributed_to_the_container_of_their_cgroup() {
+    require_root();
+    let root = portexhaust::container::cgroup2_root().expect("no cgroup v2 hierarchy mounted");
+    let seed = u64::from(std::process::id()) << 20
+        ^ u64::from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .subsec_nanos(),
+        );
+    let docker_id = hex64(seed);
+    let k8s_id = hex64(seed + 1);
+    let pod = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let top = format!("portexhaust-test-{}.slice", std::process::id());
+    // Declared before the workloads: dropped after them, once their processes are gone.
+    let mut cg = Cgroups {
+        root: root.clone(),
+        dirs: Vec::new(),
+    };
+    let docker_dir = cg.mkdir(&format!("{top}/docker-{docker_id}.scope"));
+    let k8s_dir = cg.mkdir(&format!(
+        "{top}/kubepods-burstable-pod{}.slice/cri-containerd-{k8s_id}.scope",
+        pod.replace('-', "_")
+    ));
+
+    let mut wd = Workload::start("v4", 6, "pxh-docker");
+    let mut wk = Workload::start("v6", 4, "pxh-k8s");
+    Cgroups::enter(&docker_dir, wd.pid);
+    Cgroups::enter(&k8s_dir, wk.pid);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let t = Trace::start(&[
+        "--json",
+        "--pid",
+        &wd.pid.to_string(),
+        "--pid",
+        &wk.pid.to_string(),
+        "--metrics-addr",
+        &metrics.to_string(),
+    ]);
+    wd.go();
+    wk.go();
+    let (_, nd) = wd.finish();
+    let (_, nk) = wk.finish();
+    let cases = [
+        ("pxh-docker", nd, "docker", docker_id.clone(), Value::Null),
+        (
+            "pxh-k8s",
+            nk,
+            "containerd",
+            k8s_id.clone(),
+            Value::from(pod),
+        ),
+    ];
+    // The metric series of one case: comm first, container labels and count last.
+    let has_series =
+        |text: &str, (comm, n, runtime, id, pod): &(&str, u64, &str, String, Value)| {
+            let start = format!("portexhaust_failures_total{{comm=\"{comm}\"");
+            let end = format!(
+                "container_runtime=\"{runtime}\",container_id=\"{id}\",pod_uid=\"{}\"}} {n}",
+                pod.as_str().unwrap_or("")
+            );
+            text.lines()
+                .any(|l| l.starts_with(&start) && l.ends_with(&end))
+        };
+    // Scrape like Prometheus until both series carry their counts: counts are read once a
+    // second and a new series is served at 0 once first (bounded: 15 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, text) = http_get(metrics, "/metrics", None);
+        assert_eq!(status, 200);
+        if cases.iter().all(|c| has_series(&text, c)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container labels missing:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+    let (out, err, code) = t.stop();
+    assert_eq!(code, 0, "trace failed:\n{err}");
+    let (events, _) = records(&out);
+
+    for (comm, n, runtime, id, pod) in &cases {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["comm"] == *comm).collect();
+        assert_eq!(mine.len() as u64, *n, "{comm}: {out}");
+        for e in mine {
+            assert_eq!(e["container"]["runtime"], *runtime, "{e}");
+            assert_eq!(e["container"]["id"], id.as_str(), "{e}");
+            assert_eq!(e["container"]["pod"], *pod, "{e}");
+        }
+    }
+    drop(cg);
+    assert!(!root.join(&top).exists(), "test cgroups left behind");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The systemd unit.
+
+fn unit_text() -> String {
+    fs::read_to_string(repo().join("deploy/portexhaust.service")).expect("unit file")
+}
+
+/// The capability names of one `Key=CAP_A CAP_B` line of the unit.
+fn unit_caps(unit: &str, key: &str) -> BTreeSet<String> {
+    let lines: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .collect();
+    assert_eq!(lines.len(), 1, "one {key}= line expected");
+    lines[0].split_whitespace().map(str::to_string).collect()
+}
+
+/// `trace` as an unprivileged user holding exactly `caps` (as the unit's DynamicUser with
+/// AmbientCapabilities and NoNewPrivileges would), in a copy of the binary any user can run.
+fn trace_with_caps(caps: &BTreeSet<String>, bin: &Path, args: &[&str]) -> Command {
+    let list = caps
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--no-new-privs",
+    ])
+    .arg(format!("--inh-caps=-all,{list}"))
+    .arg(format!("--ambient-caps=-all,{list}"))
+    .arg(format!("--bounding-set=-all,{list}"))
+    .arg(bin)
+    .arg("trace")
+    .args(args);
+    cmd
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_units_capabilities_are_enough_and_each_is_needed() {
+    require_root();
+    let unit = unit_text();
+    let caps = unit_caps(&unit, "CapabilityBoundingSet");
+    assert_eq!(caps, unit_caps(&unit, "AmbientCapabilities"));
+    assert!(unit.contains("\nDynamicUser=yes\n") && unit.contains("\nNoNewPrivileges=yes\n"));
+    let dir = TempDir::new("caps");
+    let bin = dir.0.join("portexhaust");
+    fs::copy(BIN, &bin).expect("copy binary");
+    fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+
+    let run = |caps: &BTreeSet<String>| -> Result<(Vec<Value>, u64), String> {
+        // Enough failures (tens of milliseconds) that the tracer reads the first events while
+        // the process is still alive: its namespace is looked up in /proc/PID then, and cached.
+        let mut w = Workload::start("v4", 2000, "pxh-caps");
+        let pid = w.pid.to_string();
+        let t = Trace::spawn(trace_with_caps(caps, &bin, &["--json", "--pid", &pid]))
+            .map_err(|(err, code)| format!("exit {code:?}: {err}"))?;
+        w.go();
+        let (_, n) = w.finish();
+        let (out, err, code) = t.stop();
+        assert_eq!(code, 0, "{err}");
+        let (events, summary) = records(&out);
+        assert_eq!(summary["failures_total"], n, "{summary}");
+        Ok((events, n))
+    };
+
+    // Exactly the unit's capabilities: every failure, with the failing process's namespace.
+    let (events, n) = run(&caps).unwrap_or_else(|e| panic!("with {caps:?}: {e}"));
+    assert_eq!(events.len() as u64, n);
+    assert!(events.iter().all(|e| e["netns"].is_u64()), "{events:?}");
+
+    // Without CAP_DAC_READ_SEARCH, tracefs (mode 0700) is out of reach: no start at all.
+    let mut fewer = caps.clone();
+    assert!(fewer.remove("CAP_DAC_READ_SEARCH"));
+    let e = run(&fewer).expect_err("traced without CAP_DAC_READ_SEARCH");
+    assert!(e.contains("tracefs"), "{e}");
+    // Without CAP_SYS_PTRACE the failures are still caught with their namespace, which the
+    // kernel side reads itself through BTF offsets; what is lost is /proc of root's processes
+    // (the census's fd owners), which the unit keeps CAP_SYS_PTRACE for.
+    let mut fewer = caps.clone();
+    assert!(fewer.remove("CAP_SYS_PTRACE"));
+    let (events, n) = run(&fewer).unwrap_or_else(|e| panic!("without CAP_SYS_PTRACE: {e}"));
+    assert_eq!(events.len() as u64, n);
+    assert!(events.iter().all(|e| e["netns"].is_u64()), "{events:?}");
+}
+
+/// `systemd-analyze verify` of a unit text, with ExecStart pointed at `exec`: verify checks
+/// that the program exists, and the unit names the installed path, which a test machine lacks.
+/// Any output is a failure: verify exits 0 on settings it ignores (misspelt keys, bad values),
+/// and an ignored hardening setting is a silent hole.
+fn verify_unit(unit: &str, exec: &str) -> Result<(), String> {
+    let dir = TempDir::new("unit");
+    let path = dir.0.join("portexhaust.service");
+    let text = unit.replace(
+        "ExecStart=/usr/local/bin/portexhaust ",
+        &format!("ExecStart={exec} "),
+    );
+    assert_ne!(text, unit, "ExecStart=/usr/local/bin/portexhaust not found");
+    fs::write(&path, text).expect("write unit");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is missing");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !said.trim().is_empty() {
+        return Err(format!("{}: {said}", out.status));
+    }
+    // The exposure score systemd computes from the hardening settings (0-10, lower is
+    // better; 2.4 when written). --threshold is in tenths.
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=30", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze security");
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        return Err(format!(
+            "exposure above 3.0: {}",
+            text.lines().last().unwrap_or("")
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs systemd-analyze (cargo xtask setup): run with cargo xtask test"]
+fn systemd_unit_verifies_and_is_hardened() {
+    let unit = unit_text();
+    verify_unit(&unit, BIN).unwrap_or_else(|e| panic!("deploy/portexhaust.service: {e}"));
+    // The checker catches what verify only warns about, and what it refuses.
+    for (bad, why) in [
+        (
+            unit.replace("ProtectSystem=strict", "ProtectSystem=bogus"),
+            "bad value",
+        ),
+        (
+            unit.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"),
+            "misspelt key",
+        ),
+        (
+            unit.replace("ProtectHome=yes", "ProtectHome=no")
+                .replace("PrivateDevices=yes", "PrivateDevices=no")
+                .replace("ProtectKernelTunables=yes", "ProtectKernelTunables=no")
+                .replace("DynamicUser=yes", "DynamicUser=no")
+                .replace("SystemCallFilter=", "#SystemCallFilter="),
+            "weak hardening",
+        ),
+    ] {
+        assert!(verify_unit(&bad, BIN).is_err(), "{why} passed");
+    }
+    assert!(
+        verify_unit(&unit, "/nonexistent/portexhaust").is_err(),
+        "missing program passed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes manifests.
+
+/// `kubernetes-validate`: on PATH, or in the virtualenv `cargo xtask setup` makes.
+fn kubernetes_validate() -> PathBuf {
+    let venv = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".cache/portexhaust/venv/bin/kubernetes-validate");
+    let on_path = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        PathBuf::from("kubernetes-validate")
+    } else {
+        assert!(
+            venv.exists(),
+            "kubernetes-validate (PyPI) is missing: run `cargo xtask setup`"
+        );
+        venv
+    }
+}
+
+/// Validate against the Kubernetes JSON schemas (strict: unknown fields are errors).
+fn validate(manifest: &Path, version: &str) -> Result<(), String> {
+    let out = Command::new(kubernetes_validate())
+        .args(["--strict", "--quiet", "-k", version])
+        .arg(manifest)
+        .output()
+        .expect("run kubernetes-validate");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && !said.contains("ERROR") {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
+
+#[test]
+#[ignore = "needs kubernetes-validate (cargo xtask setup): run with cargo xtask test"]
+fn kubernetes_manifests_match_the_schemas() {
+    let manifest = repo().join("deploy/kubernetes/daemonset.yaml");
+    let text = fs::read_to_string(&manifest).expect("manifest");
+    for kind in ["kind: Namespace", "kind: ServiceAccount", "kind: DaemonSet"] {
+        assert!(text.contains(kind), "{kind} missing");
+    }
+    // The oldest and newest Kubernetes the validator carries schemas for.
+    for version in ["1.25.0", "1.37.0"] {
+        validate(&manifest, version).unwrap_or_else(|e| panic!("Kubernetes {version}: {e}"));
+    }
+    // Broken copies must be refused: a wrong type, an unknown field, a missing required one.
+    let dir = TempDir::new("k8s");
+    for (from, to) in [
+        ("hostPID: true", "hostPID: \"yes\""),
+        ("hostPID: true", "hostPid: true"),
+        ("containerPort: 9977", "containerPort: \"9977\""),
+        ("      containers:", "      container:"),
+    ] {
+        assert!(text.contains(from), "{from}");
+        let bad = dir.0.join("bad.yaml");
+        fs::write(&bad, text.replacen(from, to, 1)).expect("write");
+        assert!(
+            validate(&bad, "1.37.0").is_err(),
+            "{from:?} -> {to:?} validated"
+        );
+    }
+    // The pod gets the same capabilities as the systemd unit, no more.
+    let mut added = BTreeSet::new();
+    let mut in_add = false;
+    for l in text.lines() {
+        let t = l.split('#').next().unwrap_or("").trim();
+        if t == "add:" {
+            in_add = true;
+        } else if in_add && let Some(cap) = t.strip_prefix("- ") {
+            added.insert(format!("CAP_{cap}"));
+        } else if in_add && !t.is_empty() {
+            in_add = false;
+        }
+    }
+    assert_eq!(added, unit_caps(&unit_text(), "CapabilityBoundingSet"));
+    assert!(text.contains("- ALL"), "capabilities are not dropped first");
+}
