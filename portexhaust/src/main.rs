@@ -4,9 +4,12 @@ use std::{io::Write, net::SocketAddr, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use portexhaust::{
+    doctor,
     error::{Error, one_line},
     loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
-    metrics, nsinfo, selftest, top, trace,
+    metrics, nsinfo,
+    record::RecordOptions,
+    report, selftest, top, trace,
     workload::{self, Scenario, WorkloadOptions},
 };
 use portexhaust_common::Backend;
@@ -20,7 +23,11 @@ Examples:
   sudo portexhaust top                         # live: destinations by pressure, failers, holders
   sudo portexhaust top --json --netns /run/netns/app
   sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
-  sudo portexhaust selftest                    # does it work on this kernel?";
+  sudo portexhaust selftest                    # does it work on this kernel?
+  sudo portexhaust trace --record incident.ndjson
+  portexhaust report incident.ndjson --format html -o incident.html
+  sudo portexhaust doctor                      # what to fix on this host, now
+  portexhaust doctor --explain tcp_tw_recycle";
 
 #[derive(Parser)]
 #[command(
@@ -108,6 +115,17 @@ enum Cmd {
         /// Probe backend.
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendArg,
+        /// Also append an incident record (NDJSON, mode 0600) to FILE for `portexhaust report`:
+        /// settings, every failure, and snapshots of the exact counts. Flushed every second.
+        #[arg(long, value_name = "FILE")]
+        record: Option<std::path::PathBuf>,
+        /// Seconds between snapshots of the exact counts in the record.
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration, requires = "record")]
+        snapshot_interval: Duration,
+        /// Failure lines written to the record per second at most; beyond that failures are
+        /// tallied per process and destination (exact counts, bounded disk use in a storm).
+        #[arg(long, value_name = "N", default_value_t = 200, requires = "record")]
+        record_events_per_s: u32,
         /// Size of each in-kernel socket-ownership map (LRU: the oldest are dropped and
         /// counted as evictions when full).
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
@@ -146,6 +164,12 @@ enum Cmd {
               value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
         max_tracked_sockets: u32,
     },
+    /// The blame report after the fact, from one or more `trace --record` files: timeline,
+    /// offenders, holders, destinations, settings and what to change.
+    Report(report::ReportArgs),
+    /// Audit this network namespace now: range, reserved ports, TIME_WAIT settings and counters,
+    /// busy destinations, bind() before connect(); each finding with a concrete fix.
+    Doctor(doctor::DoctorArgs),
     /// Check that tracing works on this kernel: exhaust a private network namespace for real
     /// and compare what the tracer saw with what the workload saw.
     Selftest {
@@ -223,6 +247,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             comm,
             dport,
             backend,
+            record,
+            snapshot_interval,
+            record_events_per_s,
             max_tracked_sockets,
             metrics_addr,
             no_container_labels,
@@ -238,10 +265,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dports: dport,
                 },
                 backend: backend.into(),
+                record: record.map(|path| RecordOptions {
+                    path,
+                    snapshot_interval,
+                    events_per_s: record_events_per_s,
+                }),
                 metrics_addr,
                 container_labels: !no_container_labels,
             };
             runtime()?.block_on(trace::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report(args) => Ok(ExitCode::from(report::run(&args)?)),
+        Cmd::Doctor(args) => {
+            println!("{}", doctor::run(&args).trim_end());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Top {
@@ -333,6 +370,28 @@ mod tests {
             &["portexhaust", "trace", "--dport", "70000"],
             &["portexhaust", "trace", "--comm", "a-name-longer-than-15"],
             &["portexhaust", "trace", "--backend", "uprobe"],
+            &["portexhaust", "trace", "--snapshot-interval", "5"],
+            &["portexhaust", "trace", "--record-events-per-s", "5"],
+            &[
+                "portexhaust",
+                "trace",
+                "--record",
+                "x",
+                "--record-events-per-s",
+                "-1",
+            ],
+            &[
+                "portexhaust",
+                "trace",
+                "--record",
+                "x",
+                "--snapshot-interval",
+                "0",
+            ],
+            &["portexhaust", "report"],
+            &["portexhaust", "report", "x", "--format", "pdf"],
+            &["portexhaust", "report", "x", "--since", "yesterday"],
+            &["portexhaust", "doctor", "--explain", "tcp_tw_whatever"],
             &["portexhaust", "trace", "--metrics-addr", "host:9977"],
             &["portexhaust", "trace", "--metrics-addr", "99999"],
             &["portexhaust", "trace", "--metrics-addr"],
@@ -343,6 +402,44 @@ mod tests {
             Cli::try_parse_from(["portexhaust", "trace", "--duration", "1.5", "--pid", "3"])
                 .is_ok()
         );
+        for ok in [
+            &[
+                "portexhaust",
+                "trace",
+                "--record",
+                "x",
+                "--snapshot-interval",
+                "0.5",
+            ][..],
+            &[
+                "portexhaust",
+                "report",
+                "a",
+                "b",
+                "--format",
+                "html",
+                "-o",
+                "r.html",
+            ],
+            &[
+                "portexhaust",
+                "report",
+                "a",
+                "--since",
+                "2026-11-25T11:20:00Z",
+                "--pid",
+                "1",
+            ],
+            &["portexhaust", "doctor", "--json"],
+            &[
+                "portexhaust",
+                "doctor",
+                "--explain",
+                "net.ipv4.tcp_tw_recycle",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(ok).is_ok(), "{ok:?}");
+        }
         assert!(
             Cli::try_parse_from([
                 "portexhaust",

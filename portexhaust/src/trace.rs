@@ -22,6 +22,7 @@ use crate::{
     metrics::{self, Metrics, MetricsOptions},
     model::{Failure, decode_event},
     procinfo::NetnsCache,
+    record::{RecordOptions, Recorder},
     render,
     view::{Collector, Scope},
 };
@@ -37,6 +38,8 @@ pub struct TraceOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// Container labels on the metrics (`--no-container-labels` turns them off).
     pub container_labels: bool,
+    /// `--record FILE`: an incident record for `portexhaust report`.
+    pub record: Option<RecordOptions>,
 }
 
 /// Only the fd, for readiness: the ring buffer itself stays inside the Tracer.
@@ -99,6 +102,7 @@ struct Session {
     json: bool,
     decode_errors: u64,
     collector: Collector,
+    recorder: Option<Recorder>,
 }
 
 impl Session {
@@ -113,6 +117,7 @@ impl Session {
             json,
             decode_errors,
             collector,
+            recorder,
         } = self;
         let mut batch: Vec<Failure> = Vec::new();
         tracer.drain(|bytes| match decode_event(bytes, |t| clock.to_unix_ns(t)) {
@@ -137,6 +142,9 @@ impl Session {
             if let Some(m) = metrics {
                 m.observe_failure(&f);
             }
+            if let Some(r) = recorder.as_mut() {
+                r.failure(&f);
+            }
             let line = if *json {
                 render::json_line(&f)
             } else {
@@ -145,6 +153,25 @@ impl Session {
             out.line(&line);
         }
         out.flush();
+        if let Some(r) = recorder.as_mut() {
+            r.flush_if_due();
+        }
+    }
+
+    /// Periodic record upkeep: a snapshot of the exact counts when one is due (after draining,
+    /// so the lines before it are what the counts had seen), and the flush-every-second rule.
+    fn record_tick(&mut self, elapsed: Duration) -> Result<()> {
+        if self.recorder.as_ref().is_some_and(Recorder::snapshot_due) {
+            self.drain();
+            let summary = render::json_summary(&self.summary(elapsed)?);
+            if let Some(r) = self.recorder.as_mut() {
+                r.snapshot(&summary);
+            }
+        }
+        if let Some(r) = self.recorder.as_mut() {
+            r.flush_if_due();
+        }
+        Ok(())
     }
 
     fn summary(&mut self, elapsed: Duration) -> Result<Summary> {
@@ -218,7 +245,15 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         json: opts.json,
         decode_errors: 0,
         collector: Collector::new(Scope::Failers),
+        recorder: None,
     };
+    if let Some(rec) = &opts.record {
+        s.recorder = Some(Recorder::create(
+            rec,
+            s.tracer.backend.name(),
+            &opts.filters,
+        )?);
+    }
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
     // Bound before the ready line, so that a taken port fails the start instead of a scrape.
@@ -271,6 +306,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         census.len()
     );
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut record_tick = tokio::time::interval(crate::record::FLUSH_EVERY);
     loop {
         let sleep = async {
             match deadline {
@@ -315,6 +351,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sleep => break,
+            _ = record_tick.tick(), if s.recorder.is_some() => s.record_tick(started.elapsed())?,
         }
         if s.out.closed {
             break;
@@ -330,5 +367,8 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     };
     s.out.line(&text);
     s.out.flush();
+    if let Some(r) = s.recorder.as_mut() {
+        r.finish(&render::json_summary(&summary));
+    }
     Ok(summary)
 }

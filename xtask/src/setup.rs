@@ -22,6 +22,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",      // fleet tests: a real Prometheus scrapes `trace --metrics-addr`
     "systemd",         // fleet tests: systemd-analyze verify/security of deploy/portexhaust.service
     "util-linux",      // fleet tests: setpriv runs the tracer with exactly the unit's capabilities
+    "chromium",        // tests/forensics.rs: the HTML report in a headless browser
 ];
 
 /// PyPI tools the tests use, pinned, with the command each provides. They go into a private

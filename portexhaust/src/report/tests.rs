@@ -1,0 +1,756 @@
+//! Reader and report tests on hand-made records (no root needed), and property tests that
+//! throw truncated, mutated and random bytes at the parser.
+use std::io::Cursor;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::{
+    html,
+    model::{self, CountSource, FileOut, Report},
+    parse::{Filter, Level, Problem, read_file, read_from},
+    text,
+};
+use crate::clock::rfc3339;
+
+const T0: i128 = 1_764_069_600_000_000_000; // 2025-11-25T11:20:00Z
+
+fn ts(ms: i64) -> String {
+    rfc3339(T0 + i128::from(ms) * 1_000_000)
+}
+
+fn header(host: &str, pid: u32, start_ms: i64) -> Value {
+    json!({"type":"header","version":1,"host":host,"kernel":"6.18.0","start_ts":ts(start_ms),
+        "backend":"tracepoint","pid":pid,"netns":100,
+        "sysctls":{"100":{"ip_local_port_range":[32768,60999],"ip_local_reserved_ports":"",
+            "tcp_tw_reuse":2,"tcp_fin_timeout":60,"tcp_max_tw_buckets":262144,"tcp_timestamps":1}},
+        "census":[]})
+}
+
+fn failure(pid: u32, comm: &str, dst: &str, errno: u32, ms: i64) -> Value {
+    json!({"type":"failure","ts":ts(ms),"pid":pid,"tid":pid,"uid":0,"comm":comm,"cgroup_id":1,
+        "netns":200,"family":"ipv4","proto":"tcp","dst":dst,"src":"127.0.0.1","errno":errno,
+        "errname":"EADDRNOTAVAIL","site":"__inet_hash_connect","backend":"tracepoint"})
+}
+
+/// offenders: (pid, comm, [(dst, errno, n)], first_ms, last_ms)
+type Off<'a> = (u32, &'a str, Vec<(&'a str, u32, u64)>, i64, i64);
+
+fn offenders(offs: &[Off<'_>]) -> Value {
+    Value::Array(
+        offs.iter()
+            .map(|(pid, comm, dests, first, last)| {
+                let total: u64 = dests.iter().map(|d| d.2).sum();
+                json!({"pid":pid,"comm":comm,"failures":total,"first_ts":ts(*first),
+                    "last_ts":ts(*last),
+                    "destinations":dests.iter().map(|(d,e,n)| json!({"dst":d,"errno":e,"failures":n})).collect::<Vec<_>>()})
+            })
+            .collect(),
+    )
+}
+
+fn snapshot(ms: i64, total: u64, dropped: u64, offs: &[Off<'_>]) -> Value {
+    json!({"type":"snapshot","ts":ts(ms),"backend":"tracepoint","duration_s":1.0,
+        "failures_total":total,"dropped_events":dropped,"offenders":offenders(offs)})
+}
+
+fn summary(total: u64, dropped: u64, duration_s: f64, offs: &[Off<'_>]) -> Value {
+    json!({"type":"summary","backend":"tracepoint","duration_s":duration_s,
+        "failures_total":total,"dropped_events":dropped,"offenders":offenders(offs)})
+}
+
+fn ndjson(lines: &[Value]) -> String {
+    lines.iter().map(|v| format!("{v}\n")).collect()
+}
+
+fn report_of(files: &[(&str, &str)], filter: &Filter) -> Report {
+    let mut problems = Vec::new();
+    let mut outs = Vec::new();
+    let mut sessions = Vec::new();
+    for (name, data) in files {
+        let f = read_from(name, Cursor::new(data.as_bytes()), filter, &mut problems);
+        outs.push(FileOut {
+            path: f.path.clone(),
+            usable: f.usable,
+            lines: f.lines,
+            sessions: f.sessions.len(),
+        });
+        sessions.extend(f.sessions);
+    }
+    model::build(outs, sessions, filter, problems)
+}
+
+fn one(data: &str) -> Report {
+    report_of(&[("rec.ndjson", data)], &Filter::default())
+}
+
+fn problem_texts(r: &Report) -> Vec<String> {
+    r.problems.iter().map(Problem::to_string).collect()
+}
+
+#[test]
+fn a_clean_session_uses_the_summary_even_when_events_were_dropped() {
+    let mut lines = vec![header("h1", 10, 0)];
+    for i in 0..5 {
+        lines.push(failure(7, "app", "10.0.0.1:80", 99, 100 + i));
+    }
+    // The kernel counted 8 (3 were dropped from the ring buffer).
+    lines.push(snapshot(
+        900,
+        8,
+        3,
+        &[(7, "app", vec![("10.0.0.1:80", 99, 8)], 100, 104)],
+    ));
+    lines.push(summary(
+        8,
+        3,
+        1.0,
+        &[(7, "app", vec![("10.0.0.1:80", 99, 8)], 100, 104)],
+    ));
+    let r = one(&ndjson(&lines));
+    assert!(r.problems.is_empty(), "{:?}", problem_texts(&r));
+    assert_eq!(r.failures_total, 8);
+    assert!(r.complete);
+    assert_eq!(r.dropped_events, 3);
+    assert_eq!(r.recorded_events, 5);
+    assert_eq!(r.sessions[0].counts_from, CountSource::Summary);
+    assert_eq!(r.offenders[0].failures, 8);
+    assert_eq!(r.offenders[0].destinations[0].errname, "EADDRNOTAVAIL");
+    // The recording lasted from 0 s to 1 s (duration_s of the summary).
+    assert_eq!(r.timeline.counts, vec![5, 0]);
+    assert_eq!(r.first_failure_ts.as_deref(), Some(ts(100).as_str()));
+}
+
+#[test]
+fn a_killed_tracer_is_counted_from_its_last_snapshot_plus_the_lines_it_had_not_counted() {
+    let mut lines = vec![header("h1", 10, 0)];
+    for i in 0..8 {
+        lines.push(failure(7, "app", "10.0.0.1:80", 99, 100 + i));
+    }
+    // Counted 10 (pid 7 up to t=109) while lines for t=108,109 were still in the ring buffer.
+    lines.push(snapshot(
+        200,
+        10,
+        0,
+        &[(7, "app", vec![("10.0.0.1:80", 99, 10)], 100, 109)],
+    ));
+    lines.push(failure(7, "app", "10.0.0.1:80", 99, 108)); // already counted
+    lines.push(failure(7, "app", "10.0.0.1:80", 99, 109)); // already counted
+    lines.push(failure(7, "app", "10.0.0.1:80", 99, 300)); // new
+    lines.push(failure(7, "app", "10.0.0.1:81", 99, 301)); // new, new destination
+    lines.push(failure(9, "other", "10.0.0.2:80", 99, 302)); // new pid
+    let mut data = ndjson(&lines);
+    data.push_str(r#"{"type":"failure","ts":"2025-11-25T11:2"#); // cut by SIGKILL
+    let r = one(&data);
+    assert_eq!(r.failures_total, 13);
+    assert!(!r.complete);
+    assert_eq!(r.sessions[0].counts_from, CountSource::SnapshotAndEvents);
+    let app = r.offenders.iter().find(|o| o.pid == 7).expect("pid 7");
+    assert_eq!(app.failures, 12);
+    assert_eq!(app.destinations[0].failures, 11);
+    assert_eq!(app.destinations[1].dst, "10.0.0.1:81");
+    assert_eq!(
+        r.offenders.iter().find(|o| o.pid == 9).map(|o| o.failures),
+        Some(1)
+    );
+    assert_eq!(r.recorded_events, 13);
+    let p = problem_texts(&r);
+    assert_eq!(
+        p,
+        vec!["rec.ndjson:16: the last line is cut off (the tracer stopped mid-write); ignored"]
+    );
+    assert_eq!(r.problems[0].level, Level::Note);
+    assert!(
+        r.sessions[0]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("plus 3 failure line(s)"))
+    );
+}
+
+fn suppressed(entries: &[(u32, &str, u64, i64, i64, bool)]) -> Value {
+    json!({"type":"suppressed","ts":ts(0),"events":entries.iter().map(|(pid, dst, n, a, b, counted)| {
+        let mut e = json!({"pid":pid,"comm":"app","netns":200,"dst":dst,"errno":99,"count":n,
+            "first_ts":ts(*a),"last_ts":ts(*b)});
+        if *counted { e["counted_by_snapshot"] = true.into(); }
+        e
+    }).collect::<Vec<_>>()})
+}
+
+#[test]
+fn tallied_failures_count_like_lines_and_respect_the_snapshot() {
+    let mut lines = vec![header("h1", 10, 0)];
+    for i in 0..3 {
+        lines.push(failure(7, "app", "10.0.0.1:80", 99, 100 + i));
+    }
+    lines.push(suppressed(&[(7, "10.0.0.1:80", 7, 103, 109, false)]));
+    // Events-only so far: 3 lines + 7 tallied.
+    assert_eq!(one(&ndjson(&lines)).failures_total, 10);
+    lines.push(snapshot(
+        1500,
+        12,
+        0,
+        &[(7, "app", vec![("10.0.0.1:80", 99, 12)], 100, 111)],
+    ));
+    lines.push(suppressed(&[
+        (7, "10.0.0.1:80", 2, 110, 111, true),
+        (7, "10.0.0.1:80", 3, 2000, 2400, false),
+        (7, "10.0.0.1:81", 4, 2100, 2200, false),
+    ]));
+    let r = one(&ndjson(&lines));
+    assert!(r.problems.is_empty(), "{:?}", problem_texts(&r));
+    assert_eq!(r.failures_total, 12 + 3 + 4);
+    assert_eq!(r.recorded_events, 3 + 7 + 2 + 3 + 4);
+    assert_eq!(r.offenders[0].destinations[1].failures, 4);
+    // Timeline: 12 events in second 0, 7 in second 2.
+    assert_eq!(r.timeline.counts, vec![12, 0, 7]);
+    // Bad entries are named and skipped.
+    let bad = ndjson(&[
+        header("h1", 10, 0),
+        json!({"type":"suppressed","events":[{"pid":1}, {"pid":1,"dst":"x","errno":99,"count":2,"first_ts":"no","last_ts":"no"}]}),
+        json!({"type":"suppressed"}),
+    ]);
+    let r = one(&bad);
+    assert_eq!(
+        problem_texts(&r),
+        [
+            "rec.ndjson:2: suppressed entry 0: missing field `dst` (skipped)",
+            "rec.ndjson:2: suppressed entry 1: bad timestamp (skipped)",
+            "rec.ndjson:3: suppressed record without an \"events\" array (skipped)",
+        ]
+    );
+}
+
+#[test]
+fn killed_before_the_first_snapshot_counts_every_flushed_line() {
+    let mut lines = vec![header("h1", 10, 0)];
+    for i in 0..40 {
+        lines.push(failure(7, "app", "10.0.0.1:80", 99, 100 + i * 30));
+    }
+    let r = one(&ndjson(&lines));
+    assert_eq!(r.failures_total, 40);
+    assert_eq!(r.sessions[0].counts_from, CountSource::Events);
+    assert!(r.problems.is_empty());
+    // 100 ms .. 1270 ms: seconds 0 and 1.
+    assert_eq!(r.timeline.counts.iter().sum::<u64>(), 40);
+    assert_eq!(r.timeline.counts.len(), 2);
+    assert_eq!(r.peak_per_s, Some(30.0));
+}
+
+#[test]
+fn an_unknown_version_is_refused_by_name_and_later_sessions_still_count() {
+    let mut data = ndjson(&[
+        json!({"type":"header","version":2,"host":"h","pid":1}),
+        failure(7, "app", "10.0.0.1:80", 99, 1),
+    ]);
+    data.push_str(&ndjson(&[
+        header("h", 2, 10),
+        failure(7, "app", "10.0.0.1:80", 99, 20),
+    ]));
+    let r = one(&data);
+    assert_eq!(r.failures_total, 1);
+    let p = problem_texts(&r);
+    assert!(
+        p[0].starts_with("rec.ndjson:1: record version 2 is not supported"),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.contains("1 lines of unsupported sessions skipped"))
+    );
+}
+
+#[test]
+fn a_file_of_only_an_unknown_version_is_unusable() {
+    let mut problems = Vec::new();
+    let f = read_from(
+        "v9.ndjson",
+        Cursor::new(b"{\"type\":\"header\",\"version\":9}\n".as_slice()),
+        &Filter::default(),
+        &mut problems,
+    );
+    assert!(!f.usable);
+    assert_eq!(
+        problems[0].to_string(),
+        "v9.ndjson:1: record version 9 is not supported (this portexhaust reads version 1); \
+         this session is skipped"
+    );
+}
+
+fn unusable(name: &str, data: &[u8]) -> String {
+    let mut problems = Vec::new();
+    let f = read_from(name, Cursor::new(data), &Filter::default(), &mut problems);
+    assert!(!f.usable, "{name}");
+    problems
+        .iter()
+        .filter(|p| p.level == Level::Error)
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[test]
+fn empty_binary_foreign_and_missing_files_are_clear_errors() {
+    assert_eq!(
+        unusable("e.ndjson", b""),
+        "e.ndjson: is empty: no header, nothing to report"
+    );
+    assert!(
+        unusable("b.bin", b"\x7fELF\x02\x01\x01\x00\x00\x00").starts_with("b.bin: binary data")
+    );
+    assert!(unusable("p.pcap", &[0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0]).contains("binary data"));
+    assert!(unusable("c.csv", b"time,pid\n1,2\n").starts_with("c.csv: line 1 is not JSON"));
+    assert!(unusable("w.ndjson", b"\n\n  \n").contains("no portexhaust records"));
+    assert!(unusable("j.ndjson", b"{\"a\":1}\n[1,2]\n").contains("no portexhaust records"));
+    let mut problems = Vec::new();
+    let f = read_file(
+        std::path::Path::new("/nonexistent/rec.ndjson"),
+        &Filter::default(),
+        &mut problems,
+    );
+    assert!(!f.usable);
+    assert!(
+        problems[0]
+            .to_string()
+            .starts_with("/nonexistent/rec.ndjson: cannot open: No such file"),
+        "{:?}",
+        problems
+    );
+}
+
+#[test]
+fn hand_edited_lines_are_reported_by_line_and_the_rest_is_used() {
+    let data = [
+        header("h1", 10, 0).to_string(),
+        failure(7, "app", "10.0.0.1:80", 99, 1).to_string(),
+        "{\"type\":\"failure\",\"pid\":7}".into(),
+        "not json at all".into(),
+        "[1,2,3]".into(),
+        "{\"type\":\"telemetry\"}".into(),
+        "{\"pid\":1}".into(),
+        failure(7, "app", "10.0.0.1:80", 99, 2)
+            .to_string()
+            .replace(&ts(2), "yesterday"),
+        "{\"type\":\"snapshot\",\"ts\":\"x\"}".into(),
+        "\u{0}\u{1}binary".into(),
+        failure(7, "app", "10.0.0.1:80", 99, 3).to_string(),
+        String::new(),
+    ]
+    .join("\n");
+    let r = one(&data);
+    assert_eq!(r.failures_total, 2);
+    let p = problem_texts(&r);
+    let want = [
+        "rec.ndjson:3: failure record: missing field `ts` (skipped)",
+        "rec.ndjson:4: not valid JSON: expected ident (skipped)",
+        "rec.ndjson:5: not a JSON object (skipped)",
+        "rec.ndjson:6: unknown record type \"telemetry\" (skipped)",
+        "rec.ndjson:7: record without a \"type\" (skipped)",
+        "rec.ndjson:8: failure record: bad timestamp \"yesterday\" (skipped)",
+        "rec.ndjson:9: snapshot record: missing field `failures_total` (skipped)",
+        "rec.ndjson:10: binary data, not a JSON line (skipped)",
+    ];
+    assert_eq!(p, want);
+}
+
+#[test]
+fn a_tail_of_nuls_after_a_crash_is_tolerated() {
+    let mut data =
+        ndjson(&[header("h1", 10, 0), failure(7, "app", "10.0.0.1:80", 99, 1)]).into_bytes();
+    data.extend_from_slice(&[0u8; 4096]);
+    let mut problems = Vec::new();
+    let f = read_from(
+        "crash",
+        Cursor::new(data),
+        &Filter::default(),
+        &mut problems,
+    );
+    assert!(f.usable);
+    assert_eq!(f.sessions[0].recorded, 1);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].level, Level::Note);
+    assert!(
+        problems[0]
+            .to_string()
+            .starts_with("crash:3: the file ends in binary data")
+    );
+}
+
+#[test]
+fn bad_lines_beyond_twenty_are_counted_not_listed() {
+    let mut data = header("h1", 10, 0).to_string() + "\n";
+    for _ in 0..50 {
+        data.push_str("garbage\n");
+    }
+    let r = one(&data);
+    assert_eq!(r.problems.len(), 21);
+    assert_eq!(
+        r.problems[20].to_string(),
+        "rec.ndjson: 30 more bad lines not shown"
+    );
+}
+
+#[test]
+fn records_without_a_header_are_still_reported() {
+    let data = ndjson(&[
+        failure(7, "app", "10.0.0.1:80", 99, 1),
+        failure(7, "app", "10.0.0.1:80", 99, 2),
+    ]);
+    let r = one(&data);
+    assert_eq!(r.failures_total, 2);
+    assert_eq!(
+        problem_texts(&r),
+        ["rec.ndjson:1: records before any header: reported without host and settings"]
+    );
+    assert_eq!(r.sessions[0].host, "?");
+}
+
+#[test]
+fn a_broken_header_keeps_its_events() {
+    let data = format!(
+        "{}\n{}\n",
+        r#"{"type":"header","version":1,"host":42,"sysctls":"x"}"#,
+        failure(7, "app", "10.0.0.1:80", 99, 2)
+    );
+    let r = one(&data);
+    assert_eq!(r.failures_total, 1);
+    assert!(problem_texts(&r)[0].starts_with("rec.ndjson:1: header: invalid type"));
+}
+
+#[test]
+fn several_files_are_merged_and_the_same_session_twice_is_counted_once() {
+    let a = ndjson(&[
+        header("h1", 10, 0),
+        failure(7, "app", "10.0.0.1:80", 99, 1),
+        summary(1, 0, 1.0, &[(7, "app", vec![("10.0.0.1:80", 99, 1)], 1, 1)]),
+    ]);
+    let b = ndjson(&[
+        header("h2", 20, 0),
+        failure(7, "other", "10.0.0.9:80", 99, 5),
+        failure(7, "other", "10.0.0.9:80", 99, 6),
+        summary(
+            2,
+            0,
+            1.0,
+            &[(7, "other", vec![("10.0.0.9:80", 99, 2)], 5, 6)],
+        ),
+    ]);
+    let r = report_of(&[("a", &a), ("b", &b), ("a-copy", &a)], &Filter::default());
+    assert_eq!(r.failures_total, 3);
+    assert_eq!(r.sessions.len(), 2);
+    // Same pid on two hosts: two offenders.
+    assert_eq!(r.offenders.len(), 2);
+    assert_eq!(r.offenders[0].host, "h2");
+    assert_eq!(
+        problem_texts(&r),
+        ["a-copy:1: the same session as in a (host h1, tracer pid 10): counted once"]
+    );
+    assert_eq!(r.timeline.counts.iter().sum::<u64>(), 3);
+}
+
+#[test]
+fn overlapping_sessions_of_one_host_are_flagged() {
+    let a = ndjson(&[
+        header("h1", 10, 0),
+        failure(7, "app", "10.0.0.1:80", 99, 500),
+    ]);
+    let b = ndjson(&[
+        header("h1", 11, 100),
+        failure(7, "app", "10.0.0.1:80", 99, 500),
+    ]);
+    let r = report_of(&[("a", &a), ("b", &b)], &Filter::default());
+    assert_eq!(r.failures_total, 2);
+    assert!(problem_texts(&r)[0].starts_with("b:1: overlaps in time with the session of a"));
+}
+
+#[test]
+fn pid_and_time_filters() {
+    let mut lines = vec![header("h1", 10, 0)];
+    for i in 0..10 {
+        lines.push(failure(7, "app", "10.0.0.1:80", 99, i * 1000));
+        lines.push(failure(8, "other", "10.0.0.1:80", 99, i * 1000 + 1));
+    }
+    lines.push(summary(
+        25,
+        0,
+        10.0,
+        &[
+            (7, "app", vec![("10.0.0.1:80", 99, 12)], 0, 9000),
+            (8, "other", vec![("10.0.0.1:80", 99, 13)], 1, 9001),
+        ],
+    ));
+    let data = ndjson(&lines);
+    let by_pid = report_of(
+        &[("r", &data)],
+        &Filter {
+            pids: vec![8],
+            ..Default::default()
+        },
+    );
+    assert_eq!(by_pid.failures_total, 13, "summary counts of pid 8");
+    assert_eq!(by_pid.offenders.len(), 1);
+    assert_eq!(by_pid.timeline.counts.iter().sum::<u64>(), 10);
+    // A window that cuts the session: failure lines inside it.
+    let window = report_of(
+        &[("r", &data)],
+        &Filter {
+            since: Some(T0 + 2_000_000_000),
+            until: Some(T0 + 4_500_000_000),
+            pids: vec![],
+        },
+    );
+    assert_eq!(window.failures_total, 6);
+    assert_eq!(window.sessions[0].counts_from, CountSource::Events);
+    // A window around the whole session keeps the exact counts.
+    let all = report_of(
+        &[("r", &data)],
+        &Filter {
+            since: Some(T0 - 1),
+            until: Some(T0 + 60_000_000_000),
+            pids: vec![],
+        },
+    );
+    assert_eq!(all.failures_total, 25);
+}
+
+#[test]
+fn blame_and_destination_rows_become_holders_and_findings() {
+    let mut h = header("h1", 10, 0);
+    h["sysctls"] = json!({"200":{"ip_local_port_range":[40000,40009],"ip_local_reserved_ports":"",
+        "tcp_tw_reuse":0,"tcp_fin_timeout":60,"tcp_max_tw_buckets":262144,"tcp_timestamps":1}});
+    let mut snap = snapshot(
+        200,
+        3,
+        0,
+        &[(7, "app", vec![("127.0.0.1:5000", 99, 3)], 1, 3)],
+    );
+    snap["blame"] = json!([{"dst":"127.0.0.1:5000","netns":200,"range_size":10,"in_use":10,
+        "by_state":{"TIME_WAIT":10},"failers":[{"pid":7,"comm":"app","failures":3}],
+        "holders":[{"pid":5,"comm":"<b>churn</b>","alive":false,"sockets":10,"time_wait":10}]},
+        {"dst": 5}]);
+    let data = ndjson(&[
+        h,
+        failure(7, "app", "127.0.0.1:5000", 99, 1),
+        failure(7, "app", "127.0.0.1:5000", 99, 2),
+        failure(7, "app", "127.0.0.1:5000", 99, 3),
+        snap,
+    ]);
+    let r = one(&data);
+    assert_eq!(r.failures_total, 3);
+    assert_eq!(r.holders.len(), 1);
+    assert_eq!(r.holders[0].comm, "<b>churn</b>");
+    assert_eq!(r.holders[0].time_wait, 10);
+    assert!(problem_texts(&r)[0].starts_with("rec.ndjson:5: snapshot blame entry 1: invalid type"));
+    assert_eq!(r.destinations[0].row.dst, "127.0.0.1:5000");
+    assert!((r.destinations[0].row.utilisation - 1.0).abs() < 1e-9);
+    let ids: Vec<&str> = r
+        .findings
+        .iter()
+        .filter(|f| f.netns == Some(200))
+        .map(|f| f.finding.id.as_str())
+        .collect();
+    for want in [
+        "connect_eaddrnotavail",
+        "destination",
+        "ip_local_port_range",
+        "tcp_tw_reuse",
+    ] {
+        assert!(ids.contains(&want), "{want} in {ids:?}");
+    }
+    // Renderings.
+    let t = text::render(&r);
+    assert!(t.contains("3 exhaustion failures"), "{t}");
+    assert!(t.contains("<b>churn</b>"));
+    assert!(t.contains("sysctl -w net.ipv4.tcp_tw_reuse=1"));
+    let page = html::render(&r);
+    assert!(page.contains("&lt;b&gt;churn&lt;/b&gt;") && !page.contains("<b>churn"));
+    assert!(page.contains("<svg id=\"timeline-chart\""));
+    assert_eq!(page.matches("<rect class=\"bar\"").count(), 1);
+    let j: Value = serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("parse");
+    assert_eq!(j["type"], "report");
+    assert_eq!(j["failures_total"], 3);
+    assert_eq!(j["holders"][0]["pid"], 5);
+    assert_eq!(j["destinations"][0]["dst"], "127.0.0.1:5000");
+    assert!(j["findings"][0]["severity"].is_string());
+}
+
+#[test]
+fn html_has_no_external_references() {
+    let data = ndjson(&[header("h1", 10, 0), failure(7, "app", "10.0.0.1:80", 99, 1)]);
+    let page = html::render(&one(&data));
+    for bad in ["<script", "src=", "@import", "url(", "https://"] {
+        assert!(!page.contains(bad), "{bad}");
+    }
+    // The only URL is the SVG namespace name, which is never fetched.
+    assert_eq!(page.matches("http://").count(), 1);
+}
+
+#[test]
+fn fixture_records_read_as_documented() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/records");
+    let mut problems = Vec::new();
+    let f = read_file(
+        &dir.join("killed.ndjson"),
+        &Filter::default(),
+        &mut problems,
+    );
+    assert!(f.usable);
+    let r = model::build(
+        vec![FileOut {
+            path: f.path.clone(),
+            usable: true,
+            lines: f.lines,
+            sessions: f.sessions.len(),
+        }],
+        f.sessions,
+        &Filter::default(),
+        problems,
+    );
+    assert_eq!(r.failures_total, 12, "{:?}", problem_texts(&r));
+    assert!(!r.complete);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property tests.
+
+/// A simulated tracer: events with strictly increasing microsecond times; the kernel counts
+/// each at once, the ring buffer hands them to the recorder later; snapshots are taken while
+/// some events are still pending.
+fn simulate(pids: &[u32], snaps: &[(usize, usize)]) -> (String, usize) {
+    // snaps: (counted_up_to, written_before): written_before <= counted_up_to.
+    let mut lines = vec![header("h", 1, 0).to_string()];
+    let mut written = 0usize;
+    let ev = |i: usize| failure(pids[i], "app", "10.0.0.1:80", 99, 0);
+    let at = |i: usize| T0 + 1_000_000_000 + i as i128 * 1000; // 1 µs apart
+    let line = |i: usize| {
+        let mut v = ev(i);
+        v["ts"] = rfc3339(at(i)).into();
+        v.to_string()
+    };
+    for &(counted, before) in snaps {
+        while written < before {
+            lines.push(line(written));
+            written += 1;
+        }
+        // Offenders as the kernel saw them: events 0..counted.
+        let mut per: std::collections::BTreeMap<u32, (u64, usize, usize)> = Default::default();
+        for (i, pid) in pids.iter().enumerate().take(counted) {
+            let e = per.entry(*pid).or_insert((0, i, i));
+            e.0 += 1;
+            e.2 = i;
+        }
+        let offs: Vec<Value> = per
+            .iter()
+            .map(|(pid, (n, first, last))| {
+                json!({"pid":pid,"comm":"app","failures":n,"first_ts":rfc3339(at(*first)),
+                    "last_ts":rfc3339(at(*last)),
+                    "destinations":[{"dst":"10.0.0.1:80","errno":99,"failures":n}]})
+            })
+            .collect();
+        lines.push(
+            json!({"type":"snapshot","ts":rfc3339(at(counted)),"failures_total":counted,
+                "dropped_events":0,"offenders":offs})
+            .to_string(),
+        );
+    }
+    while written < pids.len() {
+        lines.push(line(written));
+        written += 1;
+    }
+    (lines.join("\n") + "\n", pids.len())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        let mut problems = Vec::new();
+        let f = read_from("fuzz", Cursor::new(data), &Filter::default(), &mut problems);
+        let _ = model::build(vec![], f.sessions, &Filter::default(), problems);
+    }
+
+    #[test]
+    fn random_json_lines_never_panic(lines in proptest::collection::vec(
+        prop_oneof![
+            Just(header("h", 1, 0).to_string()),
+            Just(failure(1, "a", "1.2.3.4:5", 99, 3).to_string()),
+            Just(snapshot(5, 3, 1, &[(1, "a", vec![("1.2.3.4:5", 99, 3)], 0, 3)]).to_string()),
+            Just(summary(3, 1, 1.0, &[(1, "a", vec![("1.2.3.4:5", 99, 3)], 0, 3)]).to_string()),
+            Just(suppressed(&[(1, "1.2.3.4:5", 4, 3, 9, false), (1, "1.2.3.4:5", 1, 1, 2, true)]).to_string()),
+            "\\PC{0,60}",
+            "\\{\"type\":\"(header|failure|snapshot|summary|sysctls)\"(,\"[a-z_]{1,12}\":(-?[0-9]{1,25}|\"\\PC{0,10}\"|null|\\[\\]|\\{\\}|true|1e400)){0,6}\\}",
+        ], 0..40)) {
+        let data = lines.join("\n");
+        let mut problems = Vec::new();
+        let f = read_from("fuzz", Cursor::new(data.into_bytes()), &Filter::default(), &mut problems);
+        let r = model::build(vec![], f.sessions, &Filter::default(), problems);
+        let _ = text::render(&r);
+        let _ = html::render(&r);
+        let _ = serde_json::to_string(&r);
+    }
+
+    /// A record cut anywhere (SIGKILL during write) reports exactly the failure lines that
+    /// reached the file whole.
+    #[test]
+    fn truncation_anywhere_counts_exactly_the_whole_lines(n in 1usize..60, cut_frac in 0.0f64..1.0) {
+        let mut lines = vec![header("h", 1, 0).to_string()];
+        for i in 0..n {
+            lines.push(failure(7, "app", "10.0.0.1:80", 99, i as i64).to_string());
+        }
+        let data = lines.join("\n") + "\n";
+        let header_len = lines[0].len() + 1;
+        let cut = header_len + ((data.len() - header_len) as f64 * cut_frac) as usize;
+        let prefix = &data[..cut];
+        // Whole lines = those whose text is complete (the newline itself may be missing).
+        let mut whole = 0;
+        let mut pos = header_len;
+        for l in &lines[1..] {
+            if pos + l.len() <= cut { whole += 1; }
+            pos += l.len() + 1;
+        }
+        let r = one(prefix);
+        prop_assert_eq!(r.failures_total, whole as u64);
+        prop_assert!(r.problems.iter().all(|p| p.level == Level::Note));
+    }
+
+    /// Killed at any point after any snapshots: the last snapshot plus the lines it had not
+    /// counted equals every failure known at the end (no double counting of pending lines).
+    #[test]
+    fn snapshots_with_pending_events_are_never_double_counted(
+        pids in proptest::collection::vec(1u32..4, 1..80),
+        raw in proptest::collection::vec((0.0f64..1.0, 0.0f64..1.0), 0..4),
+    ) {
+        let n = pids.len();
+        let mut snaps: Vec<(usize, usize)> = Vec::new();
+        let mut last_counted = 0;
+        let mut last_written = 0;
+        for (a, b) in raw {
+            let counted = (last_counted + ((n - last_counted) as f64 * a) as usize).max(last_written);
+            let before = (last_written + ((counted - last_written) as f64 * b) as usize).min(counted);
+            snaps.push((counted, before));
+            last_counted = counted;
+            last_written = before;
+        }
+        let (data, total) = simulate(&pids, &snaps);
+        let r = one(&data);
+        prop_assert_eq!(r.failures_total, total as u64);
+        let per_pid: u64 = r.offenders.iter().map(|o| o.failures).sum();
+        prop_assert_eq!(per_pid, total as u64);
+    }
+}
+
+#[test]
+fn line_longer_than_the_limit_is_skipped() {
+    let mut data = header("h", 1, 0).to_string() + "\n";
+    data.push_str(&"x".repeat(super::parse::MAX_LINE + 10));
+    data.push('\n');
+    data.push_str(&failure(7, "a", "1.2.3.4:5", 99, 1).to_string());
+    data.push('\n');
+    let r = one(&data);
+    assert_eq!(r.failures_total, 1);
+    assert_eq!(
+        problem_texts(&r),
+        ["rec.ndjson:2: line longer than 4 MiB (skipped)"]
+    );
+}

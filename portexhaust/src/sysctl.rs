@@ -1,0 +1,331 @@
+//! The per-network-namespace settings that decide how soon ephemeral ports run out, and the
+//! kernel counters that show how TIME_WAIT is handled.
+//!
+//! All of `net.ipv4.*` read here is per network namespace (since Linux 4.x for the TCP ones),
+//! and `/proc/sys/net` resolves against the namespace of the *calling thread*
+//! (`net_ctl_header_lookup()` uses `current->nsproxy`). So another namespace is read by a
+//! short-lived thread that `setns()`es into it: the rest of the process never moves.
+use std::{collections::BTreeMap, fs::File, io, os::fd::AsRawFd, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// The settings recorded per network namespace (record header, `doctor`). Every field is
+/// optional: a kernel may lack one (`tcp_tw_recycle` is gone since 4.12) and a record may have
+/// been edited by hand.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSysctls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_local_port_range: Option<[u32; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_local_reserved_ports: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_tw_reuse: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_fin_timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_max_tw_buckets: Option<i64>,
+    /// TIME_WAIT reuse needs timestamps on both ends (`tcp_twsk_unique()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_timestamps: Option<i64>,
+    /// Only present on kernels before 4.12, where it still existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_tw_recycle: Option<i64>,
+}
+
+const SYSCTL_DIR: &str = "/proc/sys/net/ipv4";
+
+fn read_trimmed(dir: &Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(name))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn read_int(dir: &Path, name: &str) -> Option<i64> {
+    read_trimmed(dir, name)?.parse().ok()
+}
+
+/// `"32768\t60999"` -> `[32768, 60999]`.
+pub fn parse_port_range(s: &str) -> Option<[u32; 2]> {
+    let mut it = s.split_whitespace().map(str::parse::<u32>);
+    let lo = it.next()?.ok()?;
+    let hi = it.next()?.ok()?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some([lo, hi])
+}
+
+impl NetSysctls {
+    /// The settings of the calling thread's network namespace.
+    pub fn read_current() -> Self {
+        Self::read_from(Path::new(SYSCTL_DIR))
+    }
+
+    /// Read from a directory laid out like `/proc/sys/net/ipv4` (tests use fixtures).
+    pub fn read_from(dir: &Path) -> Self {
+        Self {
+            ip_local_port_range: read_trimmed(dir, "ip_local_port_range")
+                .as_deref()
+                .and_then(parse_port_range),
+            ip_local_reserved_ports: read_trimmed(dir, "ip_local_reserved_ports"),
+            tcp_tw_reuse: read_int(dir, "tcp_tw_reuse"),
+            tcp_fin_timeout: read_int(dir, "tcp_fin_timeout"),
+            tcp_max_tw_buckets: read_int(dir, "tcp_max_tw_buckets"),
+            tcp_timestamps: read_int(dir, "tcp_timestamps"),
+            tcp_tw_recycle: read_int(dir, "tcp_tw_recycle"),
+        }
+    }
+
+    /// The ports `connect()` can pick from, or None when the range is unknown.
+    pub fn range(&self) -> Option<PortRange> {
+        let [lo, hi] = self.ip_local_port_range?;
+        let reserved = self
+            .ip_local_reserved_ports
+            .as_deref()
+            .map(parse_reserved)
+            .unwrap_or_default();
+        Some(PortRange::new(lo, hi, &reserved))
+    }
+}
+
+/// The ephemeral range of a namespace and what is left of it after reserved ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PortRange {
+    pub lo: u32,
+    pub hi: u32,
+    /// hi - lo + 1 (0 for an inverted range, which the kernel refuses to set).
+    pub size: u64,
+    /// Reserved ports that fall inside the range (`inet_is_local_reserved_port()` skips them).
+    pub reserved_in_range: u64,
+    /// Ports one destination can actually get: size - reserved_in_range.
+    pub usable: u64,
+}
+
+impl PortRange {
+    pub fn new(lo: u32, hi: u32, reserved: &[(u32, u32)]) -> Self {
+        let size = if hi >= lo { u64::from(hi - lo) + 1 } else { 0 };
+        let reserved_in_range = if size == 0 {
+            0
+        } else {
+            reserved_overlap(reserved, lo, hi)
+        };
+        Self {
+            lo,
+            hi,
+            size,
+            reserved_in_range,
+            usable: size.saturating_sub(reserved_in_range),
+        }
+    }
+}
+
+/// Parse `ip_local_reserved_ports` ("8080,9000-9100", or empty) into merged, sorted ranges.
+/// Invalid pieces are skipped: the kernel never prints them, and a hand-edited record must not
+/// stop a report.
+pub fn parse_reserved(s: &str) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| match p.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                (a <= b).then_some((a, b))
+            }
+            None => p.parse().ok().map(|v| (v, v)),
+        })
+        .collect();
+    out.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(out.len());
+    for (a, b) in out {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    merged
+}
+
+/// How many ports of `[lo, hi]` the (merged) reserved ranges cover.
+pub fn reserved_overlap(reserved: &[(u32, u32)], lo: u32, hi: u32) -> u64 {
+    reserved
+        .iter()
+        .filter_map(|&(a, b)| {
+            let (s, e) = (a.max(lo), b.min(hi));
+            (s <= e).then(|| u64::from(e - s) + 1)
+        })
+        .sum()
+}
+
+/// `TcpExt` counters of `/proc/net/netstat` that tell how TIME_WAIT was handled.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpExtCounters {
+    /// TIME_WAIT sockets reused for a new outgoing connection (`tcp_twsk_unique()`).
+    #[serde(rename = "TWRecycled")]
+    pub tw_recycled: Option<u64>,
+    /// TIME_WAIT sockets not created because `tcp_max_tw_buckets` was reached
+    /// ("TCP: time wait bucket table overflow").
+    #[serde(rename = "TCPTimeWaitOverflow")]
+    pub tw_overflow: Option<u64>,
+}
+
+/// Parse the `Prefix: names...` / `Prefix: values...` line pairs of /proc/net/netstat.
+pub fn parse_netstat(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let (Some((p1, names)), Some((p2, values))) =
+            (names.split_once(':'), values.split_once(':'))
+        else {
+            continue;
+        };
+        if p1 != p2 {
+            continue;
+        }
+        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Ok(v) = v.parse() {
+                out.insert(format!("{p1}.{n}"), v);
+            }
+        }
+    }
+    out
+}
+
+impl TcpExtCounters {
+    pub fn from_netstat(text: &str) -> Self {
+        let all = parse_netstat(text);
+        Self {
+            tw_recycled: all.get("TcpExt.TWRecycled").copied(),
+            tw_overflow: all.get("TcpExt.TCPTimeWaitOverflow").copied(),
+        }
+    }
+
+    /// The calling thread's namespace (`/proc/thread-self/net` follows the thread, whereas
+    /// `/proc/self/net` follows the thread-group leader).
+    pub fn read_current() -> Option<Self> {
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+            .ok()
+            .map(|t| Self::from_netstat(&t))
+    }
+}
+
+/// Run `f` on a fresh thread inside the network namespace of `pid`; the calling thread and the
+/// rest of the process stay where they are. Needs CAP_SYS_ADMIN (root).
+pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    in_netns(Path::new(&format!("/proc/{pid}/ns/net")), f)
+}
+
+/// Run `f` on a fresh thread inside the network namespace behind `path` (`/proc/PID/ns/net`,
+/// `/run/netns/NAME`).
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let ns = File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscall on an fd we own; only this short-lived thread moves.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("namespace reader thread panicked")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_the_range_as_the_kernel_prints_it() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some([32768, 60999]));
+        assert_eq!(parse_port_range("40000 40009"), Some([40000, 40009]));
+        assert_eq!(parse_port_range("1"), None);
+        assert_eq!(parse_port_range("a b"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+    }
+
+    #[test]
+    fn reserved_ports_are_merged_and_counted_inside_the_range() {
+        let r = parse_reserved("9000-9100, 8080,9050-9200,x,5-3,,40005");
+        assert_eq!(r, vec![(8080, 8080), (9000, 9200), (40005, 40005)]);
+        assert_eq!(reserved_overlap(&r, 9100, 9300), 101);
+        assert_eq!(reserved_overlap(&r, 40000, 40009), 1);
+        let range = PortRange::new(40000, 40009, &r);
+        assert_eq!(
+            (range.size, range.reserved_in_range, range.usable),
+            (10, 1, 9)
+        );
+        assert_eq!(PortRange::new(10, 5, &r).size, 0);
+    }
+
+    #[test]
+    fn default_range_is_28232_ports() {
+        let s = NetSysctls {
+            ip_local_port_range: Some([32768, 60999]),
+            ip_local_reserved_ports: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(s.range().map(|r| r.usable), Some(28232));
+    }
+
+    #[test]
+    fn reads_a_fixture_directory() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sysctl/tiny");
+        let s = NetSysctls::read_from(&dir);
+        assert_eq!(s.ip_local_port_range, Some([40000, 40009]));
+        assert_eq!(s.tcp_tw_reuse, Some(0));
+        assert_eq!(s.tcp_tw_recycle, None);
+        assert_eq!(s.ip_local_reserved_ports.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn netstat_counters() {
+        let text = "TcpExt: SyncookiesSent TWRecycled TCPTimeWaitOverflow\n\
+                    TcpExt: 0 17 3\n\
+                    IpExt: InNoRoutes\n\
+                    IpExt: 5\n";
+        let c = TcpExtCounters::from_netstat(text);
+        assert_eq!(c.tw_recycled, Some(17));
+        assert_eq!(c.tw_overflow, Some(3));
+        assert_eq!(parse_netstat(text).get("IpExt.InNoRoutes"), Some(&5));
+        assert_eq!(
+            TcpExtCounters::from_netstat("garbage"),
+            TcpExtCounters::default()
+        );
+    }
+
+    #[test]
+    fn own_namespace_can_be_entered() {
+        // setns() into one's own namespace needs CAP_SYS_ADMIN; without it the call must fail
+        // cleanly rather than panic.
+        match in_netns_of(std::process::id(), NetSysctls::read_current) {
+            Ok(s) => assert_eq!(s, NetSysctls::read_current()),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn reserved_parser_never_panics_and_stays_in_bounds(s in ".{0,80}", lo in 0u32..70000, len in 0u32..70000) {
+            let r = parse_reserved(&s);
+            let hi = lo.saturating_add(len);
+            let range = PortRange::new(lo, hi, &r);
+            prop_assert!(range.reserved_in_range <= range.size);
+            for w in r.windows(2) {
+                prop_assert!(w[0].1 < w[1].0);
+            }
+        }
+
+        #[test]
+        fn reserved_overlap_matches_brute_force(list in proptest::collection::vec((0u32..200, 0u32..20), 0..8), lo in 0u32..200, len in 0u32..100) {
+            let s: Vec<String> = list.iter().map(|(a, l)| format!("{a}-{}", a + l)).collect();
+            let r = parse_reserved(&s.join(","));
+            let hi = lo + len;
+            let brute = (lo..=hi).filter(|p| list.iter().any(|(a, l)| p >= a && *p <= a + l)).count() as u64;
+            prop_assert_eq!(reserved_overlap(&r, lo, hi), brute);
+        }
+    }
+}
