@@ -576,6 +576,16 @@ pub fn build(
     let mut holders: Vec<HolderOut> = holders.into_values().collect();
     holders.sort_by(|a, b| b.sockets.cmp(&a.sockets).then(a.pid.cmp(&b.pid)));
 
+    // A destination seen both in a blame entry (no source address) and in a destination row
+    // (with one) is the same ports counted twice: keep the row that names the source.
+    let with_src: std::collections::BTreeSet<_> = rows
+        .keys()
+        .filter(|(_, _, src, _)| src.is_some())
+        .map(|(host, ns, _, dst)| (host.clone(), *ns, dst.clone()))
+        .collect();
+    rows.retain(|(host, ns, src, dst), _| {
+        src.is_some() || !with_src.contains(&(host.clone(), *ns, dst.clone()))
+    });
     let mut dest_rows: Vec<RowOut> = rows
         .into_iter()
         .map(|((host, ..), (ts, row))| RowOut {
