@@ -71,11 +71,10 @@ fn push_table(out: &mut String, t: &Table) {
 /// The screen, as text. Pure, for tests. `rows` limits each panel.
 pub fn render(v: &View, rows: usize) -> String {
     let mut out = format!(
-        "portexhaust top  {}  backend {}  failures {}  dropped {}  tracked sockets {}  LRU evictions {}\n",
+        "portexhaust top  {}  backend {}  failures {}  tracked sockets {}  LRU evictions {}\n",
         hms(v.ts_unix_ns),
         v.backend,
         v.failures_total,
-        v.dropped_events,
         v.tracked_sockets,
         v.lru_evictions
     );
@@ -237,6 +236,12 @@ pub fn run(o: TopOptions) -> Result<()> {
         Scope::Only(o.netns.clone())
     };
     let mut collector = Collector::new(scope);
+    // top works from the exact in-kernel counts and shows no per-failure events (so no event
+    // drops either); they are read off and discarded so the buffer does not sit full.
+    let mut refresh = |tracer: &mut Tracer, collector: &mut Collector| {
+        tracer.drain(|_| {});
+        collector.collect(tracer)
+    };
     let io = |e| Error::io("writing the screen", e);
     let stdout_tty = std::io::stdout().is_terminal();
 
@@ -255,7 +260,7 @@ pub fn run(o: TopOptions) -> Result<()> {
             !stop.load(Ordering::Relaxed)
         };
         // A first sample starts the rate windows; the first snapshot follows one interval on.
-        collector.collect(&mut tracer)?;
+        refresh(&mut tracer, &mut collector)?;
         eprintln!(
             "portexhaust: ready: sampling every {:.1}s",
             o.interval.as_secs_f64()
@@ -266,7 +271,7 @@ pub fn run(o: TopOptions) -> Result<()> {
             if !pause(o.interval) {
                 break;
             }
-            let v = collector.collect(&mut tracer)?;
+            let v = refresh(&mut tracer, &mut collector)?;
             let text = if o.json {
                 json(&v)
             } else {
@@ -282,7 +287,7 @@ pub fn run(o: TopOptions) -> Result<()> {
     let _screen = Screen::enter().map_err(io)?;
     let mut shown = 0u64;
     loop {
-        let v = collector.collect(&mut tracer)?;
+        let v = refresh(&mut tracer, &mut collector)?;
         let (_, h) = terminal::size().unwrap_or((120, 40));
         let rows = usize::from(h.saturating_sub(16) / 3).max(3);
         let text = render(&v, rows);
