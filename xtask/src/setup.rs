@@ -19,6 +19,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86", // vmtest: boots other kernels
     "busybox-static",  // vmtest: the guest userland
     "cpio",            // vmtest: initramfs
+    "bpftrace",        // bench: the one-liner portexhaust is compared with
 ];
 
 fn log(msg: impl AsRef<str>) {
