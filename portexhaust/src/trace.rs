@@ -29,6 +29,10 @@ pub struct TraceOptions {
     pub backend: BackendRequest,
 }
 
+/// Longest an event can wait in the ring buffer for the reader (events after the first of a
+/// burst are submitted without a wakeup).
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Only the fd, for readiness: the ring buffer itself stays inside the Tracer.
 struct Fd(RawFd);
 impl AsRawFd for Fd {
@@ -172,6 +176,10 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         }
     );
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    // The eBPF side rate-limits ring-buffer wakeups in a storm (see `wakeup_flags` there): an
+    // event submitted without one is picked up by this tick at the latest.
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let sleep = async {
             match deadline {
@@ -185,6 +193,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
                 s.drain();
                 guard.clear_ready();
             }
+            _ = tick.tick() => s.drain(),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sleep => break,
