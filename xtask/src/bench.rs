@@ -120,7 +120,14 @@ impl Variant {
     pub fn name(&self) -> String {
         match self {
             Self::Untraced => "untraced".into(),
-            Self::Traced(TracerKind::Portexhaust { backend }) => format!("portexhaust/{backend}"),
+            Self::Traced(TracerKind::Portexhaust {
+                backend,
+                filtered: false,
+            }) => format!("portexhaust/{backend}"),
+            Self::Traced(TracerKind::Portexhaust {
+                backend,
+                filtered: true,
+            }) => format!("hooks-only/{backend}"),
             Self::Traced(TracerKind::Bpftrace) => "bpftrace".into(),
         }
     }
@@ -166,6 +173,8 @@ struct StormReport {
     truncated: bool,
     elapsed_s: f64,
     rate_per_s: f64,
+    user_s: f64,
+    sys_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -175,6 +184,8 @@ struct ChurnReport {
     errors: BTreeMap<String, u64>,
     elapsed_s: f64,
     rate_per_s: f64,
+    user_s: f64,
+    sys_s: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -354,6 +365,13 @@ fn storm_run(ctx: &Ctx, v: &Variant, rep: u32, procs: u32, each: u64) -> Result<
     let slowest = reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max);
     run.set("failures_per_s", client as f64 / slowest.max(1e-9));
     run.set("client_failures", client as f64);
+    // The storm processes' own CPU per failure: the in-kernel cost of tracing (BPF programs
+    // run in the failing task's context) with less noise from whatever else shares the CPUs.
+    let client_cpu: f64 = reports.iter().map(|r| r.user_s + r.sys_s).sum();
+    run.set(
+        "client_cpu_us_per_failure",
+        client_cpu / (client as f64).max(1.0) * 1e6,
+    );
     for r in &reports {
         if r.failures != each || !r.other.is_empty() || r.truncated {
             run.notes.push(format!(
@@ -365,7 +383,10 @@ fn storm_run(ctx: &Ctx, v: &Variant, rep: u32, procs: u32, each: u64) -> Result<
     if let Some(t) = tracer {
         let (kind, stopped) = finish_tracer(&mut run, t, cpu0)?;
         let rep = reported(&kind, &stopped, &load.pids, STORM_COMM);
+        let filtered = matches!(kind, TracerKind::Portexhaust { filtered: true, .. });
         match rep.count {
+            // The hooks-only variant reports nothing by design.
+            _ if filtered => {}
             Some(c) => {
                 run.set("reported_failures", c as f64);
                 run.set("exact", f64::from(u8::from(c == client)));
@@ -422,6 +443,10 @@ fn churn_run(ctx: &Ctx, v: &Variant, rep: u32) -> Result<Run> {
     let r = reports.first().context("churn sent no report")?;
     run.set("connects_per_s", r.rate_per_s);
     run.set("connects", r.connects as f64);
+    run.set(
+        "client_cpu_us_per_connect",
+        (r.user_s + r.sys_s) / (r.connects as f64).max(1.0) * 1e6,
+    );
     if !r.errors.is_empty() {
         run.notes
             .push(format!("churn connects failed: {:?}", r.errors));
@@ -653,17 +678,26 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let bpftrace = command_line("bpftrace", &["--version"]);
     let mut variants = vec![Variant::Untraced];
-    variants.extend(
-        backends_ran
-            .iter()
-            .map(|b| Variant::Traced(TracerKind::Portexhaust { backend: b.clone() })),
-    );
+    variants.extend(backends_ran.iter().map(|b| {
+        Variant::Traced(TracerKind::Portexhaust {
+            backend: b.clone(),
+            filtered: false,
+        })
+    }));
     match &bpftrace {
         Some(_) => variants.push(Variant::Traced(TracerKind::Bpftrace)),
         None => {
             eprintln!("xtask: bench: bpftrace is not installed: `cargo xtask setup` installs it")
         }
     }
+    // Diagnostic for the one-process storm: every program attached, nothing reported.
+    let mut storm_variants = variants.clone();
+    storm_variants.extend(backends_ran.iter().map(|b| {
+        Variant::Traced(TracerKind::Portexhaust {
+            backend: b.clone(),
+            filtered: true,
+        })
+    }));
     // bpftrace has no ownership tracking: at scale only the untraced system is compared.
     let scale_variants: Vec<Variant> = variants
         .iter()
@@ -709,7 +743,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 );
             }
         }
-        for v in rotated(&variants, rep as usize + 1) {
+        for v in rotated(&storm_variants, rep as usize + 1) {
             if wanted(ScenarioArg::Storm) {
                 record(
                     format!("storm {} #{rep}", v.name()),
@@ -750,7 +784,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         plan,
         backends_ran,
         backends_skipped,
-        variants: variants.iter().map(Variant::name).collect(),
+        variants: storm_variants.iter().map(Variant::name).collect(),
         loadavg_start,
         loadavg_end: sys::loadavg(),
         elapsed_s: started.elapsed().as_secs_f64(),

@@ -148,7 +148,12 @@ impl Load {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TracerKind {
-    Portexhaust { backend: String },
+    /// `filtered`: run with `--pid 1`, so every program runs but no failure passes the
+    /// filter: what tracking costs without reporting (a diagnostic variant).
+    Portexhaust {
+        backend: String,
+        filtered: bool,
+    },
     Bpftrace,
 }
 
@@ -235,9 +240,12 @@ pub struct Stopped {
 impl Tracer {
     pub fn start(kind: TracerKind, portexhaust: &Path, ready_timeout: Duration) -> Result<Self> {
         let mut cmd = match &kind {
-            TracerKind::Portexhaust { backend } => {
+            TracerKind::Portexhaust { backend, filtered } => {
                 let mut c = Command::new(portexhaust);
                 c.args(["trace", "--json", "--backend", backend]);
+                if *filtered {
+                    c.args(["--pid", "1"]);
+                }
                 c
             }
             TracerKind::Bpftrace => {

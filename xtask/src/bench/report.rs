@@ -212,6 +212,11 @@ const CHURN: &[Spec] = &[
         "failures reported (all connects succeeded: must be 0)",
         false,
     ),
+    (
+        "client_cpu_us_per_connect",
+        "churn process CPU us per connect (lower is better)",
+        true,
+    ),
     ("tracer_cpu_s", "tracer CPU seconds during the run", true),
     (
         "tracer_cpu_s_per_m",
@@ -224,6 +229,11 @@ const CHURN: &[Spec] = &[
 
 const STORM: &[Spec] = &[
     ("failures_per_s", "failures/s (higher is better)", true),
+    (
+        "client_cpu_us_per_failure",
+        "storm processes' CPU us per failure (lower is better)",
+        true,
+    ),
     ("client_failures", "failures the clients saw", false),
     ("reported_failures", "failures the tracer reported", false),
     ("exact", "exact (1 = every run)", false),
@@ -323,12 +333,19 @@ fn table(out: &mut String, rows: &[Row], scenario: &str, variants: &[String], sp
         let _ = write!(out, " {v} |");
     }
     let mut ratio_cols: Vec<(&String, &str)> = Vec::new();
+    let untraced_shown = has_untraced && shown.iter().any(|v| v.as_str() == "untraced");
+    let bpftrace_shown = has_bpftrace && shown.iter().any(|v| v.as_str() == "bpftrace");
     for pe in &pes {
-        if has_untraced && shown.iter().any(|v| v.as_str() == "untraced") {
+        if untraced_shown {
             ratio_cols.push((pe, "untraced"));
         }
-        if has_bpftrace && shown.iter().any(|v| v.as_str() == "bpftrace") {
+        if bpftrace_shown {
             ratio_cols.push((pe, "bpftrace"));
+        }
+    }
+    for h in shown.iter().filter(|v| v.starts_with("hooks-only/")) {
+        if untraced_shown {
+            ratio_cols.push((h, "untraced"));
         }
     }
     for (pe, base) in &ratio_cols {
@@ -430,7 +447,9 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
          127.0.0.1:5000 in its own namespace, then calls socket() + connect() in a tight loop; \
          each connect fails with EADDRNOTAVAIL. The rate is failures over the slowest \
          process's time; exactness compares the tracer's count for the storm's pids (bpftrace: \
-         its comm) with the count the clients saw.\n\n### One process ({} failures)\n",
+         its comm) with the count the clients saw. `hooks-only/B` is a diagnostic: backend B \
+         with `--pid 1`, so every program runs but no failure is counted or reported (what \
+         tracking costs without reporting).\n\n### One process ({} failures)\n",
         p.storm_ports,
         human(p.storm_failures as f64)
     );
@@ -529,6 +548,7 @@ mod tests {
             Variant::Untraced,
             Variant::Traced(TracerKind::Portexhaust {
                 backend: "tracepoint".into(),
+                filtered: false,
             }),
             Variant::Traced(TracerKind::Bpftrace),
         ]
