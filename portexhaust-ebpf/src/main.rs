@@ -22,6 +22,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_current_cgroup_id,
@@ -267,6 +268,24 @@ fn report(f: Failure<'_>) {
     entry.submit(wakeup_flags(now));
 }
 
+/// Read a field of a tracepoint record.
+///
+/// The verifier lets tracepoint programs load straight from their context (aligned, inside
+/// the record: `tp_prog_is_valid_access`), so this is one load, where aya's
+/// `TracePointContext::read_at` makes a `bpf_probe_read_kernel()` call per field. Every
+/// syscall on the machine runs these programs, so the difference adds up.
+///
+/// # Safety
+/// `off` must be the offset of a field of type `T` in this tracepoint's record (see
+/// shared/kernel-formats), aligned to the size of `T`'s loads.
+#[inline(always)]
+unsafe fn read_tp<T: Copy>(ctx: &TracePointContext, off: usize) -> Result<T, i32> {
+    // SAFETY: the caller guarantees the offset; the record outlives the program run.
+    // Volatile: one load per field at a constant offset from the ctx register, never a
+    // pointer derived from it.
+    Ok(unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(off) as *const T) })
+}
+
 /// Fill destination fields from the leading bytes of a `struct sockaddr_in{,6}`.
 /// Returns false for families other than AF_INET/AF_INET6.
 #[inline(always)]
@@ -357,15 +376,23 @@ fn is_v4_mapped(info: &Inflight) -> bool {
 #[tracepoint]
 pub fn tp_sys_enter_socket(ctx: TracePointContext) -> u32 {
     // sys_enter_socket: family@16, type@24, protocol@32.
-    let Ok(family) = (unsafe { ctx.read_at::<u64>(16) }) else {
+    let Ok(family) = (unsafe { read_tp::<u64>(&ctx, 16) }) else {
         return 0;
     };
     if family != AF_INET as u64 && family != AF_INET6 as u64 {
         return 0;
     }
-    let Ok(ty) = (unsafe { ctx.read_at::<u64>(24) }) else {
+    let Ok(ty) = (unsafe { read_tp::<u64>(&ctx, 24) }) else {
         return 0;
     };
+    // Only datagram sockets are remembered. Everything that reads SOCK_TYPES treats a socket it
+    // does not know as TCP, except connect() EAGAIN, which on inet sockets only inet_autobind()
+    // returns (TCP connect() never does), so nothing is classified differently. Skipping stream
+    // sockets spares every TCP socket() on the machine two LRU map updates (BPF time per
+    // socket() on 6.18, BPF_ENABLE_STATS during `pxh-loadgen storm`: see BENCHMARKS.md).
+    if ty & 0xf != 2 {
+        return 0;
+    }
     let _ = SOCKET_ARGS.insert(bpf_get_current_pid_tgid(), ty as u32, 0);
     0
 }
@@ -373,24 +400,28 @@ pub fn tp_sys_enter_socket(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_sys_exit_socket(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid();
-    let Some(ty) = SOCKET_ARGS.get_ptr(tid).map(|p| unsafe { *p }) else {
-        return 0;
-    };
-    let _ = SOCKET_ARGS.remove(tid);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
+    let ty = SOCKET_ARGS.get_ptr(tid).map(|p| unsafe { *p });
+    if ty.is_some() {
+        let _ = SOCKET_ARGS.remove(tid);
+    }
+    let Ok(ret) = (unsafe { read_tp::<i64>(&ctx, 16) }) else {
         return 0;
     };
     if ret < 0 {
         return 0;
     }
-    // The low 4 bits are the type; SOCK_NONBLOCK/SOCK_CLOEXEC live above them.
-    let ty = match ty & 0xf {
-        1 => SOCK_STREAM,
-        2 => SOCK_DGRAM,
-        _ => return 0,
-    };
     let key = ((tid >> 32) << 32) | (ret as u64 & 0xffff_ffff);
-    let _ = SOCK_TYPES.insert(key, ty, 0);
+    // The low 4 bits are the type; SOCK_NONBLOCK/SOCK_CLOEXEC live above them. Only datagram
+    // sockets are remembered (see tp_sys_enter_socket); any other new fd forgets what an
+    // earlier, closed socket with the same number was.
+    match ty.map(|t| t & 0xf) {
+        Some(2) => {
+            let _ = SOCK_TYPES.insert(key, SOCK_DGRAM, 0);
+        }
+        _ => {
+            let _ = SOCK_TYPES.remove(key);
+        }
+    }
     0
 }
 
@@ -399,9 +430,9 @@ pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
     // sys_enter_connect: fd@16, uservaddr@24, addrlen@32.
     let args = unsafe {
         (
-            ctx.read_at::<u64>(16),
-            ctx.read_at::<u64>(24),
-            ctx.read_at::<u64>(32),
+            read_tp::<u64>(&ctx, 16),
+            read_tp::<u64>(&ctx, 24),
+            read_tp::<u64>(&ctx, 32),
         )
     };
     let (Ok(fd), Ok(uaddr), Ok(len)) = args else {
@@ -421,7 +452,7 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = SYSCALL_INFLIGHT.remove(tid);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
+    let Ok(ret) = (unsafe { read_tp::<i64>(&ctx, 16) }) else {
         return 0;
     };
     if ret == -(EAGAIN as i64) {
@@ -466,9 +497,9 @@ pub fn tp_sys_enter_bind(ctx: TracePointContext) -> u32 {
     // sys_enter_bind: fd@16, umyaddr@24, addrlen@32.
     let args = unsafe {
         (
-            ctx.read_at::<u64>(16),
-            ctx.read_at::<u64>(24),
-            ctx.read_at::<u64>(32),
+            read_tp::<u64>(&ctx, 16),
+            read_tp::<u64>(&ctx, 24),
+            read_tp::<u64>(&ctx, 32),
         )
     };
     let (Ok(fd), Ok(uaddr), Ok(len)) = args else {
@@ -490,7 +521,7 @@ pub fn tp_sys_exit_bind(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = SYSCALL_INFLIGHT.remove(tid);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
+    let Ok(ret) = (unsafe { read_tp::<i64>(&ctx, 16) }) else {
         return 0;
     };
     // EADDRNOTAVAIL from bind() means a non-local address: not exhaustion, never reported.
@@ -522,15 +553,23 @@ const TCP_SYN_SENT: i32 = 2;
 /// Note that port selection is about to run for this thread's connect, and the source address.
 #[inline(always)]
 fn mark_syn_sent(ctx: &TracePointContext, p: *mut Inflight) {
-    let family = unsafe { ctx.read_at::<u16>(28) }.unwrap_or(0);
+    let family = unsafe { read_tp::<u16>(ctx, 28) }.unwrap_or(0);
+    // Whole aligned words: the verifier refuses loads through a ctx pointer that was moved,
+    // which is what LLVM makes of a byte-array copy.
     let saddr = if family == AF_INET {
-        unsafe { ctx.read_at::<[u8; 4]>(32) }.map(|a| {
+        unsafe { read_tp::<u32>(ctx, 32) }.map(|a| {
             let mut s = [0u8; 16];
-            s[..4].copy_from_slice(&a);
+            s[..4].copy_from_slice(&a.to_ne_bytes());
             s
         })
     } else {
-        unsafe { ctx.read_at::<[u8; 16]>(40) }
+        unsafe { read_tp::<u64>(ctx, 40) }.and_then(|hi| {
+            let lo = unsafe { read_tp::<u64>(ctx, 48) }?;
+            let mut s = [0u8; 16];
+            s[..8].copy_from_slice(&hi.to_ne_bytes());
+            s[8..].copy_from_slice(&lo.to_ne_bytes());
+            Ok(s)
+        })
     };
     // SAFETY: pointer into this thread's own map value.
     unsafe {
@@ -546,7 +585,7 @@ const TCP_CLOSE: i32 = 7;
 #[tracepoint]
 pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let (Ok(oldstate), Ok(newstate)) =
-        (unsafe { (ctx.read_at::<i32>(16), ctx.read_at::<i32>(20)) })
+        (unsafe { (read_tp::<i32>(&ctx, 16), read_tp::<i32>(&ctx, 20)) })
     else {
         return 0;
     };
