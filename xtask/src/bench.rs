@@ -35,6 +35,8 @@ pub enum ScenarioArg {
     Storm2,
     /// Ownership tracking at scale: 10k and 100k held connections.
     Scale,
+    /// One storm per tracer with BPF run-time statistics on: BPF time per failure, by program.
+    Profile,
 }
 
 #[derive(clap::Args, Debug)]
@@ -56,12 +58,16 @@ pub struct BenchArgs {
     /// Use the release binaries already built instead of building them first.
     #[arg(long)]
     pub no_build: bool,
+    /// Measure nothing: render BENCHMARKS.md again from an earlier results.json (for example
+    /// after editing bench/analysis.md).
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub render: Option<PathBuf>,
 }
 
 /// Sizes of one run. Chosen so that the full run fits in about 15 minutes on 2 cores.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Plan {
-    pub mode: &'static str,
+    pub mode: String,
     pub reps: u32,
     pub churn_secs: f64,
     /// Failing connects of the one-process storm.
@@ -73,13 +79,15 @@ pub struct Plan {
     pub scale_sizes: Vec<u64>,
     pub scale_reps: u32,
     pub scale_churn_secs: f64,
+    /// Failing connects of the storm run once per tracer with BPF run-time statistics on.
+    pub profile_failures: u64,
 }
 
 impl Plan {
     fn new(quick: bool, reps: Option<u32>) -> Self {
         if quick {
             Self {
-                mode: "quick",
+                mode: "quick".into(),
                 reps: reps.unwrap_or(2),
                 churn_secs: 2.0,
                 storm_failures: 200_000,
@@ -88,10 +96,11 @@ impl Plan {
                 scale_sizes: vec![10_000, 100_000],
                 scale_reps: 1,
                 scale_churn_secs: 0.5,
+                profile_failures: 100_000,
             }
         } else {
             Self {
-                mode: "full",
+                mode: "full".into(),
                 reps: reps.unwrap_or(5),
                 churn_secs: 5.0,
                 storm_failures: 1_000_000,
@@ -100,6 +109,7 @@ impl Plan {
                 scale_sizes: vec![10_000, 100_000],
                 scale_reps: 2,
                 scale_churn_secs: 2.0,
+                profile_failures: 300_000,
             }
         }
     }
@@ -529,6 +539,70 @@ fn scale_run(ctx: &Ctx, v: &Variant, rep: u32, n: u64) -> Result<Run> {
     Ok(run)
 }
 
+/// One storm with BPF run-time statistics on (not timed with the others: the statistics cost
+/// two clock reads per program run): how much BPF time each failure costs, and in which program.
+fn profile_run(ctx: &Ctx, v: &Variant, failures: u64) -> Result<Run> {
+    let mut run = Run::new("profile", v, 0);
+    let args = vec![
+        [
+            "storm",
+            "--failures",
+            &failures.to_string(),
+            "--ports",
+            &ctx.plan.storm_ports.to_string(),
+            "--comm",
+            STORM_COMM,
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut load = Load::start(&ctx.loadgen, &args, Duration::from_secs(60))?;
+    let stats = sys::enable_bpf_stats()
+        .context("enabling BPF run-time statistics (BPF_ENABLE_STATS, 5.8+)")?;
+    let tracer = ctx.tracer(v)?.context("profiling needs a tracer")?;
+    let before = sys::prog_stats(tracer.pid);
+    load.go()?;
+    let reports: Vec<StormReport> = load.reports(Duration::from_secs(200))?;
+    let after = sys::prog_stats(tracer.pid);
+    drop(stats);
+    let names = sys::prog_names();
+    let client = reports.iter().map(|r| r.failures).sum::<u64>().max(1) as f64;
+    let (mut ns, mut runs) = (0u64, 0u64);
+    let mut progs: Vec<(f64, Value)> = Vec::new();
+    for (id, a) in &after {
+        let b = before.get(id).copied().unwrap_or(sys::ProgStat {
+            prog_id: *id,
+            run_cnt: 0,
+            run_time_ns: 0,
+        });
+        let (cnt, t) = (
+            a.run_cnt.saturating_sub(b.run_cnt),
+            a.run_time_ns.saturating_sub(b.run_time_ns),
+        );
+        ns += t;
+        runs += cnt;
+        if cnt > 0 {
+            progs.push((
+                t as f64 / client,
+                serde_json::json!({
+                    "program": names.get(id).cloned().unwrap_or_else(|| format!("id {id}")),
+                    "runs_per_failure": cnt as f64 / client,
+                    "ns_per_run": t as f64 / cnt as f64,
+                    "ns_per_failure": t as f64 / client,
+                }),
+            ));
+        }
+    }
+    progs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    run.set("bpf_ns_per_failure", ns as f64 / client);
+    run.set("bpf_runs_per_failure", runs as f64 / client);
+    run.detail["programs"] = Value::Array(progs.into_iter().map(|(_, v)| v).collect());
+    run.detail["loads"] = serde_json::to_value(&reports)?;
+    tracer.stop()?;
+    load.finish(Duration::from_secs(30))?;
+    Ok(run)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The whole run.
 
@@ -597,7 +671,7 @@ fn now_rfc3339() -> String {
 }
 
 /// Everything a run produced: the JSON file, and what the markdown is rendered from.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub schema: u32,
     pub date: String,
@@ -627,13 +701,32 @@ fn rotated<T: Clone>(v: &[T], by: usize) -> Vec<T> {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
+    let root = workspace_root();
+    if let Some(json) = &args.render {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results file of this version", json.display()))?;
+        let out = match &args.out_dir {
+            Some(d) => d.join("BENCHMARKS.md"),
+            None => root.join("BENCHMARKS.md"),
+        };
+        let analysis = std::fs::read_to_string(root.join("bench/analysis.md")).ok();
+        std::fs::write(&out, report::markdown(&results, analysis.as_deref()))
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!(
+            "xtask: bench: rendered {} from {}",
+            out.display(),
+            json.display()
+        );
+        return Ok(());
+    }
     if !is_root() {
         bail!(
             "the benchmarks need root (they load eBPF programs and create network namespaces): \
              run `sudo -E cargo xtask bench`"
         );
     }
-    let root = workspace_root();
     if !args.no_build {
         setup()?;
         eprintln!("xtask: building portexhaust and pxh-loadgen (release)");
@@ -710,14 +803,19 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let mut failed: Vec<String> = Vec::new();
     let mut record = |what: String, r: Result<Run>| match r {
         Ok(run) => {
-            let key = ["failures_per_s", "connects_per_s", "open_rate_per_s"]
-                .iter()
-                .find_map(|k| {
-                    run.metrics
-                        .get(*k)
-                        .map(|v| format!("{k}={}", stats::human(*v)))
-                })
-                .unwrap_or_default();
+            let key = [
+                "failures_per_s",
+                "connects_per_s",
+                "open_rate_per_s",
+                "bpf_ns_per_failure",
+            ]
+            .iter()
+            .find_map(|k| {
+                run.metrics
+                    .get(*k)
+                    .map(|v| format!("{k}={}", stats::human(*v)))
+            })
+            .unwrap_or_default();
             eprintln!(
                 "xtask: bench: [{:>5.0}s] {what}: {key}{}",
                 started.elapsed().as_secs_f64(),
@@ -770,6 +868,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                     );
                 }
             }
+        }
+    }
+
+    if wanted(ScenarioArg::Profile) {
+        for v in variants.iter().filter(|v| matches!(v, Variant::Traced(_))) {
+            record(
+                format!("profile {}", v.name()),
+                profile_run(&ctx, v, plan.profile_failures),
+            );
         }
     }
 

@@ -20,6 +20,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "busybox-static",  // vmtest: the guest userland
     "cpio",            // vmtest: initramfs
     "bpftrace",        // bench: the one-liner portexhaust is compared with
+    "bpftool",         // bench: BPF program names in the profile
 ];
 
 fn log(msg: impl AsRef<str>) {

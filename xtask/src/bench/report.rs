@@ -1,7 +1,7 @@
 //! Turning runs into medians, target verdicts and BENCHMARKS.md. Pure.
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     Results, Run,
@@ -9,7 +9,7 @@ use super::{
 };
 
 /// Median and spread of one metric of one scenario under one variant.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub scenario: String,
     pub variant: String,
@@ -62,7 +62,7 @@ fn median(rows: &[Row], scenario: &str, variant: &str, metric: &str) -> Option<f
 }
 
 /// One target of the issue, measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     pub name: String,
     pub target: String,
@@ -387,6 +387,57 @@ fn table(out: &mut String, rows: &[Row], scenario: &str, variants: &[String], sp
     out.push('\n');
 }
 
+/// BPF time per failure, by program, from the profile runs.
+fn profile_section(s: &mut String, res: &Results) {
+    let profiles: Vec<&Run> = res
+        .runs
+        .iter()
+        .filter(|r| r.scenario == "profile")
+        .collect();
+    if profiles.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "### Where a traced failure's time goes\n\nOne storm of {} failures per tracer with BPF \
+         run-time statistics on (`BPF_ENABLE_STATS`, held only for that run; each program run \
+         then also pays two clock reads, so these runs are not in the rates above). Time is the \
+         kernel's `run_time_ns` of each program the tracer holds, read from \
+         /proc/PID/fdinfo.\n",
+        human(res.plan.profile_failures as f64)
+    );
+    let _ = writeln!(
+        s,
+        "| tracer | program | runs per failure | ns per run | ns per failure |\n|---|---|---|---|---|"
+    );
+    for r in profiles {
+        for p in r.detail["programs"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                r.variant,
+                p["program"].as_str().unwrap_or("?"),
+                human(p["runs_per_failure"].as_f64().unwrap_or(0.0)),
+                human(p["ns_per_run"].as_f64().unwrap_or(0.0)),
+                human(p["ns_per_failure"].as_f64().unwrap_or(0.0)),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "| {} | **all** | {} | | **{}** |",
+            r.variant,
+            human(
+                r.metrics
+                    .get("bpf_runs_per_failure")
+                    .copied()
+                    .unwrap_or(0.0)
+            ),
+            human(r.metrics.get("bpf_ns_per_failure").copied().unwrap_or(0.0)),
+        );
+    }
+    s.push('\n');
+}
+
 pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
     let mut s = String::new();
     let p = &res.plan;
@@ -472,6 +523,7 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
     table(&mut s, &res.summary, "storm", v, COST);
     let _ = writeln!(s, "### Two-process storm\n");
     table(&mut s, &res.summary, "storm2", v, COST);
+    profile_section(&mut s, res);
     let _ = writeln!(
         s,
         "## 4. Time to ready\n\nFrom spawning the tracer to: portexhaust's stderr line \

@@ -2,7 +2,7 @@
 //! Parsers are pure functions of the text, unit-tested below.
 use std::{collections::BTreeMap, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Clock ticks per second for /proc/<pid>/stat times.
 pub fn clock_ticks() -> f64 {
@@ -119,6 +119,97 @@ pub fn bpf_objects(pid: u32) -> BpfObjects {
     out
 }
 
+/// Run-time statistics of one BPF program, from /proc/<pid>/fdinfo/<fd> (5.1+; the kernel
+/// only counts while statistics are enabled, see [`enable_bpf_stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ProgStat {
+    pub prog_id: u64,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+pub fn parse_prog_fdinfo(text: &str) -> Option<ProgStat> {
+    let field = |k: &str| -> Option<u64> {
+        text.lines().find_map(|l| {
+            let v = l.strip_prefix(k)?.strip_prefix(':')?;
+            v.trim().parse().ok()
+        })
+    };
+    Some(ProgStat {
+        prog_id: field("prog_id")?,
+        run_cnt: field("run_cnt")?,
+        run_time_ns: field("run_time_ns")?,
+    })
+}
+
+/// Statistics of every BPF program a process holds, by program id.
+pub fn prog_stats(pid: u32) -> BTreeMap<u64, ProgStat> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        if std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog") {
+            let fdinfo = format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy());
+            if let Some(p) = std::fs::read_to_string(fdinfo)
+                .ok()
+                .and_then(|t| parse_prog_fdinfo(&t))
+            {
+                out.insert(p.prog_id, p);
+            }
+        }
+    }
+    out
+}
+
+/// BPF run-time statistics are on for as long as this lives (BPF_ENABLE_STATS: scoped to the
+/// fd, so no sysctl is changed and nothing stays on if the harness dies). While on, every BPF
+/// program on the machine pays two clock reads per run: only diagnostic runs use it.
+pub struct BpfStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+pub fn enable_bpf_stats() -> std::io::Result<BpfStats> {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    const BPF_STATS_RUN_TIME: u32 = 0;
+    // union bpf_attr { struct { __u32 type; } enable_stats; ... }
+    let mut attr = [0u32; 32];
+    attr[0] = BPF_STATS_RUN_TIME;
+    // SAFETY: the attr buffer outlives the call and is as large as the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(BpfStats {
+        _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) },
+    })
+}
+
+/// Program names by id, from `bpftool prog show` when bpftool is installed.
+pub fn prog_names() -> BTreeMap<u64, String> {
+    let Ok(out) = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+    else {
+        return BTreeMap::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
+        .collect()
+}
+
 /// What wait4() tells about a child that ended.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Exit {
@@ -171,7 +262,7 @@ pub fn loadavg() -> [f64; 3] {
     ]
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu_model: String,
     pub nproc: usize,
@@ -235,6 +326,23 @@ mod tests {
             })
         );
         assert_eq!(parse_map_fdinfo("pos:\t0\n"), None);
+    }
+
+    #[test]
+    fn prog_fdinfo_is_parsed() {
+        let t = "pos:\t0\nflags:\t02000002\nprog_type:\t5\nprog_jited:\t1\n\
+                 prog_tag:\td034ee764907d420\nmemlock:\t4096\nprog_id:\t3689\n\
+                 run_time_ns:\t52600\nrun_cnt:\t600\nrecursion_misses:\t0\n";
+        assert_eq!(
+            parse_prog_fdinfo(t),
+            Some(ProgStat {
+                prog_id: 3689,
+                run_cnt: 600,
+                run_time_ns: 52600
+            })
+        );
+        // Kernels before 5.1 have no run-time fields.
+        assert_eq!(parse_prog_fdinfo("prog_id:\t3\n"), None);
     }
 
     #[test]
