@@ -705,8 +705,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(json) = &args.render {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-        let results: Results = serde_json::from_str(&text)
+        let mut results: Results = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a results file of this version", json.display()))?;
+        // Summaries and verdicts are recomputed from the runs, so that a change in how they
+        // are computed applies to earlier measurements too.
+        results.summary = report::summarise(&results.runs);
+        results.targets = report::targets(&results.summary, &results.runs, &results.variants);
         let out = match &args.out_dir {
             Some(d) => d.join("BENCHMARKS.md"),
             None => root.join("BENCHMARKS.md"),
@@ -881,7 +885,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
 
     let summary = report::summarise(&runs);
-    let targets = report::targets(&summary, &runs, &variants);
+    let variant_names: Vec<String> = storm_variants.iter().map(Variant::name).collect();
+    let targets = report::targets(&summary, &runs, &variant_names);
     let results = Results {
         schema: 1,
         date,
@@ -891,7 +896,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         plan,
         backends_ran,
         backends_skipped,
-        variants: storm_variants.iter().map(Variant::name).collect(),
+        variants: variant_names,
         loadavg_start,
         loadavg_end: sys::loadavg(),
         elapsed_s: started.elapsed().as_secs_f64(),

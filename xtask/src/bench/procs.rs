@@ -3,9 +3,12 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc::{self, Receiver, RecvTimeoutError},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -227,8 +230,41 @@ pub struct Tracer {
     /// bpftrace only: from spawn to its "Attaching N probes..." line.
     pub attaching_after: Option<Duration>,
     out: Option<JoinHandle<Tally>>,
+    /// Where portexhaust's stdout goes (removed when the tracer is dropped).
+    out_file: Option<PathBuf>,
     err: Option<JoinHandle<String>>,
     reaped: bool,
+}
+
+/// A new file for one tracer's output, in /dev/shm when there is one (memory, not disk).
+fn stream_file() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = Path::new("/dev/shm");
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!(
+        "pxh-bench-{}-{}.ndjson",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Count the lines of a file and keep its last one.
+fn tally_file(path: &Path) -> Tally {
+    let mut t = LineTally::default();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            t.push(&buf[..n]);
+        }
+    }
+    t.finish()
 }
 
 pub struct Stopped {
@@ -254,31 +290,33 @@ impl Tracer {
                 c
             }
         };
+        // portexhaust streams a line per failure: into a file in memory (tmpfs), read after it
+        // exits, so that no reader of ours competes with the tracer and the load for the CPUs
+        // during the measured part. bpftrace prints little: a pipe.
+        let out_file = match kind {
+            TracerKind::Portexhaust { .. } => Some(stream_file()),
+            TracerKind::Bpftrace => None,
+        };
+        let stdout_to = match &out_file {
+            Some(p) => Stdio::from(
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            ),
+            None => Stdio::piped(),
+        };
         let t0 = Instant::now();
         let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout_to)
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {kind:?}"))?;
         let pid = child.id();
-        let stdout = child.stdout.take().context("tracer stdout")?;
+        let stdout = child.stdout.take();
         let stderr = child.stderr.take().context("tracer stderr")?;
         let (tx, rx) = mpsc::channel::<(Marker, Instant)>();
         let (out, err) = match kind {
             TracerKind::Portexhaust { .. } => {
-                let out = thread::spawn(move || {
-                    let mut t = LineTally::default();
-                    let mut r = stdout;
-                    let mut buf = vec![0u8; 256 * 1024];
-                    while let Ok(n) = r.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        t.push(&buf[..n]);
-                    }
-                    t.finish()
-                });
+                let out = None;
                 let err = thread::spawn(move || {
                     let mut all = String::new();
                     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -296,6 +334,7 @@ impl Tracer {
                 // bpftrace 0.17 prints "Attaching N probes..." on stdout and its attached
                 // notice on stderr; look for both markers on both streams.
                 let tx2 = tx.clone();
+                let stdout = stdout.context("bpftrace stdout")?;
                 let out = thread::spawn(move || {
                     let mut t = Tally::default();
                     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -311,6 +350,7 @@ impl Tracer {
                     }
                     t
                 });
+                let out = Some(out);
                 let err = thread::spawn(move || {
                     let mut all = String::new();
                     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -332,7 +372,8 @@ impl Tracer {
             pid,
             ready_after: Duration::ZERO,
             attaching_after: None,
-            out: Some(out),
+            out,
+            out_file,
             err: Some(err),
             reaped: false,
         };
@@ -369,11 +410,11 @@ impl Tracer {
             }
         };
         self.reaped = true;
-        let out = self
-            .out
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        let out = match (&self.out_file, self.out.take()) {
+            (Some(p), _) => tally_file(p),
+            (None, Some(h)) => h.join().unwrap_or_default(),
+            (None, None) => Tally::default(),
+        };
         let stderr = self
             .err
             .take()
@@ -388,6 +429,9 @@ impl Drop for Tracer {
         if !self.reaped {
             let _ = self.child.kill();
             let _ = sys::wait4_timeout(self.pid, Duration::from_secs(10));
+        }
+        if let Some(p) = self.out_file.take() {
+            let _ = std::fs::remove_file(p);
         }
     }
 }

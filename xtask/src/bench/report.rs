@@ -61,6 +61,49 @@ fn median(rows: &[Row], scenario: &str, variant: &str, metric: &str) -> Option<f
     find(rows, scenario, variant, metric).map(|s| s.median)
 }
 
+/// Per-repetition ratio a/b of a metric, summarised. The variants of one repetition run back
+/// to back, so load from other work on the machine, which drifts over minutes, mostly cancels
+/// in the ratio; a ratio of medians taken over the whole run does not have that property.
+pub fn paired(runs: &[Run], scenario: &str, a: &str, b: &str, metric: &str) -> Option<Spread> {
+    let v: Vec<f64> = runs
+        .iter()
+        .filter(|r| r.scenario == scenario && r.variant == a)
+        .filter_map(|ra| {
+            let rb = runs
+                .iter()
+                .find(|r| r.scenario == scenario && r.variant == b && r.rep == ra.rep)?;
+            ratio(
+                ra.metrics.get(metric).copied(),
+                rb.metrics.get(metric).copied(),
+            )
+        })
+        .collect();
+    spread(&v)
+}
+
+/// A ratio for a table cell: paired per repetition when the runs allow it, else of medians.
+fn ratio_cell(
+    rows: &[Row],
+    runs: &[Run],
+    scenario: &str,
+    a: &str,
+    b: &str,
+    metric: &str,
+) -> String {
+    match paired(runs, scenario, a, b, metric) {
+        Some(s) if s.n > 1 && s.min != s.max => {
+            format!("{:.3} ({:.3}-{:.3})", s.median, s.min, s.max)
+        }
+        Some(s) => format!("{:.3}", s.median),
+        None => ratio(
+            median(rows, scenario, a, metric),
+            median(rows, scenario, b, metric),
+        )
+        .map(|r| format!("{r:.3}"))
+        .unwrap_or_else(|| "-".into()),
+    }
+}
+
 /// One target of the issue, measured.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
@@ -75,11 +118,10 @@ fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
-pub fn targets(rows: &[Row], runs: &[Run], variants: &[super::Variant]) -> Vec<Target> {
+pub fn targets(rows: &[Row], runs: &[Run], variants: &[String]) -> Vec<Target> {
     let mut out = Vec::new();
-    let pes: Vec<String> = variants
+    let pes: Vec<&String> = variants
         .iter()
-        .map(super::Variant::name)
         .filter(|n| n.starts_with("portexhaust/"))
         .collect();
     for pe in &pes {
@@ -87,32 +129,43 @@ pub fn targets(rows: &[Row], runs: &[Run], variants: &[super::Variant]) -> Vec<T
             let u = median(rows, sc, "untraced", "failures_per_s");
             let p = median(rows, sc, pe, "failures_per_s");
             let b = median(rows, sc, "bpftrace", "failures_per_s");
-            let r = ratio(p, u);
+            let r = paired(runs, sc, pe, "untraced", "failures_per_s");
             out.push(Target {
                 name: format!("failure storm ({label}) under {pe}"),
                 target: ">= 95% of untraced".into(),
                 measured: match (r, p, u) {
-                    (Some(r), Some(p), Some(u)) => {
-                        format!("{} ({}/s vs {}/s)", pct(r), human(p), human(u))
-                    }
+                    (Some(r), Some(p), Some(u)) => format!(
+                        "{} (per repetition {}-{}; medians {}/s vs {}/s)",
+                        pct(r.median),
+                        pct(r.min),
+                        pct(r.max),
+                        human(p),
+                        human(u)
+                    ),
                     _ => "not measured".into(),
                 },
-                met: r.map(|r| r >= 0.95),
+                met: r.map(|r| r.median >= 0.95),
             });
-            let rb = ratio(p, b);
+            let rb = paired(runs, sc, pe, "bpftrace", "failures_per_s");
             out.push(Target {
                 name: format!("failure storm ({label}) under {pe}"),
                 target: "not below bpftrace".into(),
                 measured: match (rb, b) {
-                    (Some(rb), Some(b)) => format!("{} of bpftrace's {}/s", pct(rb), human(b)),
+                    (Some(rb), Some(b)) => format!(
+                        "{} of bpftrace's rate (per repetition {}-{}; bpftrace median {}/s)",
+                        pct(rb.median),
+                        pct(rb.min),
+                        pct(rb.max),
+                        human(b)
+                    ),
                     _ => "not measured".into(),
                 },
-                met: rb.map(|r| r >= 1.0),
+                met: rb.map(|r| r.median >= 1.0),
             });
         }
         let storms: Vec<&Run> = runs
             .iter()
-            .filter(|r| &r.variant == pe && (r.scenario == "storm" || r.scenario == "storm2"))
+            .filter(|r| &r.variant == *pe && (r.scenario == "storm" || r.scenario == "storm2"))
             .collect();
         let exact = storms
             .iter()
@@ -134,17 +187,28 @@ pub fn targets(rows: &[Row], runs: &[Run], variants: &[super::Variant]) -> Vec<T
         });
         let u = median(rows, "churn", "untraced", "connects_per_s");
         let p = median(rows, "churn", pe, "connects_per_s");
-        let overhead = ratio(p, u).map(|r| 1.0 - r);
+        let r = paired(runs, "churn", pe, "untraced", "connects_per_s");
+        let cpu = paired(runs, "churn", pe, "untraced", "client_cpu_us_per_connect");
         out.push(Target {
             name: format!("churn overhead of {pe}"),
             target: "<= 2%".into(),
-            measured: match (overhead, p, u) {
-                (Some(o), Some(p), Some(u)) => {
-                    format!("{} ({}/s vs {}/s)", pct(o), human(p), human(u))
-                }
+            measured: match (r, p, u) {
+                (Some(r), Some(p), Some(u)) => format!(
+                    "{} fewer connects/s (per repetition {} to {}; medians {}/s vs {}/s){}",
+                    pct(1.0 - r.median),
+                    pct(1.0 - r.max),
+                    pct(1.0 - r.min),
+                    human(p),
+                    human(u),
+                    cpu.map(|c| format!(
+                        "; {} more CPU per connect in the churning process",
+                        pct(c.median - 1.0)
+                    ))
+                    .unwrap_or_default()
+                ),
                 _ => "not measured".into(),
             },
-            met: overhead.map(|o| o <= 0.02),
+            met: r.map(|r| 1.0 - r.median <= 0.02),
         });
         let ready = find(rows, "ready", pe, "ready_ms");
         out.push(Target {
@@ -310,7 +374,14 @@ fn cell(s: Option<&Spread>) -> String {
     }
 }
 
-fn table(out: &mut String, rows: &[Row], scenario: &str, variants: &[String], specs: &[Spec]) {
+fn table(
+    out: &mut String,
+    rows: &[Row],
+    runs: &[Run],
+    scenario: &str,
+    variants: &[String],
+    specs: &[Spec],
+) {
     let pes: Vec<&String> = variants
         .iter()
         .filter(|v| v.starts_with("portexhaust/"))
@@ -369,18 +440,11 @@ fn table(out: &mut String, rows: &[Row], scenario: &str, variants: &[String], sp
         }
         for (pe, base) in &ratio_cols {
             let r = if with_ratio {
-                ratio(
-                    median(rows, scenario, pe, metric),
-                    median(rows, scenario, base, metric),
-                )
+                ratio_cell(rows, runs, scenario, pe, base, metric)
             } else {
-                None
+                "-".into()
             };
-            let _ = write!(
-                out,
-                " {} |",
-                r.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into())
-            );
+            let _ = write!(out, " {r} |");
         }
         out.push('\n');
     }
@@ -446,7 +510,8 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
         s,
         "Generated by `cargo xtask bench{}` on {} ({} run: {} repetitions per scenario and \
          variant, interleaved in rotating order; scale: {} repetition(s)). Cells are \
-         `median (min-max)`. Do not edit by hand: rerun it; commentary lives in \
+         `median (min-max)`; ratios are taken per repetition (the variants of one repetition \
+         run back to back) and shown as `median (min-max)` of those. Do not edit by hand: rerun it; commentary lives in \
          `bench/analysis.md` and is copied in below. Every run is in `bench/results.json`.\n",
         if p.mode == "quick" { " --quick" } else { "" },
         res.date,
@@ -491,7 +556,7 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
          (range of 20000 ports, `tcp_tw_reuse=1`).\n",
         p.churn_secs
     );
-    table(&mut s, &res.summary, "churn", v, CHURN);
+    table(&mut s, &res.summary, &res.runs, "churn", v, CHURN);
     let _ = writeln!(
         s,
         "## 2. Failure storm\n\nEach process holds every port of a {}-port range to \
@@ -504,13 +569,13 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
         p.storm_ports,
         human(p.storm_failures as f64)
     );
-    table(&mut s, &res.summary, "storm", v, STORM);
+    table(&mut s, &res.summary, &res.runs, "storm", v, STORM);
     let _ = writeln!(
         s,
         "### Two processes ({} failures each)\n",
         human(p.storm2_failures_each as f64)
     );
-    table(&mut s, &res.summary, "storm2", v, STORM);
+    table(&mut s, &res.summary, &res.runs, "storm2", v, STORM);
     let _ = writeln!(
         s,
         "## 3. Tracer cost\n\nCPU of the tracer process from ready to exit (/proc/PID/stat \
@@ -520,9 +585,9 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
          charged to the process that makes the syscall, so it shows up as a lower storm rate, \
          not here.\n\n### One-process storm\n"
     );
-    table(&mut s, &res.summary, "storm", v, COST);
+    table(&mut s, &res.summary, &res.runs, "storm", v, COST);
     let _ = writeln!(s, "### Two-process storm\n");
-    table(&mut s, &res.summary, "storm2", v, COST);
+    table(&mut s, &res.summary, &res.runs, "storm2", v, COST);
     profile_section(&mut s, res);
     let _ = writeln!(
         s,
@@ -533,7 +598,7 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
          attaching). Every traced churn and storm run contributes one start, before its load \
          begins.\n"
     );
-    table(&mut s, &res.summary, "ready", v, READY);
+    table(&mut s, &res.summary, &res.runs, "ready", v, READY);
     let _ = writeln!(
         s,
         "## 5. Ownership tracking at scale\n\n`pxh-loadgen hold` opens N connections over \
@@ -549,6 +614,7 @@ pub fn markdown(res: &Results, analysis: Option<&str>) -> String {
         table(
             &mut s,
             &res.summary,
+            &res.runs,
             &format!("scale{}k", n / 1000),
             v,
             SCALE,
@@ -635,7 +701,8 @@ mod tests {
             run("scale100k", pe, &[("tracer_peak_rss_mib", 20.0)]),
         ];
         let rows = summarise(&runs);
-        let t = targets(&rows, &runs, &variants());
+        let names: Vec<String> = variants().iter().map(Variant::name).collect();
+        let t = targets(&rows, &runs, &names);
         let by = |name: &str, goal: &str| {
             t.iter()
                 .find(|x| x.name.contains(name) && x.target.contains(goal))
@@ -663,13 +730,13 @@ mod tests {
         let rows = summarise(&runs);
         let mut s = String::new();
         let names: Vec<String> = variants().iter().map(Variant::name).collect();
-        table(&mut s, &rows, "churn", &names, CHURN);
+        table(&mut s, &rows, &runs, "churn", &names, CHURN);
         assert!(
             s.contains("| connects/s (higher is better) | 1,000 | 990 | 1,100 | 0.990 | 0.900 |"),
             "{s}"
         );
         let mut empty = String::new();
-        table(&mut empty, &rows, "storm", &names, STORM);
+        table(&mut empty, &rows, &runs, "storm", &names, STORM);
         assert_eq!(empty, "(not run)\n\n");
     }
 }
