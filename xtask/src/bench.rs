@@ -658,7 +658,14 @@ fn git_revision(root: &Path) -> String {
     .unwrap_or_else(|| "unknown".into());
     let dirty = command_line(
         "git",
-        &["-C", &root.to_string_lossy(), "status", "--porcelain"],
+        // Untracked files (this run's own outputs among them) do not change what was measured.
+        &[
+            "-C",
+            &root.to_string_lossy(),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
     )
     .is_some_and(|s| !s.is_empty());
     if dirty { format!("{rev}+dirty") } else { rev }
