@@ -22,6 +22,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_current_cgroup_id,
@@ -83,6 +84,10 @@ static COUNTS: HashMap<CountKey, CountValue> = HashMap::with_max_entries(16384, 
 /// Global counters (see `portexhaust_common::stat`); per CPU so the hot path takes no lock.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
+
+/// Per CPU: when this CPU last asked for a ring-buffer wakeup (`bpf_ktime_get_ns`).
+#[map]
+static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
@@ -251,6 +256,40 @@ fn bump(index: u32) {
     }
 }
 
+// bpf_ringbuf_submit() flags (include/uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// At most one ring-buffer wakeup per CPU per this many nanoseconds.
+const WAKEUP_INTERVAL_NS: u64 = 10_000_000;
+
+/// Wakeup policy for one submitted event.
+///
+/// With flags 0 the kernel wakes the reader whenever it has caught up, which for a reader that
+/// keeps up means once per event: `bpf_ringbuf_submit()` -> `irq_work_queue()` -> a self-IPI
+/// (an APIC MSR write, a VM exit under virtualisation) plus a cross-CPU wakeup, per failure. In
+/// a storm that cost more than the failing connect() itself (measured by `cargo xtask bench`:
+/// a third of the storm process's samples in `native_write_msr` on 6.18, rate 36% of untraced).
+/// So the first event after a quiet spell still wakes the reader at once, and after that each
+/// CPU asks for at most one wakeup per 10 ms; the reader drains everything each time, and also
+/// on a timer, so an event submitted without a wakeup waits at most that long. 10 ms of the
+/// fastest storm is far less than the buffer holds, so the policy itself never drops events.
+#[inline(always)]
+fn wakeup_flags(now: u64) -> u64 {
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    unsafe {
+        if now.wrapping_sub(*last) >= WAKEUP_INTERVAL_NS {
+            *last = now;
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    }
+}
+
 /// What an emitter knows about a failure.
 struct Failure<'a> {
     errno: u32,
@@ -359,7 +398,25 @@ fn report(f: Failure<'_>) {
         netns,
         _pad: 0,
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags(now));
+}
+
+/// Read a field of a tracepoint record.
+///
+/// The verifier lets tracepoint programs load straight from their context (aligned, inside
+/// the record: `tp_prog_is_valid_access`), so this is one load, where aya's
+/// `TracePointContext::read_at` makes a `bpf_probe_read_kernel()` call per field. Every
+/// syscall on the machine runs these programs, so the difference adds up.
+///
+/// # Safety
+/// `off` must be the offset of a field of type `T` in this tracepoint's record (see
+/// shared/kernel-formats), aligned to the size of `T`'s loads.
+#[inline(always)]
+unsafe fn read_tp<T: Copy>(ctx: &TracePointContext, off: usize) -> Result<T, i32> {
+    // SAFETY: the caller guarantees the offset; the record outlives the program run.
+    // Volatile: one load per field at a constant offset from the ctx register, never a
+    // pointer derived from it.
+    Ok(unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(off) as *const T) })
 }
 
 /// Fill destination fields from the leading bytes of a `struct sockaddr_in{,6}`.
@@ -453,15 +510,23 @@ fn is_v4_mapped(info: &Inflight) -> bool {
 #[tracepoint]
 pub fn tp_sys_enter_socket(ctx: TracePointContext) -> u32 {
     // sys_enter_socket: family@16, type@24, protocol@32.
-    let Ok(family) = (unsafe { ctx.read_at::<u64>(16) }) else {
+    let Ok(family) = (unsafe { read_tp::<u64>(&ctx, 16) }) else {
         return 0;
     };
     if family != AF_INET as u64 && family != AF_INET6 as u64 {
         return 0;
     }
-    let Ok(ty) = (unsafe { ctx.read_at::<u64>(24) }) else {
+    let Ok(ty) = (unsafe { read_tp::<u64>(&ctx, 24) }) else {
         return 0;
     };
+    // Only datagram sockets are remembered. Everything that reads SOCK_TYPES treats a socket it
+    // does not know as TCP, except connect() EAGAIN, which on inet sockets only inet_autobind()
+    // returns (TCP connect() never does), so nothing is classified differently. Skipping stream
+    // sockets spares every TCP socket() on the machine two LRU map updates (BPF time per
+    // socket() on 6.18, BPF_ENABLE_STATS during `pxh-loadgen storm`: see BENCHMARKS.md).
+    if ty & 0xf != 2 {
+        return 0;
+    }
     let _ = SOCKET_ARGS.insert(bpf_get_current_pid_tgid(), ty as u32, 0);
     0
 }
@@ -469,24 +534,28 @@ pub fn tp_sys_enter_socket(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_sys_exit_socket(ctx: TracePointContext) -> u32 {
     let tid = bpf_get_current_pid_tgid();
-    let Some(ty) = SOCKET_ARGS.get_ptr(tid).map(|p| unsafe { *p }) else {
-        return 0;
-    };
-    let _ = SOCKET_ARGS.remove(tid);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
+    let ty = SOCKET_ARGS.get_ptr(tid).map(|p| unsafe { *p });
+    if ty.is_some() {
+        let _ = SOCKET_ARGS.remove(tid);
+    }
+    let Ok(ret) = (unsafe { read_tp::<i64>(&ctx, 16) }) else {
         return 0;
     };
     if ret < 0 {
         return 0;
     }
-    // The low 4 bits are the type; SOCK_NONBLOCK/SOCK_CLOEXEC live above them.
-    let ty = match ty & 0xf {
-        1 => SOCK_STREAM,
-        2 => SOCK_DGRAM,
-        _ => return 0,
-    };
     let key = ((tid >> 32) << 32) | (ret as u64 & 0xffff_ffff);
-    let _ = SOCK_TYPES.insert(key, ty, 0);
+    // The low 4 bits are the type; SOCK_NONBLOCK/SOCK_CLOEXEC live above them. Only datagram
+    // sockets are remembered (see tp_sys_enter_socket); any other new fd forgets what an
+    // earlier, closed socket with the same number was.
+    match ty.map(|t| t & 0xf) {
+        Some(2) => {
+            let _ = SOCK_TYPES.insert(key, SOCK_DGRAM, 0);
+        }
+        _ => {
+            let _ = SOCK_TYPES.remove(key);
+        }
+    }
     0
 }
 
@@ -495,9 +564,9 @@ pub fn tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
     // sys_enter_connect: fd@16, uservaddr@24, addrlen@32.
     let args = unsafe {
         (
-            ctx.read_at::<u64>(16),
-            ctx.read_at::<u64>(24),
-            ctx.read_at::<u64>(32),
+            read_tp::<u64>(&ctx, 16),
+            read_tp::<u64>(&ctx, 24),
+            read_tp::<u64>(&ctx, 32),
         )
     };
     let (Ok(fd), Ok(uaddr), Ok(len)) = args else {
@@ -517,7 +586,7 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = SYSCALL_INFLIGHT.remove(tid);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
+    let Ok(ret) = (unsafe { read_tp::<i64>(&ctx, 16) }) else {
         return 0;
     };
     if ret == -(EAGAIN as i64) {
@@ -570,9 +639,9 @@ pub fn tp_sys_enter_bind(ctx: TracePointContext) -> u32 {
     // sys_enter_bind: fd@16, umyaddr@24, addrlen@32.
     let args = unsafe {
         (
-            ctx.read_at::<u64>(16),
-            ctx.read_at::<u64>(24),
-            ctx.read_at::<u64>(32),
+            read_tp::<u64>(&ctx, 16),
+            read_tp::<u64>(&ctx, 24),
+            read_tp::<u64>(&ctx, 32),
         )
     };
     let (Ok(fd), Ok(uaddr), Ok(len)) = args else {
@@ -594,7 +663,7 @@ pub fn tp_sys_exit_bind(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = SYSCALL_INFLIGHT.remove(tid);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
+    let Ok(ret) = (unsafe { read_tp::<i64>(&ctx, 16) }) else {
         return 0;
     };
     // EADDRNOTAVAIL from bind() means a non-local address: not exhaustion, never reported.
@@ -632,15 +701,23 @@ const TCP_CLOSING: i32 = 11;
 /// Note that port selection is about to run for this thread's connect, and the source address.
 #[inline(always)]
 fn mark_syn_sent(ctx: &TracePointContext, p: *mut Inflight) {
-    let family = unsafe { ctx.read_at::<u16>(28) }.unwrap_or(0);
+    let family = unsafe { read_tp::<u16>(ctx, 28) }.unwrap_or(0);
+    // Whole aligned words: the verifier refuses loads through a ctx pointer that was moved,
+    // which is what LLVM makes of a byte-array copy.
     let saddr = if family == AF_INET {
-        unsafe { ctx.read_at::<[u8; 4]>(32) }.map(|a| {
+        unsafe { read_tp::<u32>(ctx, 32) }.map(|a| {
             let mut s = [0u8; 16];
-            s[..4].copy_from_slice(&a);
+            s[..4].copy_from_slice(&a.to_ne_bytes());
             s
         })
     } else {
-        unsafe { ctx.read_at::<[u8; 16]>(40) }
+        unsafe { read_tp::<u64>(ctx, 40) }.and_then(|hi| {
+            let lo = unsafe { read_tp::<u64>(ctx, 48) }?;
+            let mut s = [0u8; 16];
+            s[..8].copy_from_slice(&hi.to_ne_bytes());
+            s[8..].copy_from_slice(&lo.to_ne_bytes());
+            Ok(s)
+        })
     };
     // SAFETY: pointer into this thread's own map value.
     unsafe {
@@ -655,22 +732,29 @@ fn mark_syn_sent(ctx: &TracePointContext, p: *mut Inflight) {
 /// The connection's 4-tuple from the tracepoint record, in the owner's namespace.
 #[inline(always)]
 fn tuple_of(ctx: &TracePointContext, netns: u32) -> Option<TupleKey> {
-    let family = unsafe { ctx.read_at::<u16>(28) }.ok()?;
+    let family = unsafe { read_tp::<u16>(ctx, 28) }.ok()?;
     let mut key = TupleKey {
         netns,
         family,
-        sport: unsafe { ctx.read_at::<u16>(24) }.ok()?,
-        dport: unsafe { ctx.read_at::<u16>(26) }.ok()?,
+        sport: unsafe { read_tp::<u16>(ctx, 24) }.ok()?,
+        dport: unsafe { read_tp::<u16>(ctx, 26) }.ok()?,
         _pad: [0; 2],
         saddr: [0; 16],
         daddr: [0; 16],
     };
+    // Whole aligned words, as in mark_syn_sent: byte-array copies become moved ctx pointers.
     if family == AF_INET {
-        key.saddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(32) }.ok()?);
-        key.daddr[..4].copy_from_slice(&unsafe { ctx.read_at::<[u8; 4]>(36) }.ok()?);
+        let s = unsafe { read_tp::<u32>(ctx, 32) }.ok()?;
+        let d = unsafe { read_tp::<u32>(ctx, 36) }.ok()?;
+        key.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+        key.daddr[..4].copy_from_slice(&d.to_ne_bytes());
     } else {
-        key.saddr = unsafe { ctx.read_at::<[u8; 16]>(40) }.ok()?;
-        key.daddr = unsafe { ctx.read_at::<[u8; 16]>(56) }.ok()?;
+        for (i, off) in [40usize, 48].into_iter().enumerate() {
+            let w = unsafe { read_tp::<u64>(ctx, off) }.ok()?;
+            key.saddr[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+            let w = unsafe { read_tp::<u64>(ctx, off + 16) }.ok()?;
+            key.daddr[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+        }
     }
     Some(key)
 }
@@ -705,6 +789,15 @@ fn own_socket(sk: u64) {
 /// marked at the active close, and left in place through TIME_WAIT.
 #[inline(always)]
 fn follow_socket(ctx: &TracePointContext, sk: u64, oldstate: i32, newstate: i32) {
+    // This tracepoint fires ~10 times per connection, on both ends; only these transitions
+    // matter for ownership, and the others must not pay for a map lookup.
+    let interesting = newstate == TCP_CLOSE
+        || (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED)
+        || (oldstate == TCP_ESTABLISHED
+            && (newstate == TCP_FIN_WAIT1 || newstate == TCP_CLOSE_WAIT));
+    if !interesting {
+        return;
+    }
     let Some(owner) = OWNER_BY_SK.get_ptr(sk).map(|p| unsafe { *p }) else {
         return;
     };
@@ -762,10 +855,10 @@ fn follow_socket(ctx: &TracePointContext, sk: u64, oldstate: i32, newstate: i32)
 pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let (Ok(oldstate), Ok(newstate), Ok(protocol), Ok(sk)) = (unsafe {
         (
-            ctx.read_at::<i32>(16),
-            ctx.read_at::<i32>(20),
-            ctx.read_at::<u16>(30),
-            ctx.read_at::<u64>(8),
+            read_tp::<i32>(&ctx, 16),
+            read_tp::<i32>(&ctx, 20),
+            read_tp::<u16>(&ctx, 30),
+            read_tp::<u64>(&ctx, 8),
         )
     }) else {
         return 0;

@@ -22,7 +22,8 @@ use crate::{
 };
 
 /// The eBPF object built by build.rs, embedded so the binary is self-contained.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portexhaust"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portexhaust-ebpf"));
 
 /// Which backend the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -238,7 +238,7 @@ pub fn run(o: TopOptions) -> Result<()> {
     let mut collector = Collector::new(scope);
     // top works from the exact in-kernel counts and shows no per-failure events (so no event
     // drops either); they are read off and discarded so the buffer does not sit full.
-    let mut refresh = |tracer: &mut Tracer, collector: &mut Collector| {
+    let refresh = |tracer: &mut Tracer, collector: &mut Collector| {
         tracer.drain(|_| {});
         collector.collect(tracer)
     };

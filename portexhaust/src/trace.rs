@@ -42,6 +42,10 @@ pub struct TraceOptions {
     pub record: Option<RecordOptions>,
 }
 
+/// Longest an event can wait in the ring buffer for the reader (events after the first of a
+/// burst are submitted without a wakeup).
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Only the fd, for readiness: the ring buffer itself stays inside the Tracer.
 struct Fd(RawFd);
 impl AsRawFd for Fd {
@@ -307,6 +311,10 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     );
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut record_tick = tokio::time::interval(crate::record::FLUSH_EVERY);
+    // The eBPF side rate-limits ring-buffer wakeups in a storm (see `wakeup_flags` there): an
+    // event submitted without one is picked up by this tick at the latest.
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let sleep = async {
             match deadline {
@@ -348,6 +356,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
                     }
                 }
             }
+            _ = drain_tick.tick() => s.drain(),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sleep => break,

@@ -1,7 +1,8 @@
-//! Developer tasks: `cargo xtask setup | build | run | install | test | vmtest`.
+//! Developer tasks: `cargo xtask setup | build | run | install | test | vmtest | bench`.
 //!
 //! Everything that needs root or the network namespace machinery lives here rather than in a
 //! cargo `runner`, so that a plain `cargo test` stays unprivileged.
+mod bench;
 mod setup;
 mod test;
 mod vmtest;
@@ -36,6 +37,9 @@ enum Cmd {
     Test(test::TestArgs),
     /// Boot Debian kernels under QEMU and run selftest/trace for every backend in each.
     Vmtest(vmtest::VmtestArgs),
+    /// Measure cost and exactness against the untraced kernel and bpftrace; writes
+    /// BENCHMARKS.md and bench/results.json (as root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +51,6 @@ fn main() -> Result<()> {
         Cmd::Install { prefix } => setup::install(&prefix),
         Cmd::Test(args) => test::test(&args),
         Cmd::Vmtest(args) => vmtest::vmtest(&args),
+        Cmd::Bench(args) => bench::bench(&args),
     }
 }

@@ -23,6 +23,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",         // fleet tests: systemd-analyze verify/security of deploy/portexhaust.service
     "util-linux",      // fleet tests: setpriv runs the tracer with exactly the unit's capabilities
     "chromium",        // tests/forensics.rs: the HTML report in a headless browser
+    "bpftrace",        // bench: the one-liner portexhaust is compared with
+    "bpftool",         // bench: BPF program names in the profile
 ];
 
 /// PyPI tools the tests use, pinned, with the command each provides. They go into a private

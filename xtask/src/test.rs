@@ -93,5 +93,23 @@ pub fn test(args: &TestArgs) -> Result<()> {
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
+    run_checked(&mut cmd)?;
+    // The benchmark load generators' own kernel tests (loadgen/tests/privileged.rs): Cargo
+    // gives an integration test only its own package's binaries, so they live in that crate.
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root).args([
+        "test",
+        "--release",
+        "--package",
+        "pxh-loadgen",
+        "--test",
+        "privileged",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ]);
+    if let Some(f) = &args.filter {
+        cmd.arg(f);
+    }
     run_checked(&mut cmd)
 }

@@ -1,0 +1,984 @@
+//! `cargo xtask bench`: what portexhaust costs and how exactly it counts, side by side with the
+//! untraced kernel and the bpftrace one-liner users reach for today.
+//!
+//! Every load runs in private network namespaces (`pxh-loadgen`, the `loadgen/` crate) with a
+//! paused start, so that tracers are attached before the measured part and their start-up is
+//! timed separately. Variants (untraced, portexhaust with each backend this kernel runs,
+//! bpftrace) run interleaved, in a rotated order each repetition, so that whatever else the
+//! machine is doing spreads over all of them; results are medians with min-max spreads.
+mod procs;
+mod report;
+mod stats;
+mod sys;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::setup::{is_root, run_checked, setup, workspace_root};
+use procs::{Load, Stopped, Tracer, TracerKind, parse_bpftrace_counts};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum ScenarioArg {
+    /// Successful connect/close churn on loopback.
+    Churn,
+    /// Failure storm, one process.
+    Storm,
+    /// Failure storm, two processes at once.
+    Storm2,
+    /// Ownership tracking at scale: 10k and 100k held connections.
+    Scale,
+    /// One storm per tracer with BPF run-time statistics on: BPF time per failure, by program.
+    Profile,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Short run (fewer repetitions, smaller counts; under 3 minutes) that still runs every
+    /// scenario. Writes to target/bench-quick/ unless --out-dir is given.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of each scenario and variant (default: 5, quick: 2).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub reps: Option<u32>,
+    /// Only these scenarios (repeatable; default: all).
+    #[arg(long, value_enum)]
+    pub only: Vec<ScenarioArg>,
+    /// Where BENCHMARKS.md and results.json go (default: the workspace root and bench/ for a
+    /// full run, target/bench-quick/ for --quick).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Use the release binaries already built instead of building them first.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Measure nothing: render BENCHMARKS.md again from an earlier results.json (for example
+    /// after editing bench/analysis.md).
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub render: Option<PathBuf>,
+}
+
+/// Sizes of one run. Chosen so that the full run fits in about 15 minutes on 2 cores.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub mode: String,
+    pub reps: u32,
+    pub churn_secs: f64,
+    /// Failing connects of the one-process storm.
+    pub storm_failures: u64,
+    /// Failing connects of each process of the two-process storm.
+    pub storm2_failures_each: u64,
+    /// Ports in each storm namespace's range (all held during the storm).
+    pub storm_ports: u16,
+    pub scale_sizes: Vec<u64>,
+    pub scale_reps: u32,
+    pub scale_churn_secs: f64,
+    /// Failing connects of the storm run once per tracer with BPF run-time statistics on.
+    pub profile_failures: u64,
+}
+
+impl Plan {
+    fn new(quick: bool, reps: Option<u32>) -> Self {
+        if quick {
+            Self {
+                mode: "quick".into(),
+                reps: reps.unwrap_or(2),
+                churn_secs: 2.0,
+                storm_failures: 200_000,
+                storm2_failures_each: 100_000,
+                storm_ports: 10,
+                scale_sizes: vec![10_000, 100_000],
+                scale_reps: 1,
+                scale_churn_secs: 0.5,
+                profile_failures: 100_000,
+            }
+        } else {
+            Self {
+                mode: "full".into(),
+                reps: reps.unwrap_or(5),
+                churn_secs: 5.0,
+                storm_failures: 1_000_000,
+                storm2_failures_each: 500_000,
+                storm_ports: 10,
+                scale_sizes: vec![10_000, 100_000],
+                scale_reps: 2,
+                scale_churn_secs: 2.0,
+                profile_failures: 300_000,
+            }
+        }
+    }
+}
+
+const STORM_COMM: &str = "pxhb-storm";
+const CHURN_COMM: &str = "pxhb-churn";
+const HOLD_COMM: &str = "pxhb-hold";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Untraced,
+    Traced(TracerKind),
+}
+
+impl Variant {
+    pub fn name(&self) -> String {
+        match self {
+            Self::Untraced => "untraced".into(),
+            Self::Traced(TracerKind::Portexhaust {
+                backend,
+                filtered: false,
+            }) => format!("portexhaust/{backend}"),
+            Self::Traced(TracerKind::Portexhaust {
+                backend,
+                filtered: true,
+            }) => format!("hooks-only/{backend}"),
+            Self::Traced(TracerKind::Bpftrace) => "bpftrace".into(),
+        }
+    }
+}
+
+/// One measured run of one scenario under one variant.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Run {
+    pub scenario: String,
+    pub variant: String,
+    pub rep: u32,
+    pub metrics: BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// Anything else worth keeping (BPF maps of the tracer, the loads' own reports).
+    #[serde(default)]
+    pub detail: Value,
+}
+
+impl Run {
+    fn new(scenario: &str, v: &Variant, rep: u32) -> Self {
+        Self {
+            scenario: scenario.into(),
+            variant: v.name(),
+            rep,
+            metrics: BTreeMap::new(),
+            notes: Vec::new(),
+            detail: Value::Null,
+        }
+    }
+    fn set(&mut self, k: &str, v: f64) {
+        self.metrics.insert(k.into(), v);
+    }
+}
+
+// Mirrors of pxh-loadgen's reports (loadgen/src/report.rs): xtask must build on a fresh
+// machine before the eBPF toolchain exists, so it cannot depend on crates that embed eBPF.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct StormReport {
+    pid: u32,
+    failures: u64,
+    other: BTreeMap<String, u64>,
+    truncated: bool,
+    elapsed_s: f64,
+    rate_per_s: f64,
+    user_s: f64,
+    sys_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChurnReport {
+    pid: u32,
+    connects: u64,
+    errors: BTreeMap<String, u64>,
+    elapsed_s: f64,
+    rate_per_s: f64,
+    user_s: f64,
+    sys_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct HoldReport {
+    pid: u32,
+    connections: u64,
+    dests: u16,
+    workers: u32,
+    open_s: f64,
+    open_rate_per_s: f64,
+    churned: u64,
+    established: u64,
+    rss_kib: u64,
+}
+
+struct Ctx {
+    portexhaust: PathBuf,
+    loadgen: PathBuf,
+    plan: Plan,
+}
+
+impl Ctx {
+    fn tracer(&self, v: &Variant) -> Result<Option<Tracer>> {
+        match v {
+            Variant::Untraced => Ok(None),
+            Variant::Traced(k) => {
+                Tracer::start(k.clone(), &self.portexhaust, READY_TIMEOUT).map(Some)
+            }
+        }
+    }
+}
+
+/// What a tracer looked like at the end of the load, before it was stopped.
+struct Sample {
+    cpu_at_ready: Option<(f64, f64)>,
+    memory: Option<sys::Memory>,
+    bpf: sys::BpfObjects,
+}
+
+const MIB: f64 = 1024.0;
+
+/// Sample a tracer at the end of the load, stop it, and record what every traced run has:
+/// start-up time, CPU while loaded, memory, BPF maps.
+fn finish_tracer(
+    run: &mut Run,
+    t: Tracer,
+    cpu_at_ready: Option<(f64, f64)>,
+) -> Result<(TracerKind, Stopped)> {
+    let s = Sample {
+        cpu_at_ready,
+        memory: sys::memory(t.pid),
+        bpf: sys::bpf_objects(t.pid),
+    };
+    let (kind, ready_after, attaching_after) = (t.kind.clone(), t.ready_after, t.attaching_after);
+    let stopped = t.stop()?;
+    run.set("ready_ms", ready_after.as_secs_f64() * 1e3);
+    if let Some(a) = attaching_after {
+        run.set("attaching_ms", a.as_secs_f64() * 1e3);
+    }
+    if let Some((u0, s0)) = s.cpu_at_ready {
+        let user = (stopped.exit.user_s - u0).max(0.0);
+        let sys = (stopped.exit.sys_s - s0).max(0.0);
+        run.set("tracer_user_s", user);
+        run.set("tracer_sys_s", sys);
+        run.set("tracer_cpu_s", user + sys);
+    }
+    if let Some(m) = s.memory {
+        run.set("tracer_rss_mib", m.rss_kib as f64 / MIB);
+    }
+    run.set("tracer_peak_rss_mib", stopped.exit.maxrss_kib as f64 / MIB);
+    run.set("map_memlock_mib", s.bpf.memlock_kib() / MIB);
+    run.set("bpf_maps", s.bpf.maps.len() as f64);
+    run.set("bpf_programs", f64::from(s.bpf.programs));
+    if stopped.exit.code != Some(0) {
+        run.notes.push(format!(
+            "tracer exited with code {:?} (signal {:?}): {}",
+            stopped.exit.code,
+            stopped.exit.signal,
+            stopped.stderr.lines().last().unwrap_or("")
+        ));
+    }
+    run.detail["bpf_maps"] = serde_json::to_value(&s.bpf.maps).unwrap_or(Value::Null);
+    Ok((kind, stopped))
+}
+
+/// Failures a tracer attributed to the given pids (portexhaust) or comm (bpftrace).
+struct Reported {
+    count: Option<u64>,
+    streamed: Option<u64>,
+    dropped: Option<u64>,
+    summary: Option<Value>,
+}
+
+fn reported(kind: &TracerKind, stopped: &Stopped, pids: &[u32], comm: &str) -> Reported {
+    match kind {
+        TracerKind::Portexhaust { .. } => {
+            let summary: Option<Value> = serde_json::from_str(&stopped.out.last_line)
+                .ok()
+                .filter(|v: &Value| v["type"] == "summary");
+            let count = summary.as_ref().map(|s| offender_failures(s, pids));
+            Reported {
+                count,
+                // Every line but the summary is one failure event.
+                streamed: summary
+                    .as_ref()
+                    .map(|_| stopped.out.newlines.saturating_sub(1)),
+                dropped: summary.as_ref().and_then(|s| s["dropped_events"].as_u64()),
+                summary,
+            }
+        }
+        TracerKind::Bpftrace => Reported {
+            count: Some(
+                parse_bpftrace_counts(&stopped.out.text)
+                    .get(comm)
+                    .copied()
+                    .unwrap_or(0),
+            ),
+            streamed: None,
+            dropped: None,
+            summary: None,
+        },
+    }
+}
+
+/// Failures a portexhaust summary attributes to any of `pids`.
+pub fn offender_failures(summary: &Value, pids: &[u32]) -> u64 {
+    summary["offenders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|o| {
+            o["pid"]
+                .as_u64()
+                .is_some_and(|p| pids.contains(&(p as u32)))
+        })
+        .filter_map(|o| o["failures"].as_u64())
+        .sum()
+}
+
+/// Sockets the tracer says it tracks, if this build reports it (issue 4). Looked for where the
+/// ownership work is expected to put it; None means "not reported".
+pub fn tracked_sockets(summary: &Value) -> Option<u64> {
+    summary["tracked_sockets"]
+        .as_u64()
+        .or_else(|| summary["ownership"]["tracked_sockets"].as_u64())
+        .or_else(|| summary["ownership"]["tracked"].as_u64())
+}
+
+fn storm_run(ctx: &Ctx, v: &Variant, rep: u32, procs: u32, each: u64) -> Result<Run> {
+    let mut run = Run::new(if procs == 1 { "storm" } else { "storm2" }, v, rep);
+    let each_s = each.to_string();
+    let ports = ctx.plan.storm_ports.to_string();
+    let args: Vec<Vec<String>> = (0..procs)
+        .map(|_| {
+            [
+                "storm",
+                "--failures",
+                &each_s,
+                "--ports",
+                &ports,
+                "--max-secs",
+                "120",
+                "--comm",
+                STORM_COMM,
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+        .collect();
+    let mut load = Load::start(&ctx.loadgen, &args, Duration::from_secs(60))?;
+    let tracer = ctx.tracer(v)?;
+    let cpu0 = tracer.as_ref().and_then(|t| sys::cpu_seconds(t.pid));
+    load.go()?;
+    let reports: Vec<StormReport> = load.reports(Duration::from_secs(200))?;
+    let client: u64 = reports.iter().map(|r| r.failures).sum();
+    // All loads start on the same go: the aggregate rate is over the slowest one's time.
+    let slowest = reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max);
+    run.set("failures_per_s", client as f64 / slowest.max(1e-9));
+    run.set("client_failures", client as f64);
+    // The storm processes' own CPU per failure: the in-kernel cost of tracing (BPF programs
+    // run in the failing task's context) with less noise from whatever else shares the CPUs.
+    let client_cpu: f64 = reports.iter().map(|r| r.user_s + r.sys_s).sum();
+    run.set(
+        "client_cpu_us_per_failure",
+        client_cpu / (client as f64).max(1.0) * 1e6,
+    );
+    for r in &reports {
+        if r.failures != each || !r.other.is_empty() || r.truncated {
+            run.notes.push(format!(
+                "load {} planned {each} failures, saw {} (other outcomes {:?}, truncated {})",
+                r.pid, r.failures, r.other, r.truncated
+            ));
+        }
+    }
+    if let Some(t) = tracer {
+        let (kind, stopped) = finish_tracer(&mut run, t, cpu0)?;
+        let rep = reported(&kind, &stopped, &load.pids, STORM_COMM);
+        let filtered = matches!(kind, TracerKind::Portexhaust { filtered: true, .. });
+        match rep.count {
+            // The hooks-only variant reports nothing by design.
+            _ if filtered => {}
+            Some(c) => {
+                run.set("reported_failures", c as f64);
+                run.set("exact", f64::from(u8::from(c == client)));
+                if c != client {
+                    run.notes.push(format!(
+                        "not exact: the tracer reported {c}, the clients saw {client}"
+                    ));
+                }
+            }
+            None => {
+                run.set("exact", 0.0);
+                run.notes.push("the tracer printed no summary".into());
+            }
+        }
+        if let Some(x) = rep.streamed {
+            run.set("events_streamed", x as f64);
+        }
+        if let Some(x) = rep.dropped {
+            run.set("dropped_events", x as f64);
+        }
+        let millions = client as f64 / 1e6;
+        if millions > 0.0 {
+            for k in ["tracer_cpu_s", "tracer_user_s", "tracer_sys_s"] {
+                if let Some(x) = run.metrics.get(k).copied() {
+                    run.set(&format!("{k}_per_m"), x / millions);
+                }
+            }
+        }
+    }
+    run.detail["loads"] = serde_json::to_value(&reports)?;
+    load.finish(Duration::from_secs(30))?;
+    Ok(run)
+}
+
+fn churn_run(ctx: &Ctx, v: &Variant, rep: u32) -> Result<Run> {
+    let mut run = Run::new("churn", v, rep);
+    let args = vec![
+        [
+            "churn",
+            "--secs",
+            &ctx.plan.churn_secs.to_string(),
+            "--comm",
+            CHURN_COMM,
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut load = Load::start(&ctx.loadgen, &args, Duration::from_secs(60))?;
+    let tracer = ctx.tracer(v)?;
+    let cpu0 = tracer.as_ref().and_then(|t| sys::cpu_seconds(t.pid));
+    load.go()?;
+    let reports: Vec<ChurnReport> =
+        load.reports(Duration::from_secs_f64(ctx.plan.churn_secs + 60.0))?;
+    let r = reports.first().context("churn sent no report")?;
+    run.set("connects_per_s", r.rate_per_s);
+    run.set("connects", r.connects as f64);
+    run.set(
+        "client_cpu_us_per_connect",
+        (r.user_s + r.sys_s) / (r.connects as f64).max(1.0) * 1e6,
+    );
+    if !r.errors.is_empty() {
+        run.notes
+            .push(format!("churn connects failed: {:?}", r.errors));
+    }
+    if let Some(t) = tracer {
+        let (kind, stopped) = finish_tracer(&mut run, t, cpu0)?;
+        // Every connect succeeded: a tracer that reports a failure here is wrong.
+        let rep = reported(&kind, &stopped, &load.pids, CHURN_COMM);
+        run.set("false_failures", rep.count.unwrap_or(0) as f64);
+        if let Some(x) = run.metrics.get("tracer_cpu_s").copied() {
+            run.set(
+                "tracer_cpu_s_per_m",
+                x / (r.connects as f64 / 1e6).max(1e-9),
+            );
+        }
+    }
+    run.detail["loads"] = serde_json::to_value(&reports)?;
+    load.finish(Duration::from_secs(30))?;
+    Ok(run)
+}
+
+fn scale_run(ctx: &Ctx, v: &Variant, rep: u32, n: u64) -> Result<Run> {
+    let mut run = Run::new(&format!("scale{}k", n / 1000), v, rep);
+    let args = vec![
+        [
+            "hold",
+            "--connections",
+            &n.to_string(),
+            "--churn-secs",
+            &ctx.plan.scale_churn_secs.to_string(),
+            "--comm",
+            HOLD_COMM,
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut load = Load::start(&ctx.loadgen, &args, Duration::from_secs(60))?;
+    let tracer = ctx.tracer(v)?;
+    let cpu0 = tracer.as_ref().and_then(|t| sys::cpu_seconds(t.pid));
+    load.go()?;
+    let reports: Vec<HoldReport> = load.reports(Duration::from_secs(300))?;
+    let r = reports.first().context("hold sent no report")?.clone();
+    run.set("open_rate_per_s", r.open_rate_per_s);
+    run.set("connections", r.connections as f64);
+    run.set("established", r.established as f64);
+    run.set("churned", r.churned as f64);
+    run.set("holder_rss_mib", r.rss_kib as f64 / MIB);
+    if r.established != 2 * n {
+        run.notes.push(format!(
+            "expected {} established sockets in the holder's namespace, saw {}",
+            2 * n,
+            r.established
+        ));
+    }
+    if let Some(t) = tracer {
+        // A second tracer started now sees every socket already open: how long its start-up
+        // (and any census of existing sockets) takes, and what that costs in memory.
+        let kind = t.kind.clone();
+        let census = Tracer::start(kind.clone(), &ctx.portexhaust, READY_TIMEOUT)?;
+        run.set("census_ready_ms", census.ready_after.as_secs_f64() * 1e3);
+        if let Some(m) = sys::memory(census.pid) {
+            run.set("census_rss_mib", m.rss_kib as f64 / MIB);
+        }
+        let census_stopped = census.stop()?;
+        run.set(
+            "census_peak_rss_mib",
+            census_stopped.exit.maxrss_kib as f64 / MIB,
+        );
+        let (kind, stopped) = finish_tracer(&mut run, t, cpu0)?;
+        let rep = reported(&kind, &stopped, &load.pids, HOLD_COMM);
+        match rep.summary.as_ref().and_then(tracked_sockets) {
+            Some(x) => run.set("tracked_sockets", x as f64),
+            None => run
+                .notes
+                .push("ownership tracking not yet in this build (no tracked-socket count)".into()),
+        }
+    }
+    run.detail["loads"] = serde_json::to_value(&reports)?;
+    load.finish(Duration::from_secs(120))?;
+    Ok(run)
+}
+
+/// One storm with BPF run-time statistics on (not timed with the others: the statistics cost
+/// two clock reads per program run): how much BPF time each failure costs, and in which program.
+fn profile_run(ctx: &Ctx, v: &Variant, failures: u64) -> Result<Run> {
+    let mut run = Run::new("profile", v, 0);
+    let args = vec![
+        [
+            "storm",
+            "--failures",
+            &failures.to_string(),
+            "--ports",
+            &ctx.plan.storm_ports.to_string(),
+            "--comm",
+            STORM_COMM,
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut load = Load::start(&ctx.loadgen, &args, Duration::from_secs(60))?;
+    let stats = sys::enable_bpf_stats()
+        .context("enabling BPF run-time statistics (BPF_ENABLE_STATS, 5.8+)")?;
+    let tracer = ctx.tracer(v)?.context("profiling needs a tracer")?;
+    let before = sys::prog_stats(tracer.pid);
+    load.go()?;
+    let reports: Vec<StormReport> = load.reports(Duration::from_secs(200))?;
+    let after = sys::prog_stats(tracer.pid);
+    drop(stats);
+    let names = sys::prog_names();
+    let client = reports.iter().map(|r| r.failures).sum::<u64>().max(1) as f64;
+    let (mut ns, mut runs) = (0u64, 0u64);
+    let mut progs: Vec<(f64, Value)> = Vec::new();
+    for (id, a) in &after {
+        let b = before.get(id).copied().unwrap_or(sys::ProgStat {
+            prog_id: *id,
+            run_cnt: 0,
+            run_time_ns: 0,
+        });
+        let (cnt, t) = (
+            a.run_cnt.saturating_sub(b.run_cnt),
+            a.run_time_ns.saturating_sub(b.run_time_ns),
+        );
+        ns += t;
+        runs += cnt;
+        if cnt > 0 {
+            progs.push((
+                t as f64 / client,
+                serde_json::json!({
+                    "program": names.get(id).cloned().unwrap_or_else(|| format!("id {id}")),
+                    "runs_per_failure": cnt as f64 / client,
+                    "ns_per_run": t as f64 / cnt as f64,
+                    "ns_per_failure": t as f64 / client,
+                }),
+            ));
+        }
+    }
+    progs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    run.set("bpf_ns_per_failure", ns as f64 / client);
+    run.set("bpf_runs_per_failure", runs as f64 / client);
+    run.detail["programs"] = Value::Array(progs.into_iter().map(|(_, v)| v).collect());
+    run.detail["loads"] = serde_json::to_value(&reports)?;
+    tracer.stop()?;
+    load.finish(Duration::from_secs(30))?;
+    Ok(run)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole run.
+
+/// Which backends this kernel runs: each is started for a moment; (ran, skipped with reason).
+fn detect_backends(portexhaust: &Path) -> (Vec<String>, Vec<(String, String)>) {
+    let mut ran = Vec::new();
+    let mut skipped = Vec::new();
+    for b in ["fentry", "kprobe", "tracepoint"] {
+        let out = Command::new(portexhaust)
+            .args(["trace", "--json", "--backend", b, "--duration", "0.2"])
+            .output();
+        match out {
+            Ok(o)
+                if o.status.success() && String::from_utf8_lossy(&o.stderr).contains("ready:") =>
+            {
+                ran.push(b.to_string())
+            }
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let reason = err
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("no output")
+                    .trim_start_matches("portexhaust: error: ")
+                    .to_string();
+                skipped.push((b.to_string(), reason));
+            }
+            Err(e) => skipped.push((b.to_string(), format!("could not start: {e}"))),
+        }
+    }
+    (ran, skipped)
+}
+
+fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn git_revision(root: &Path) -> String {
+    let rev = command_line(
+        "git",
+        &[
+            "-C",
+            &root.to_string_lossy(),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    )
+    .unwrap_or_else(|| "unknown".into());
+    let dirty = command_line(
+        "git",
+        // Untracked files (this run's own outputs among them) do not change what was measured.
+        &[
+            "-C",
+            &root.to_string_lossy(),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
+    )
+    .is_some_and(|s| !s.is_empty());
+    if dirty { format!("{rev}+dirty") } else { rev }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Everything a run produced: the JSON file, and what the markdown is rendered from.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub schema: u32,
+    pub date: String,
+    pub machine: sys::Machine,
+    pub git: String,
+    pub bpftrace: Option<String>,
+    pub plan: Plan,
+    pub backends_ran: Vec<String>,
+    pub backends_skipped: Vec<(String, String)>,
+    pub variants: Vec<String>,
+    pub loadavg_start: [f64; 3],
+    pub loadavg_end: [f64; 3],
+    pub elapsed_s: f64,
+    pub summary: Vec<report::Row>,
+    pub targets: Vec<report::Target>,
+    pub failed_runs: Vec<String>,
+    pub runs: Vec<Run>,
+}
+
+fn rotated<T: Clone>(v: &[T], by: usize) -> Vec<T> {
+    let mut v = v.to_vec();
+    if !v.is_empty() {
+        let n = by % v.len();
+        v.rotate_left(n);
+    }
+    v
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let root = workspace_root();
+    if let Some(json) = &args.render {
+        let text =
+            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let mut results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results file of this version", json.display()))?;
+        // Summaries and verdicts are recomputed from the runs, so that a change in how they
+        // are computed applies to earlier measurements too.
+        results.summary = report::summarise(&results.runs);
+        results.targets = report::targets(&results.summary, &results.runs, &results.variants);
+        let out = match &args.out_dir {
+            Some(d) => d.join("BENCHMARKS.md"),
+            None => root.join("BENCHMARKS.md"),
+        };
+        let analysis = std::fs::read_to_string(root.join("bench/analysis.md")).ok();
+        std::fs::write(&out, report::markdown(&results, analysis.as_deref()))
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!(
+            "xtask: bench: rendered {} from {}",
+            out.display(),
+            json.display()
+        );
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the benchmarks need root (they load eBPF programs and create network namespaces): \
+             run `sudo -E cargo xtask bench`"
+        );
+    }
+    if !args.no_build {
+        setup()?;
+        eprintln!("xtask: building portexhaust and pxh-loadgen (release)");
+        run_checked(Command::new("cargo").current_dir(&root).args([
+            "build",
+            "--release",
+            "--package",
+            "portexhaust",
+            "--package",
+            "pxh-loadgen",
+        ]))?;
+    }
+    let ctx = Ctx {
+        portexhaust: root.join("target/release/portexhaust"),
+        loadgen: root.join("target/release/pxh-loadgen"),
+        plan: Plan::new(args.quick, args.reps),
+    };
+    for b in [&ctx.portexhaust, &ctx.loadgen] {
+        if !b.exists() {
+            bail!("{} is missing: run without --no-build", b.display());
+        }
+    }
+    let (out_md, out_json) = match (&args.out_dir, args.quick) {
+        (Some(d), _) => (d.join("BENCHMARKS.md"), d.join("results.json")),
+        (None, true) => {
+            let d = root.join("target/bench-quick");
+            (d.join("BENCHMARKS.md"), d.join("results.json"))
+        }
+        (None, false) => (root.join("BENCHMARKS.md"), root.join("bench/results.json")),
+    };
+    let wanted = |s: ScenarioArg| args.only.is_empty() || args.only.contains(&s);
+
+    let started = Instant::now();
+    let loadavg_start = sys::loadavg();
+    let date = now_rfc3339();
+    let (backends_ran, backends_skipped) = detect_backends(&ctx.portexhaust);
+    for (b, why) in &backends_skipped {
+        eprintln!("xtask: bench: backend {b} skipped: {why}");
+    }
+    if backends_ran.is_empty() {
+        bail!("no portexhaust backend runs on this kernel: {backends_skipped:?}");
+    }
+    let bpftrace = command_line("bpftrace", &["--version"]);
+    let mut variants = vec![Variant::Untraced];
+    variants.extend(backends_ran.iter().map(|b| {
+        Variant::Traced(TracerKind::Portexhaust {
+            backend: b.clone(),
+            filtered: false,
+        })
+    }));
+    match &bpftrace {
+        Some(_) => variants.push(Variant::Traced(TracerKind::Bpftrace)),
+        None => {
+            eprintln!("xtask: bench: bpftrace is not installed: `cargo xtask setup` installs it")
+        }
+    }
+    // Diagnostic for the one-process storm: every program attached, nothing reported.
+    let mut storm_variants = variants.clone();
+    storm_variants.extend(backends_ran.iter().map(|b| {
+        Variant::Traced(TracerKind::Portexhaust {
+            backend: b.clone(),
+            filtered: true,
+        })
+    }));
+    // bpftrace has no ownership tracking: at scale only the untraced system is compared.
+    let scale_variants: Vec<Variant> = variants
+        .iter()
+        .filter(|v| !matches!(v, Variant::Traced(TracerKind::Bpftrace)))
+        .cloned()
+        .collect();
+
+    let plan = ctx.plan.clone();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut record = |what: String, r: Result<Run>| match r {
+        Ok(run) => {
+            let key = [
+                "failures_per_s",
+                "connects_per_s",
+                "open_rate_per_s",
+                "bpf_ns_per_failure",
+            ]
+            .iter()
+            .find_map(|k| {
+                run.metrics
+                    .get(*k)
+                    .map(|v| format!("{k}={}", stats::human(*v)))
+            })
+            .unwrap_or_default();
+            eprintln!(
+                "xtask: bench: [{:>5.0}s] {what}: {key}{}",
+                started.elapsed().as_secs_f64(),
+                if run.notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", run.notes.join("; "))
+                }
+            );
+            runs.push(run);
+        }
+        Err(e) => {
+            eprintln!("xtask: bench: {what} FAILED: {e:#}");
+            failed.push(format!("{what}: {e:#}"));
+        }
+    };
+    for rep in 0..plan.reps {
+        for v in rotated(&variants, rep as usize) {
+            if wanted(ScenarioArg::Churn) {
+                record(
+                    format!("churn {} #{rep}", v.name()),
+                    churn_run(&ctx, &v, rep),
+                );
+            }
+        }
+        for v in rotated(&storm_variants, rep as usize + 1) {
+            if wanted(ScenarioArg::Storm) {
+                record(
+                    format!("storm {} #{rep}", v.name()),
+                    storm_run(&ctx, &v, rep, 1, plan.storm_failures),
+                );
+            }
+        }
+        for v in rotated(&variants, rep as usize + 2) {
+            if wanted(ScenarioArg::Storm2) {
+                record(
+                    format!("storm2 {} #{rep}", v.name()),
+                    storm_run(&ctx, &v, rep, 2, plan.storm2_failures_each),
+                );
+            }
+        }
+    }
+    if wanted(ScenarioArg::Scale) {
+        for rep in 0..plan.scale_reps {
+            for &n in &plan.scale_sizes {
+                for v in rotated(&scale_variants, rep as usize) {
+                    record(
+                        format!("scale {n} {} #{rep}", v.name()),
+                        scale_run(&ctx, &v, rep, n),
+                    );
+                }
+            }
+        }
+    }
+
+    if wanted(ScenarioArg::Profile) {
+        for v in variants.iter().filter(|v| matches!(v, Variant::Traced(_))) {
+            record(
+                format!("profile {}", v.name()),
+                profile_run(&ctx, v, plan.profile_failures),
+            );
+        }
+    }
+
+    let summary = report::summarise(&runs);
+    let variant_names: Vec<String> = storm_variants.iter().map(Variant::name).collect();
+    let targets = report::targets(&summary, &runs, &variant_names);
+    let results = Results {
+        schema: 1,
+        date,
+        machine: sys::machine(),
+        git: git_revision(&root),
+        bpftrace,
+        plan,
+        backends_ran,
+        backends_skipped,
+        variants: variant_names,
+        loadavg_start,
+        loadavg_end: sys::loadavg(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        summary,
+        targets,
+        failed_runs: failed,
+        runs,
+    };
+    let analysis = std::fs::read_to_string(root.join("bench/analysis.md")).ok();
+    for p in [&out_md, &out_json] {
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+    }
+    std::fs::write(&out_json, serde_json::to_string_pretty(&results)? + "\n")
+        .with_context(|| format!("writing {}", out_json.display()))?;
+    std::fs::write(&out_md, report::markdown(&results, analysis.as_deref()))
+        .with_context(|| format!("writing {}", out_md.display()))?;
+    println!("{}", report::targets_table(&results.targets));
+    eprintln!(
+        "xtask: bench: wrote {} and {} in {:.0} s",
+        out_md.display(),
+        out_json.display(),
+        results.elapsed_s
+    );
+    if !results.failed_runs.is_empty() {
+        bail!(
+            "{} run(s) failed (listed in the results): {}",
+            results.failed_runs.len(),
+            results.failed_runs.join("; ")
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_spreads_the_order() {
+        assert_eq!(rotated(&[1, 2, 3], 0), vec![1, 2, 3]);
+        assert_eq!(rotated(&[1, 2, 3], 1), vec![2, 3, 1]);
+        assert_eq!(rotated(&[1, 2, 3], 4), vec![2, 3, 1]);
+        assert!(rotated::<u8>(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn offender_failures_counts_only_our_pids() {
+        let s: Value = serde_json::from_str(
+            r#"{"type":"summary","offenders":[{"pid":10,"failures":5},{"pid":11,"failures":7},{"pid":99,"failures":1}]}"#,
+        )
+        .expect("json");
+        assert_eq!(offender_failures(&s, &[10, 11]), 12);
+        assert_eq!(offender_failures(&s, &[12]), 0);
+        assert_eq!(offender_failures(&Value::Null, &[10]), 0);
+    }
+
+    #[test]
+    fn tracked_sockets_is_optional() {
+        let none: Value = serde_json::from_str(r#"{"type":"summary"}"#).expect("json");
+        assert_eq!(tracked_sockets(&none), None);
+        let top: Value = serde_json::from_str(r#"{"tracked_sockets":100000}"#).expect("json");
+        assert_eq!(tracked_sockets(&top), Some(100000));
+        let nested: Value =
+            serde_json::from_str(r#"{"ownership":{"tracked_sockets":42}}"#).expect("json");
+        assert_eq!(tracked_sockets(&nested), Some(42));
+    }
+
+    #[test]
+    fn plans_differ_in_size_only() {
+        let q = Plan::new(true, None);
+        let f = Plan::new(false, None);
+        assert!(q.reps < f.reps && q.storm_failures < f.storm_failures);
+        assert_eq!(q.scale_sizes, f.scale_sizes);
+        assert_eq!(Plan::new(false, Some(9)).reps, 9);
+    }
+}
