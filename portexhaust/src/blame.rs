@@ -14,42 +14,21 @@ use crate::{
     model::comm_str,
     nsinfo::{FdOwner, NsCensus, NsSysctls},
     sockdiag::{SockRow, TCP_CLOSE, TCP_LISTEN, TCP_TIME_WAIT, state_name},
+    sysctl::{PortRange, merge_ranges},
 };
 
 /// Ports of the range that connect() may use: `ip_local_port_range` minus the reserved ports
 /// that fall inside it.
 pub fn effective_range_size(s: &NsSysctls) -> u32 {
     let (lo, hi) = s.ip_local_port_range;
-    if lo > hi {
-        return 0;
-    }
-    let total = u32::from(hi - lo) + 1;
-    // Reserved ranges may overlap each other: count each reserved port once.
-    let mut reserved: Vec<(u16, u16)> = s
-        .reserved
-        .iter()
-        .filter_map(|&(a, b)| {
-            let (a, b) = (a.max(lo), b.min(hi));
-            (a <= b).then_some((a, b))
-        })
-        .collect();
-    reserved.sort_unstable();
-    let mut taken = 0u32;
-    let mut cur: Option<(u16, u16)> = None;
-    for (a, b) in reserved {
-        cur = match cur {
-            Some((ca, cb)) if a <= cb.saturating_add(1) => Some((ca, cb.max(b))),
-            Some((ca, cb)) => {
-                taken += u32::from(cb - ca) + 1;
-                Some((a, b))
-            }
-            None => Some((a, b)),
-        };
-    }
-    if let Some((ca, cb)) = cur {
-        taken += u32::from(cb - ca) + 1;
-    }
-    total - taken
+    // Reserved ranges may overlap each other: merged, each reserved port counts once.
+    let reserved = merge_ranges(
+        s.reserved
+            .iter()
+            .map(|&(a, b)| (u32::from(a), u32::from(b)))
+            .collect(),
+    );
+    PortRange::new(u32::from(lo), u32::from(hi), &reserved).usable as u32
 }
 
 fn in_range(s: &NsSysctls, port: u16) -> bool {
@@ -156,6 +135,17 @@ pub struct DestUsage {
     /// TIME_WAIT sockets that expire within the next 10 s.
     pub tw_expiring_10s: u64,
     pub holders: Vec<Holder>,
+}
+
+impl DestUsage {
+    /// in_use / range_size (1 for an empty range: nothing can connect).
+    pub fn utilisation(&self) -> f64 {
+        if self.range_size == 0 {
+            1.0
+        } else {
+            self.in_use as f64 / f64::from(self.range_size)
+        }
+    }
 }
 
 #[derive(Default)]
@@ -527,7 +517,6 @@ mod tests {
         NsSysctls {
             ip_local_port_range: (lo, hi),
             reserved,
-            ..Default::default()
         }
     }
 

@@ -1,31 +1,32 @@
 //! Network namespaces, their port sysctls and sockets, and which process holds which socket.
 //!
 //! sysctls under /proc/sys/net and sock_diag both answer for the network namespace of the
-//! calling thread, so each namespace is read from a short-lived thread that first setns()es
-//! into it: the rest of the process never changes namespace.
+//! calling thread, so another namespace is read from a short-lived thread that first setns()es
+//! into it ([`in_netns`]): the rest of the process never changes namespace.
 use std::{
     collections::{BTreeMap, HashMap},
-    fs,
+    fs, io,
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
-
-use serde::Serialize;
 
 use crate::{
     procinfo::parse_ns_link,
     sockdiag::{SockRow, dump_tcp},
+    sysctl::{NetSysctls, parse_reserved},
 };
 
-/// The port-related sysctls of one namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// The port sysctls of one namespace as the census accounts with them: parsed once from the
+/// [`NetSysctls`] read there, with the kernel's defaults where a value could not be read.
+///
+/// Kept apart from [`NetSysctls`], which is the record and `doctor --json` format: that one
+/// keeps what was read as it was read (optional fields, the reserved list as the kernel
+/// prints it), and its serde shape must stay readable by `report`, old records included.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NsSysctls {
     pub ip_local_port_range: (u16, u16),
     /// `ip_local_reserved_ports` as ranges.
     pub reserved: Vec<(u16, u16)>,
-    pub tcp_tw_reuse: Option<i64>,
-    pub tcp_fin_timeout: Option<i64>,
-    pub tcp_max_tw_buckets: Option<i64>,
 }
 
 impl Default for NsSysctls {
@@ -34,60 +35,28 @@ impl Default for NsSysctls {
         Self {
             ip_local_port_range: (32768, 60999),
             reserved: Vec::new(),
-            tcp_tw_reuse: None,
-            tcp_fin_timeout: None,
-            tcp_max_tw_buckets: None,
         }
     }
 }
 
-/// Parse `ip_local_reserved_ports` ("8080,9000-9010"; empty when none).
-pub fn parse_reserved(s: &str) -> Vec<(u16, u16)> {
-    s.split(',')
-        .filter_map(|part| {
-            let part = part.trim();
-            if part.is_empty() {
-                return None;
-            }
-            match part.split_once('-') {
-                Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
-                None => part.parse().ok().map(|p| (p, p)),
-            }
-        })
-        .collect()
-}
-
-/// Parse `ip_local_port_range` ("32768\t60999").
-pub fn parse_range(s: &str) -> Option<(u16, u16)> {
-    let mut it = s.split_whitespace().map(|v| v.parse::<u16>());
-    match (it.next(), it.next()) {
-        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
-        _ => None,
-    }
-}
-
-fn read_i64(name: &str) -> Option<i64> {
-    fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// The sysctls of the calling thread's namespace.
-pub fn read_sysctls() -> NsSysctls {
-    let d = NsSysctls::default();
-    NsSysctls {
-        ip_local_port_range: fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| parse_range(&s))
-            .unwrap_or(d.ip_local_port_range),
-        reserved: fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
-            .map(|s| parse_reserved(&s))
-            .unwrap_or_default(),
-        tcp_tw_reuse: read_i64("tcp_tw_reuse"),
-        tcp_fin_timeout: read_i64("tcp_fin_timeout"),
-        tcp_max_tw_buckets: read_i64("tcp_max_tw_buckets"),
+impl From<&NetSysctls> for NsSysctls {
+    fn from(s: &NetSysctls) -> Self {
+        let port = |p: u32| u16::try_from(p).ok();
+        Self {
+            ip_local_port_range: s
+                .ip_local_port_range
+                .and_then(|[lo, hi]| Some((port(lo)?, port(hi)?)))
+                .filter(|(lo, hi)| lo <= hi)
+                .unwrap_or(Self::default().ip_local_port_range),
+            reserved: s
+                .ip_local_reserved_ports
+                .as_deref()
+                .map(parse_reserved)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(a, b)| Some((port(a)?, port(b.min(65535))?)))
+                .collect(),
+        }
     }
 }
 
@@ -97,6 +66,17 @@ pub struct NsCensus {
     pub netns: u64,
     pub sysctls: NsSysctls,
     pub sockets: Vec<SockRow>,
+}
+
+impl NsCensus {
+    /// The sockets of the calling thread's namespace, `netns`, whose settings are `sysctls`.
+    pub fn here(netns: u64, sysctls: &NetSysctls) -> io::Result<Self> {
+        Ok(Self {
+            netns,
+            sysctls: NsSysctls::from(sysctls),
+            sockets: dump_tcp()?,
+        })
+    }
 }
 
 /// Network namespaces that have processes, each with the path of a handle to it.
@@ -113,7 +93,8 @@ pub fn namespaces() -> BTreeMap<u64, PathBuf> {
         else {
             continue;
         };
-        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let Ok(pid) = pid.parse() else { continue };
+        let path = netns_path(pid);
         if let Some(ino) = fs::read_link(&path)
             .ok()
             .and_then(|l| l.to_str().and_then(parse_ns_link))
@@ -139,39 +120,47 @@ pub fn resolve_netns(arg: &str) -> Result<(u64, PathBuf), String> {
     Ok((meta.ino(), path))
 }
 
+/// `/proc/PID/ns/net`: a handle to the network namespace of a process.
+pub fn netns_path(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
+/// Run `f` inside the network namespace `netns`, whose handle is `path` (`/proc/PID/ns/net`,
+/// `/run/netns/NAME`), on a short-lived thread that setns()es into it; the calling thread and
+/// the rest of the process stay where they are.
+///
+/// Our own namespace is read on the calling thread without setns(), which needs
+/// CAP_SYS_ADMIN: a tracer confined to CAP_BPF/CAP_PERFMON (deploy/portexhaust.service) still
+/// sees its own namespace.
+pub fn in_netns<T: Send>(netns: u64, path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    if crate::procinfo::netns_of(std::process::id()) == Some(netns) {
+        return Ok(f());
+    }
+    let ns = fs::File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: a namespace fd we opened; CLONE_NEWNET setns affects only this thread,
+            // which ends right after.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("namespace reader thread panicked")))
+    })
+}
+
 /// Read sysctls and sockets of the namespace behind `path`; `Ok(None)` when the namespace
 /// vanished (its last process exited) before it could be entered.
-pub fn census_of(netns: u64, path: &std::path::Path) -> std::io::Result<Option<NsCensus>> {
-    // Our own namespace needs no setns(), which needs CAP_SYS_ADMIN: a tracer confined to
-    // CAP_BPF/CAP_PERFMON (deploy/portexhaust.service) still sees its own namespace.
-    if crate::procinfo::netns_of(std::process::id()) == Some(netns) {
-        return Ok(Some(NsCensus {
-            netns,
-            sysctls: read_sysctls(),
-            sockets: dump_tcp()?,
-        }));
+pub fn census_of(netns: u64, path: &Path) -> io::Result<Option<NsCensus>> {
+    match in_netns(netns, path, || {
+        NsCensus::here(netns, &NetSysctls::read_current())
+    }) {
+        Ok(census) => census.map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let handle = std::thread::spawn(move || -> std::io::Result<NsCensus> {
-        // SAFETY: a namespace fd we opened; CLONE_NEWNET setns affects only this thread,
-        // which ends right after.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(NsCensus {
-            netns,
-            sysctls: read_sysctls(),
-            sockets: dump_tcp()?,
-        })
-    });
-    handle
-        .join()
-        .map_err(|_| std::io::Error::other("census thread panicked"))?
-        .map(Some)
 }
 
 /// Census of the given namespaces, or of every namespace with processes. A namespace that
@@ -199,7 +188,7 @@ pub fn census(only: Option<&[(u64, PathBuf)]>) -> Vec<NsCensus> {
 }
 
 /// One line that says why a namespace could not be listed and what to do.
-fn census_error(ino: u64, e: &std::io::Error) -> String {
+fn census_error(ino: u64, e: &io::Error) -> String {
     let hint = match e.raw_os_error() {
         // sock_diag answers ENOENT/EPROTONOSUPPORT... as a netlink error when no handler for
         // TCP is registered: tcp_diag (and inet_diag) are modules on many distributions and
@@ -291,16 +280,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_sysctl_formats() {
-        assert_eq!(parse_range("32768\t60999\n"), Some((32768, 60999)));
-        assert_eq!(parse_range("40000 40009"), Some((40000, 40009)));
-        assert_eq!(parse_range("5 4"), None);
-        assert_eq!(parse_range("x"), None);
-        assert_eq!(parse_reserved("\n"), vec![]);
+    fn sysctls_as_the_census_accounts_with_them() {
+        let read = |range: &str, reserved: &str| {
+            NsSysctls::from(&NetSysctls {
+                ip_local_port_range: crate::sysctl::parse_port_range(range),
+                ip_local_reserved_ports: Some(reserved.into()),
+                ..Default::default()
+            })
+        };
         assert_eq!(
-            parse_reserved("8080,9000-9010\n"),
+            read("32768\t60999\n", "").ip_local_port_range,
+            (32768, 60999)
+        );
+        assert_eq!(read("40000 40009", "").ip_local_port_range, (40000, 40009));
+        // Unreadable or inverted: the kernel's default range.
+        assert_eq!(read("5 4", "").ip_local_port_range, (32768, 60999));
+        assert_eq!(read("x", "").ip_local_port_range, (32768, 60999));
+        assert_eq!(read("1 2", "\n").reserved, vec![]);
+        assert_eq!(
+            read("1 2", "8080,9000-9010\n").reserved,
             vec![(8080, 8080), (9000, 9010)]
         );
+        assert_eq!(
+            NsSysctls::from(&NetSysctls::default()),
+            NsSysctls::default()
+        );
+    }
+
+    #[test]
+    fn own_namespace_can_be_entered() {
+        // Our own namespace is read without setns() (which needs CAP_SYS_ADMIN); a setns()
+        // that fails must come back as an error rather than a panic.
+        let me = std::process::id();
+        let ns = crate::procinfo::netns_of(me).expect("netns");
+        match in_netns(ns, &netns_path(me), NetSysctls::read_current) {
+            Ok(s) => assert_eq!(s, NetSysctls::read_current()),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
     }
 
     #[test]

@@ -40,10 +40,11 @@ use crate::{
     error::{Error, Result},
     loader::Filters,
     model::Failure,
+    nsinfo::{self, NsCensus, in_netns, netns_path},
     procinfo::netns_of,
     render,
-    sysctl::{NetSysctls, in_netns_of},
-    usage::{DestRow, busiest, destination_usage},
+    sysctl::NetSysctls,
+    usage::{DestRow, busiest, destination_rows},
 };
 
 /// The record format this build writes and reads.
@@ -181,37 +182,10 @@ const HEADER_NAMESPACES: usize = 256;
 /// The start-up census: the settings of every namespace that has processes, and the busiest
 /// destinations among all of them (sock_diag, through the blame module's census).
 fn startup_facts(own: Option<u64>) -> (BTreeMap<String, NetSysctls>, Vec<DestRow>) {
-    let census = crate::nsinfo::census(None);
-    let rows: Vec<DestRow> = crate::blame::usage(&census, &Default::default(), &Default::default())
-        .into_iter()
-        .map(|u| DestRow {
-            netns: Some(u.netns),
-            src: Some(u.src.to_string()),
-            dst: u.dst.to_string(),
-            proto: "tcp".into(),
-            range_size: u64::from(u.range_size),
-            in_use: u.in_use,
-            by_state: u
-                .by_state
-                .iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect(),
-            utilisation: if u.range_size == 0 {
-                1.0
-            } else {
-                (u.in_use as f64 / f64::from(u.range_size)).min(1.0)
-            },
-            ..Default::default()
-        })
-        .collect();
-    let mut rows = rows;
-    rows.sort_by(|a, b| b.in_use.cmp(&a.in_use).then_with(|| a.dst.cmp(&b.dst)));
+    let rows = destination_rows(&nsinfo::census(None));
     let mut sysctls = BTreeMap::new();
-    for (ino, path) in crate::nsinfo::namespaces()
-        .into_iter()
-        .take(HEADER_NAMESPACES)
-    {
-        if let Ok(s) = crate::sysctl::in_netns(&path, NetSysctls::read_current) {
+    for (ino, path) in nsinfo::namespaces().into_iter().take(HEADER_NAMESPACES) {
+        if let Ok(s) = in_netns(ino, &path, NetSysctls::read_current) {
             sysctls.insert(ino.to_string(), s);
         }
     }
@@ -223,14 +197,15 @@ fn startup_facts(own: Option<u64>) -> (BTreeMap<String, NetSysctls>, Vec<DestRow
     (sysctls, busiest(rows, CENSUS_ROWS))
 }
 
-/// Settings and busiest destinations of the calling thread's namespace.
-fn namespace_facts(netns: Option<u64>) -> (NetSysctls, Vec<DestRow>) {
+/// Settings and busiest destinations of the calling thread's namespace, `netns`.
+fn namespace_facts(netns: u64) -> (NetSysctls, Vec<DestRow>) {
     let sysctls = NetSysctls::read_current();
-    let census = sysctls
-        .range()
-        .and_then(|r| destination_usage(&r, netns).ok())
-        .map(|rows| busiest(rows, CENSUS_ROWS))
-        .unwrap_or_default();
+    let mut census = Vec::new();
+    if sysctls.range().is_some()
+        && let Ok(c) = NsCensus::here(netns, &sysctls)
+    {
+        census = busiest(destination_rows(&[c]), CENSUS_ROWS);
+    }
     (sysctls, census)
 }
 
@@ -440,14 +415,8 @@ impl Recorder {
         let mut rows = Vec::new();
         let mut gone = Vec::new();
         for (&ns, &pid) in self.netns_pid.iter().take(USAGE_NAMESPACES) {
-            let read = in_netns_of(pid, || {
-                NetSysctls::read_current()
-                    .range()
-                    .and_then(|r| destination_usage(&r, Some(ns)).ok())
-            });
-            match read {
-                Ok(Some(r)) => rows.extend(busiest(r, USAGE_ROWS)),
-                Ok(None) => {}
+            match in_netns(ns, &netns_path(pid), || namespace_facts(ns).1) {
+                Ok(r) => rows.extend(busiest(r, USAGE_ROWS)),
                 Err(_) => gone.push(ns),
             }
         }
@@ -465,7 +434,7 @@ impl Recorder {
             return;
         }
         *tries += 1;
-        match in_netns_of(pid, || namespace_facts(Some(ns))) {
+        match in_netns(ns, &netns_path(pid), || namespace_facts(ns)) {
             Ok((sysctls, census)) => {
                 self.known_netns.insert(ns);
                 let line = SysctlsLine {

@@ -139,7 +139,7 @@ pub fn parse_replies(mut buf: &[u8], out: &mut Vec<SockRow>) -> std::io::Result<
     Ok(Chunk::More)
 }
 
-fn dump_family(family: u8) -> std::io::Result<Vec<SockRow>> {
+fn dump_family(family: u8, states: StateFlags) -> std::io::Result<Vec<SockRow>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -156,8 +156,7 @@ fn dump_family(family: u8) -> std::io::Result<Vec<SockRow>> {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            // Everything but LISTEN: listeners hold no ephemeral port.
-            states: StateFlags::all() & !StateFlags::LISTEN,
+            states,
             socket_id,
         })
         .into(),
@@ -183,15 +182,49 @@ fn dump_family(family: u8) -> std::io::Result<Vec<SockRow>> {
     Ok(rows)
 }
 
-/// Every TCP socket (IPv4 and IPv6, all states but LISTEN) of the calling thread's namespace.
-pub fn dump_tcp() -> std::io::Result<Vec<SockRow>> {
-    let mut rows = dump_family(AF_INET)?;
-    match dump_family(AF_INET6) {
+/// The TCP sockets (IPv4 and IPv6) in `states` of the calling thread's namespace.
+fn dump(states: StateFlags) -> std::io::Result<Vec<SockRow>> {
+    let mut rows = dump_family(AF_INET, states.clone())?;
+    match dump_family(AF_INET6, states) {
         Ok(v6) => rows.extend(v6),
         // A kernel without IPv6 answers the AF_INET6 dump with an error: no IPv6 sockets.
         Err(e) => log::debug!("IPv6 sock_diag dump: {e}"),
     }
     Ok(rows)
+}
+
+/// Every TCP socket (IPv4 and IPv6, all states but LISTEN) of the calling thread's namespace.
+pub fn dump_tcp() -> std::io::Result<Vec<SockRow>> {
+    // Everything but LISTEN: listeners hold no ephemeral port.
+    dump(StateFlags::all() & !StateFlags::LISTEN)
+}
+
+/// The listening TCP sockets of the calling thread's namespace (which [`dump_tcp`] leaves
+/// out), for per-state totals of every socket.
+pub fn dump_tcp_listeners() -> std::io::Result<Vec<SockRow>> {
+    dump(StateFlags::LISTEN)
+}
+
+#[cfg(test)]
+impl SockRow {
+    /// A socket from `local` to `remote` in `state` (a name as [`state_name`] gives it).
+    pub fn fixture(local: &str, remote: &str, state: &str) -> Self {
+        let local: std::net::SocketAddr = local.parse().expect("local address");
+        let remote: std::net::SocketAddr = remote.parse().expect("remote address");
+        Self {
+            family: u16::from(if local.is_ipv4() { AF_INET } else { AF_INET6 }),
+            state: (0..=u8::MAX)
+                .find(|&s| state_name(s) == state)
+                .expect("state name"),
+            src: local.ip(),
+            sport: local.port(),
+            dst: remote.ip(),
+            dport: remote.port(),
+            expires_ms: 0,
+            uid: 0,
+            inode: 0,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 //!
 //! All of `net.ipv4.*` read here is per network namespace (since Linux 4.x for the TCP ones),
 //! and `/proc/sys/net` resolves against the namespace of the *calling thread*
-//! (`net_ctl_header_lookup()` uses `current->nsproxy`). So another namespace is read by a
-//! short-lived thread that `setns()`es into it: the rest of the process never moves.
-use std::{collections::BTreeMap, fs::File, io, os::fd::AsRawFd, path::Path};
+//! (`net_ctl_header_lookup()` uses `current->nsproxy`). So another namespace is read from
+//! inside it, through [`crate::nsinfo::in_netns`]: the rest of the process never moves.
+use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -123,21 +123,25 @@ impl PortRange {
 /// Invalid pieces are skipped: the kernel never prints them, and a hand-edited record must not
 /// stop a report.
 pub fn parse_reserved(s: &str) -> Vec<(u32, u32)> {
-    let mut out: Vec<(u32, u32)> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .filter_map(|p| match p.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-                (a <= b).then_some((a, b))
-            }
-            None => p.parse().ok().map(|v| (v, v)),
-        })
-        .collect();
-    out.sort_unstable();
-    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(out.len());
-    for (a, b) in out {
+    merge_ranges(
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| match p.split_once('-') {
+                Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+                None => p.parse().ok().map(|v| (v, v)),
+            })
+            .collect(),
+    )
+}
+
+/// Inclusive port ranges, sorted, with overlapping and adjacent ones merged (so that each port
+/// counts once) and inverted ones dropped.
+pub fn merge_ranges(mut ranges: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
+    ranges.retain(|(a, b)| a <= b);
+    ranges.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
         match merged.last_mut() {
             Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
             _ => merged.push((a, b)),
@@ -210,29 +214,6 @@ impl TcpExtCounters {
     }
 }
 
-/// Run `f` on a fresh thread inside the network namespace of `pid`; the calling thread and the
-/// rest of the process stay where they are. Needs CAP_SYS_ADMIN (root).
-pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    in_netns(Path::new(&format!("/proc/{pid}/ns/net")), f)
-}
-
-/// Run `f` on a fresh thread inside the network namespace behind `path` (`/proc/PID/ns/net`,
-/// `/run/netns/NAME`).
-pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    let ns = File::open(path)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: plain syscall on an fd we own; only this short-lived thread moves.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("namespace reader thread panicked")))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,16 +276,6 @@ mod tests {
             TcpExtCounters::from_netstat("garbage"),
             TcpExtCounters::default()
         );
-    }
-
-    #[test]
-    fn own_namespace_can_be_entered() {
-        // setns() into one's own namespace needs CAP_SYS_ADMIN; without it the call must fail
-        // cleanly rather than panic.
-        match in_netns_of(std::process::id(), NetSysctls::read_current) {
-            Ok(s) => assert_eq!(s, NetSysctls::read_current()),
-            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
-        }
     }
 
     proptest! {

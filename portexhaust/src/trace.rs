@@ -215,11 +215,7 @@ fn destination_gauges() -> Vec<metrics::DestinationGauge> {
             proto: "tcp",
             range_size: u64::from(u.range_size),
             in_use: u.in_use,
-            utilisation: if u.range_size == 0 {
-                1.0
-            } else {
-                u.in_use as f64 / f64::from(u.range_size)
-            },
+            utilisation: u.utilisation(),
             time_wait: u.by_state.get("TIME_WAIT").copied().unwrap_or(0),
         })
         .collect()

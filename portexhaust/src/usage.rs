@@ -1,25 +1,19 @@
-//! Per-destination use of the ephemeral range, from `/proc/net/tcp{,6}` of one namespace.
-//!
-//! This is the stop-gap census for `doctor` and the record header: the sock_diag census
-//! (in-kernel socket ownership, expiry times) replaces [`destination_usage`] when it lands, and
-//! produces the same [`DestRow`] shape, so the callers do not change.
+//! Per-destination use of the ephemeral range as `doctor` and the record list it: rows of the
+//! sock_diag census ([`crate::nsinfo::census_of`]) grouped by [`crate::blame::usage`], the
+//! same path `trace` and `top` take.
 //!
 //! A connect()ed socket occupies one local port *per 4-tuple*: exhaustion is per (source ip,
 //! destination ip:port). So sockets are grouped by (local ip, remote ip:port), and only those
 //! whose local port lies in the ephemeral range count (a server's accepted sockets have the
 //! service port as local port and would otherwise show up as thousands of one-socket groups).
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::{IpAddr, SocketAddr},
-};
+use std::collections::{BTreeMap, HashMap};
 
-use procfs::{
-    FromReadSI, current_system_info,
-    net::{TcpNetEntries, TcpNetEntry, TcpState},
-};
 use serde::{Deserialize, Serialize};
 
-use crate::sysctl::PortRange;
+use crate::{
+    blame::{self, DestUsage},
+    nsinfo::NsCensus,
+};
 
 /// connect() latency summary of a destination (filled by the in-kernel histograms).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -75,80 +69,31 @@ impl DestRow {
     }
 }
 
-/// Kernel names of TCP states, as `ss` and the census print them.
-pub fn state_name(s: &TcpState) -> &'static str {
-    match s {
-        TcpState::Established => "ESTABLISHED",
-        TcpState::SynSent => "SYN_SENT",
-        TcpState::SynRecv => "SYN_RECV",
-        TcpState::FinWait1 => "FIN_WAIT1",
-        TcpState::FinWait2 => "FIN_WAIT2",
-        TcpState::TimeWait => "TIME_WAIT",
-        TcpState::Close => "CLOSE",
-        TcpState::CloseWait => "CLOSE_WAIT",
-        TcpState::LastAck => "LAST_ACK",
-        TcpState::Listen => "LISTEN",
-        TcpState::Closing => "CLOSING",
-        TcpState::NewSynRecv => "NEW_SYN_RECV",
-    }
-}
-
-/// One socket reduced to what grouping needs (so tests need no procfs types).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SockLine {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    pub state: &'static str,
-}
-
-impl From<&TcpNetEntry> for SockLine {
-    fn from(e: &TcpNetEntry) -> Self {
+impl From<&DestUsage> for DestRow {
+    fn from(u: &DestUsage) -> Self {
         Self {
-            local: e.local_address,
-            remote: e.remote_address,
-            state: state_name(&e.state),
+            netns: Some(u.netns),
+            src: Some(u.src.to_string()),
+            dst: u.dst.to_string(),
+            proto: tcp(),
+            range_size: u64::from(u.range_size),
+            in_use: u.in_use,
+            by_state: u
+                .by_state
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            utilisation: u.utilisation().min(1.0),
+            ..Default::default()
         }
     }
 }
 
-/// Group sockets into destination rows, busiest first. Pure.
-pub fn group(socks: &[SockLine], range: &PortRange, netns: Option<u64>) -> Vec<DestRow> {
-    let mut by_dest: HashMap<(IpAddr, SocketAddr), BTreeMap<String, u64>> = HashMap::new();
-    for s in socks {
-        // LISTEN and NEW_SYN_RECV (request socks of a listener) hold no ephemeral port.
-        if matches!(s.state, "LISTEN" | "NEW_SYN_RECV") {
-            continue;
-        }
-        let port = u32::from(s.local.port());
-        if port < range.lo || port > range.hi || s.remote.port() == 0 {
-            continue;
-        }
-        *by_dest
-            .entry((s.local.ip(), s.remote))
-            .or_default()
-            .entry(s.state.to_string())
-            .or_default() += 1;
-    }
-    let mut rows: Vec<DestRow> = by_dest
-        .into_iter()
-        .map(|((src, dst), by_state)| {
-            let in_use: u64 = by_state.values().sum();
-            DestRow {
-                netns,
-                src: Some(src.to_string()),
-                dst: dst.to_string(),
-                proto: tcp(),
-                range_size: range.usable,
-                in_use,
-                by_state,
-                utilisation: if range.usable == 0 {
-                    1.0
-                } else {
-                    (in_use as f64 / range.usable as f64).min(1.0)
-                },
-                ..Default::default()
-            }
-        })
+/// Destination rows of censused namespaces, busiest first. Pure.
+pub fn destination_rows(census: &[NsCensus]) -> Vec<DestRow> {
+    let mut rows: Vec<DestRow> = blame::usage(census, &HashMap::new(), &HashMap::new())
+        .iter()
+        .map(DestRow::from)
         .collect();
     rows.sort_by(|a, b| {
         b.in_use
@@ -167,55 +112,28 @@ pub fn busiest(mut rows: Vec<DestRow>, n: usize) -> Vec<DestRow> {
     rows
 }
 
-/// TIME_WAIT and other states per destination in the calling thread's namespace (read through
-/// `/proc/thread-self/net`, which follows a `setns()`ed thread). The swap point for the
-/// sock_diag census.
-pub fn destination_usage(range: &PortRange, netns: Option<u64>) -> std::io::Result<Vec<DestRow>> {
-    let mut socks = Vec::new();
-    for path in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        match TcpNetEntries::from_file(path, current_system_info()) {
-            Ok(e) => socks.extend(e.0.iter().map(SockLine::from)),
-            // No IPv6 in this kernel or namespace: nothing to count there.
-            Err(_) if path.ends_with('6') => {}
-            Err(e) => return Err(std::io::Error::other(format!("{path}: {e}"))),
-        }
-    }
-    Ok(group(&socks, range, netns))
-}
-
-/// Sockets per TCP state in the calling thread's namespace, all addresses (for
-/// `tcp_max_tw_buckets`, which counts every TIME_WAIT socket of the namespace).
-pub fn state_totals() -> std::io::Result<BTreeMap<String, u64>> {
-    let mut out = BTreeMap::new();
-    for path in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        match TcpNetEntries::from_file(path, current_system_info()) {
-            Ok(e) => {
-                for s in &e.0 {
-                    *out.entry(state_name(&s.state).to_string()).or_default() += 1;
-                }
-            }
-            Err(_) if path.ends_with('6') => {}
-            Err(e) => return Err(std::io::Error::other(format!("{path}: {e}"))),
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{nsinfo::NsSysctls, sockdiag::SockRow};
 
-    fn s(local: &str, remote: &str, state: &'static str) -> SockLine {
-        SockLine {
-            local: local.parse().expect("local"),
-            remote: remote.parse().expect("remote"),
-            state,
-        }
+    fn s(local: &str, remote: &str, state: &str) -> SockRow {
+        SockRow::fixture(local, remote, state)
+    }
+
+    fn census(lo: u16, hi: u16, sockets: Vec<SockRow>, netns: u64) -> Vec<NsCensus> {
+        vec![NsCensus {
+            netns,
+            sysctls: NsSysctls {
+                ip_local_port_range: (lo, hi),
+                reserved: Vec::new(),
+            },
+            sockets,
+        }]
     }
 
     #[test]
     fn groups_client_sockets_per_source_and_destination() {
-        let range = PortRange::new(40000, 40009, &[]);
         let socks = vec![
             s("127.0.0.1:5000", "0.0.0.0:0", "LISTEN"),
             s("127.0.0.1:40000", "127.0.0.1:5000", "TIME_WAIT"),
@@ -226,7 +144,7 @@ mod tests {
             s("127.0.0.2:40000", "127.0.0.1:5000", "ESTABLISHED"),
             s("[::1]:40003", "[::1]:443", "FIN_WAIT2"),
         ];
-        let rows = group(&socks, &range, Some(7));
+        let rows = destination_rows(&census(40000, 40009, socks, 7));
         assert_eq!(rows.len(), 3);
         let r = &rows[0];
         assert_eq!(
@@ -244,12 +162,12 @@ mod tests {
 
     #[test]
     fn rows_serialise_without_unknown_optional_fields() {
-        let range = PortRange::new(40000, 40009, &[]);
-        let rows = group(
-            &[s("127.0.0.1:40000", "127.0.0.1:5000", "TIME_WAIT")],
-            &range,
-            None,
-        );
+        let rows = destination_rows(&census(
+            40000,
+            40009,
+            vec![s("127.0.0.1:40000", "127.0.0.1:5000", "TIME_WAIT")],
+            1,
+        ));
         let v = serde_json::to_value(&rows[0]).expect("json");
         assert_eq!(v["by_state"]["TIME_WAIT"], 1);
         assert!(v.get("forecast_s").is_none());
@@ -267,8 +185,9 @@ mod tests {
 
     #[test]
     fn own_namespace_can_be_listed() {
-        let range = PortRange::new(1, 65535, &[]);
-        destination_usage(&range, None).expect("reading /proc/thread-self/net/tcp");
-        state_totals().expect("totals");
+        let netns = crate::procinfo::netns_of(std::process::id()).expect("netns");
+        let sockets = crate::sockdiag::dump_tcp().expect("listing through sock_diag");
+        destination_rows(&census(1, 65535, sockets, netns));
+        crate::sockdiag::dump_tcp_listeners().expect("listeners");
     }
 }

@@ -231,11 +231,7 @@ impl Collector {
                     range_size: u.range_size,
                     in_use: u.in_use,
                     by_state: u.by_state.clone(),
-                    utilisation: if u.range_size == 0 {
-                        1.0
-                    } else {
-                        u.in_use as f64 / f64::from(u.range_size)
-                    },
+                    utilisation: u.utilisation(),
                     new_per_s: r.new_per_s,
                     tw_expiring_per_s: u.tw_expiring_10s as f64 / 10.0,
                     forecast_s: forecast_seconds(u.range_size, u.in_use, r.growth_per_s),

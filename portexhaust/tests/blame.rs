@@ -1,150 +1,22 @@
 //! Privileged tests of the blame: who holds the ports. Real sockets in private namespaces;
 //! run by `cargo xtask test` as root, one at a time. They panic rather than skip.
+mod common;
+
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Read, Write},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
+use common::{Tracer, Workload, require_root};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "privileged tests need root: run them through `cargo xtask test` as root"
-    );
-}
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A workload started with --wait --linger: it keeps its namespace until `release()`.
-struct Workload {
-    guard: Guard,
-    stdin: Option<ChildStdin>,
-    out: BufReader<ChildStdout>,
-    pid: u32,
-}
-
-impl Workload {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["workload", "--wait", "--linger"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start workload");
-        let stdin = child.stdin.take();
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let guard = Guard(child);
-        let mut line = String::new();
-        out.read_line(&mut line).expect("ready line");
-        let v: Value = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("workload ready line {line:?}: {e}"));
-        let pid = v["ready"].as_u64().expect("pid") as u32;
-        Self {
-            guard,
-            stdin,
-            out,
-            pid,
-        }
-    }
-
-    fn go(&mut self) {
-        let s = self.stdin.as_mut().expect("stdin");
-        s.write_all(b"go\n").expect("go");
-        s.flush().expect("flush");
-    }
-
-    /// The report line; the workload then lingers with its namespace.
-    fn report(&mut self) -> Value {
-        let mut line = String::new();
-        self.out.read_line(&mut line).expect("report");
-        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("report {line:?}: {e}"))
-    }
-
-    fn netns_path(&self) -> String {
-        format!("/proc/{}/ns/net", self.pid)
-    }
-
-    fn release(mut self) {
-        drop(self.stdin.take());
-        let status = self.guard.0.wait().expect("wait");
-        assert!(status.success(), "workload failed: {status}");
-    }
-}
-
-/// A portexhaust subcommand whose stdout is drained in the background.
-struct Tool {
-    guard: Guard,
-    stdout: Option<thread::JoinHandle<String>>,
-    stderr: Option<thread::JoinHandle<String>>,
-}
-
-impl Tool {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start portexhaust");
-        let mut so = child.stdout.take().expect("stdout");
-        let se = child.stderr.take().expect("stderr");
-        let stdout = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = so.read_to_string(&mut s);
-            s
-        });
-        let (tx, rx) = mpsc::channel();
-        let stderr = thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(se).lines().map_while(Result::ok) {
-                if line.contains("ready:") {
-                    let _ = tx.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        let t = Self {
-            guard: Guard(child),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-        };
-        assert!(
-            rx.recv_timeout(Duration::from_secs(30)).is_ok(),
-            "never became ready"
-        );
-        t
-    }
-
-    fn finish(mut self, signal: bool) -> (String, String) {
-        if signal {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(self.guard.0.id() as i32, libc::SIGTERM) };
-        }
-        let status = self.guard.0.wait().expect("wait");
-        let out = self.stdout.take().expect("once").join().expect("stdout");
-        let err = self.stderr.take().expect("once").join().expect("stderr");
-        assert!(status.success(), "exit {status}:\n{err}");
-        (out, err)
-    }
+/// Stop the tool with SIGTERM (or let it end by itself): it must exit cleanly.
+fn finish(t: Tracer, signal: bool) -> (String, String) {
+    let (out, err, code) = if signal { t.stop() } else { t.wait() };
+    assert_eq!(code, 0, "exit {code}:\n{err}");
+    (out, err)
 }
 
 fn last_json(out: &str, kind: &str) -> Value {
@@ -160,7 +32,7 @@ fn last_json(out: &str, kind: &str) -> Value {
 fn exited_churner_is_blamed_for_its_time_wait_sockets() {
     require_root();
     let n = 14u64;
-    let mut w = Workload::start(&[
+    let mut w = Workload::lingering(&[
         "--scenario",
         "churn-then-fail",
         "--ports",
@@ -171,12 +43,12 @@ fn exited_churner_is_blamed_for_its_time_wait_sockets() {
         "pxh-t-blame",
     ]);
     let pid = w.pid.to_string();
-    let t = Tool::start(&["trace", "--json", "--pid", &pid]);
+    let t = Tracer::tool(&["trace", "--json", "--pid", &pid]);
     w.go();
     let report = w.report();
     assert_eq!(report["time_wait_before"], n, "{report}");
     let churner = report["churner_pid"].as_u64().expect("churner pid");
-    let (out, _) = t.finish(true);
+    let (out, _) = finish(t, true);
     w.release();
 
     let s = last_json(&out, "summary");
@@ -237,7 +109,7 @@ fn ss_states(netns: &str, dst: &str) -> BTreeMap<String, u64> {
 #[ignore = "needs root: run with cargo xtask test"]
 fn census_counts_sockets_from_before_the_start_like_ss() {
     require_root();
-    let w = Workload::start(&[
+    let w = Workload::lingering(&[
         "--scenario",
         "hold",
         "--ports",
@@ -249,8 +121,8 @@ fn census_counts_sockets_from_before_the_start_like_ss() {
     let wpid = w.pid;
     let ss = ss_states(&ns, "127.0.0.1:5000");
     assert_eq!(ss.values().sum::<u64>(), 12, "{ss:?}");
-    let t = Tool::start(&["top", "--json", "--interval", "0.3", "--netns", &ns]);
-    let (out, _) = t.finish(false);
+    let t = Tracer::tool(&["top", "--json", "--interval", "0.3", "--netns", &ns]);
+    let (out, _) = finish(t, false);
     let ss_after = ss_states(&ns, "127.0.0.1:5000");
     w.release();
     assert_eq!(ss, ss_after, "the namespace did not change while we looked");
@@ -296,7 +168,7 @@ fn census_counts_sockets_from_before_the_start_like_ss() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn latency_histogram_shows_a_nearly_full_range_slowing_down() {
     require_root();
-    let mut w = Workload::start(&[
+    let mut w = Workload::lingering(&[
         "--scenario",
         "latency",
         "--ports",
@@ -307,7 +179,7 @@ fn latency_histogram_shows_a_nearly_full_range_slowing_down() {
         "pxh-t-lat",
     ]);
     let ns = w.netns_path();
-    let t = Tool::start(&[
+    let t = Tracer::tool(&[
         "top",
         "--json",
         "--interval",
@@ -322,7 +194,7 @@ fn latency_histogram_shows_a_nearly_full_range_slowing_down() {
     let report = w.report();
     // One more snapshot after the workload finished.
     thread::sleep(Duration::from_millis(2500));
-    let (out, _) = t.finish(true);
+    let (out, _) = finish(t, true);
     w.release();
     assert!(started.elapsed() < Duration::from_secs(100));
     let v = last_json(&out, "top");
@@ -358,7 +230,7 @@ fn latency_histogram_shows_a_nearly_full_range_slowing_down() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn lru_evictions_are_counted_when_the_ownership_map_is_full() {
     require_root();
-    let mut w = Workload::start(&[
+    let mut w = Workload::lingering(&[
         "--scenario",
         "churn-then-fail",
         "--ports",
@@ -369,7 +241,7 @@ fn lru_evictions_are_counted_when_the_ownership_map_is_full() {
         "pxh-t-lru",
     ]);
     let ns = w.netns_path();
-    let t = Tool::start(&[
+    let t = Tracer::tool(&[
         "top",
         "--json",
         "--interval",
@@ -381,7 +253,7 @@ fn lru_evictions_are_counted_when_the_ownership_map_is_full() {
     ]);
     w.go();
     let _ = w.report();
-    let (out, _) = t.finish(false);
+    let (out, _) = finish(t, false);
     w.release();
     let v = last_json(&out, "top");
     let tracked = v["tracked_sockets"].as_u64().expect("tracked");

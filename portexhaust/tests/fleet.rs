@@ -7,27 +7,23 @@
 //! programs, create network namespaces and cgroups. They panic rather than skip when they
 //! cannot run. Every process they start is killed on drop, every cgroup removed, and every
 //! network address they use is on loopback (127.0.0.1) or inside a workload's own namespace.
+mod common;
+
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use common::{
+    BIN, Guard, Tracer, Workload, events_and_summary, expected_failures, require_root, temp_dir,
+};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
-const ROOT_ONLY: &str = "privileged tests need root: run them through `cargo xtask test` as root";
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "{ROOT_ONLY}");
-}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -43,35 +39,6 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// A private temporary directory, removed on drop.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock")
-            .subsec_nanos();
-        let p =
-            std::env::temp_dir().join(format!("pxh-fleet-{tag}-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(&p).expect("temp dir");
-        Self(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills and reaps a child when a test ends, passed or failed.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A loopback port nobody listens on right now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -83,149 +50,12 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // Processes under test.
 
-/// A workload paused in its own network namespace until `go()`.
-struct Workload {
-    guard: Guard,
-    stdin: Option<ChildStdin>,
-    pid: u32,
-}
-
-impl Workload {
-    fn start(scenario: &str, failures: u64, comm: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["workload", "--scenario", scenario, "--wait", "--comm", comm])
-            .args(["--failures", &failures.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start workload");
-        let stdin = child.stdin.take();
-        let mut guard = Guard(child);
-        let mut line = String::new();
-        BufReader::new(guard.0.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let v: Value = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("workload ready line {line:?}: {e}"));
-        let pid = v["ready"].as_u64().expect("pid") as u32;
-        Self { guard, stdin, pid }
-    }
-
-    fn go(&mut self) {
-        let mut stdin = self.stdin.take().expect("go once");
-        stdin.write_all(b"go\n").expect("go");
-    }
-
-    /// Wait for the workload; returns the number of failures it caused itself.
-    fn finish(mut self) -> (Value, u64) {
-        let mut out = String::new();
-        self.guard
-            .0
-            .stdout
-            .as_mut()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .expect("report");
-        let status = self.guard.0.wait().expect("wait");
-        assert!(status.success(), "workload failed: {status}");
-        let report: Value =
-            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"));
-        assert!(
-            report["unexpected"].as_array().is_some_and(Vec::is_empty),
-            "{report}"
-        );
-        let n = report["expected"][0]["count"].as_u64().expect("count");
-        assert!(n > 0, "the workload caused no failure: {report}");
-        (report, n)
-    }
-}
-
-/// `portexhaust trace` (or any command that prints `ready:` on stderr when it traces),
-/// with stdout and stderr drained by threads.
-struct Trace {
-    guard: Guard,
-    stdout: Option<thread::JoinHandle<String>>,
-    stderr: Option<thread::JoinHandle<String>>,
-}
-
-impl Trace {
-    fn start(args: &[&str]) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("trace").args(args);
-        Self::spawn(cmd).unwrap_or_else(|(err, code)| {
-            panic!("tracer never became ready (exit {code:?}); stderr:\n{err}")
-        })
-    }
-
-    /// Start and wait for the ready line; Err((stderr, exit code)) if it exits first.
-    fn spawn(mut cmd: Command) -> Result<Self, (String, Option<i32>)> {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start trace");
-        let mut so = child.stdout.take().expect("stdout");
-        let se = child.stderr.take().expect("stderr");
-        let stdout = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = so.read_to_string(&mut s);
-            s
-        });
-        let (tx, rx) = mpsc::channel();
-        let stderr = thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(se).lines().map_while(Result::ok) {
-                if line.contains("ready:") {
-                    let _ = tx.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        let mut t = Self {
-            guard: Guard(child),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-        };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = t.guard.0.kill();
-            let (_, err, code) = t.wait();
-            return Err((err, Some(code)));
-        }
-        Ok(t)
-    }
-
-    /// SIGTERM, then (stdout, stderr, exit code).
-    fn stop(mut self) -> (String, String, i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.guard.0.id() as i32, libc::SIGTERM) };
-        self.wait()
-    }
-
-    fn wait(&mut self) -> (String, String, i32) {
-        let status = self.guard.0.wait().expect("wait trace");
-        let out = self.stdout.take().expect("once").join().expect("stdout");
-        let err = self.stderr.take().expect("once").join().expect("stderr");
-        (out, err, status.code().unwrap_or(-1))
-    }
-}
-
-/// NDJSON from `trace --json`: (failure events, summary).
-fn records(stdout: &str) -> (Vec<Value>, Value) {
-    let mut events = Vec::new();
-    let mut summary = Value::Null;
-    for l in stdout.lines().filter(|l| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON {l:?}: {e}"));
-        match v["type"].as_str() {
-            Some("failure") => events.push(v),
-            Some("summary") => summary = v,
-            other => panic!("unknown record type {other:?}"),
-        }
-    }
-    assert!(!summary.is_null(), "no summary in output:\n{stdout}");
-    (events, summary)
+/// Wait for the workload; returns its report and the number of failures it caused itself.
+fn finished(w: Workload) -> (Value, u64) {
+    let report = w.finish();
+    let n = expected_failures(&report);
+    assert!(n > 0, "the workload caused no failure: {report}");
+    (report, n)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -271,13 +101,13 @@ fn urlencode(s: &str) -> String {
 struct Prometheus {
     _guard: Guard,
     addr: SocketAddr,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
     fn start(target: SocketAddr) -> Self {
-        let dir = TempDir::new("prometheus");
-        let config = dir.0.join("prometheus.yml");
+        let dir = temp_dir("prometheus");
+        let config = dir.path().join("prometheus.yml");
         fs::write(
             &config,
             format!(
@@ -287,12 +117,12 @@ impl Prometheus {
         )
         .expect("config");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let log = fs::File::create(dir.0.join("log")).expect("log");
+        let log = fs::File::create(dir.path().join("log")).expect("log");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.0.join("data").display()
+                dir.path().join("data").display()
             ))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--storage.tsdb.retention.time=1h")
@@ -316,7 +146,7 @@ impl Prometheus {
             assert!(
                 Instant::now() < deadline,
                 "prometheus not ready after 30 s:\n{}",
-                fs::read_to_string(p._dir.0.join("log")).unwrap_or_default()
+                fs::read_to_string(p._dir.path().join("log")).unwrap_or_default()
             );
             thread::sleep(Duration::from_millis(200));
         }
@@ -372,9 +202,9 @@ impl Prometheus {
 fn prometheus_counts_the_exact_failures_of_a_real_exhaustion() {
     require_root();
     let comm = "pxh-fleet";
-    let mut w = Workload::start("v4", 37, comm);
+    let mut w = Workload::start("v4", 37, comm, &[]);
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let t = Trace::start(&[
+    let t = Tracer::trace(&[
         "--json",
         "--pid",
         &w.pid.to_string(),
@@ -392,7 +222,7 @@ fn prometheus_counts_the_exact_failures_of_a_real_exhaustion() {
         "no failure yet"
     );
     w.go();
-    let (report, n) = w.finish();
+    let (report, n) = finished(w);
     let done = unix_now();
     // The exporter reads the kernel's counts once a second and serves a new series at 0 for
     // one scrape before giving it its count (so that rate() sees the burst). Wait for a
@@ -460,7 +290,7 @@ fn prometheus_counts_the_exact_failures_of_a_real_exhaustion() {
 
     let (out, err, code) = t.stop();
     assert_eq!(code, 0, "trace failed:\n{err}");
-    let (events, summary) = records(&out);
+    let (events, summary) = events_and_summary(&out);
     assert_eq!(summary["failures_total"], n, "{summary}");
     assert_eq!(events.len() as u64, n);
 }
@@ -474,7 +304,7 @@ fn a_taken_metrics_port_is_a_clear_start_error() {
     let mut cmd = Command::new(BIN);
     cmd.args(["trace", "--duration", "5", "--metrics-addr"])
         .arg(addr.to_string());
-    match Trace::spawn(cmd) {
+    match Tracer::spawn(cmd) {
         Ok(t) => {
             let (_, err, _) = t.stop();
             panic!("trace started although {addr} is taken:\n{err}");
@@ -579,12 +409,12 @@ fn failures_are_attributed_to_the_container_of_their_cgroup() {
         pod.replace('-', "_")
     ));
 
-    let mut wd = Workload::start("v4", 6, "pxh-docker");
-    let mut wk = Workload::start("v6", 4, "pxh-k8s");
+    let mut wd = Workload::start("v4", 6, "pxh-docker", &[]);
+    let mut wk = Workload::start("v6", 4, "pxh-k8s", &[]);
     Cgroups::enter(&docker_dir, wd.pid);
     Cgroups::enter(&k8s_dir, wk.pid);
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let t = Trace::start(&[
+    let t = Tracer::trace(&[
         "--json",
         "--pid",
         &wd.pid.to_string(),
@@ -595,8 +425,8 @@ fn failures_are_attributed_to_the_container_of_their_cgroup() {
     ]);
     wd.go();
     wk.go();
-    let (_, nd) = wd.finish();
-    let (_, nk) = wk.finish();
+    let (_, nd) = finished(wd);
+    let (_, nk) = finished(wk);
     let cases = [
         ("pxh-docker", nd, "docker", docker_id.clone(), Value::Null),
         (
@@ -635,7 +465,7 @@ fn failures_are_attributed_to_the_container_of_their_cgroup() {
     }
     let (out, err, code) = t.stop();
     assert_eq!(code, 0, "trace failed:\n{err}");
-    let (events, _) = records(&out);
+    let (events, _) = events_and_summary(&out);
 
     for (comm, n, runtime, id, pod) in &cases {
         let mine: Vec<&Value> = events.iter().filter(|e| e["comm"] == *comm).collect();
@@ -699,24 +529,27 @@ fn the_units_capabilities_are_enough_and_each_is_needed() {
     let caps = unit_caps(&unit, "CapabilityBoundingSet");
     assert_eq!(caps, unit_caps(&unit, "AmbientCapabilities"));
     assert!(unit.contains("\nDynamicUser=yes\n") && unit.contains("\nNoNewPrivileges=yes\n"));
-    let dir = TempDir::new("caps");
-    let bin = dir.0.join("portexhaust");
+    let dir = temp_dir("caps");
+    let bin = dir.path().join("portexhaust");
     fs::copy(BIN, &bin).expect("copy binary");
-    fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
 
     let run = |caps: &BTreeSet<String>| -> Result<(Vec<Value>, u64), String> {
         // Enough failures (tens of milliseconds) that the tracer reads the first events while
         // the process is still alive: its namespace is looked up in /proc/PID then, and cached.
-        let mut w = Workload::start("v4", 2000, "pxh-caps");
+        let mut w = Workload::start("v4", 2000, "pxh-caps", &[]);
         let pid = w.pid.to_string();
-        let t = Trace::spawn(trace_with_caps(caps, &bin, &["--json", "--pid", &pid]))
+        let t = Tracer::spawn(trace_with_caps(caps, &bin, &["--json", "--pid", &pid]))
             .map_err(|(err, code)| format!("exit {code:?}: {err}"))?;
         w.go();
-        let (_, n) = w.finish();
+        let (_, n) = finished(w);
         let (out, err, code) = t.stop();
         assert_eq!(code, 0, "{err}");
-        let (events, summary) = records(&out);
+        let (events, summary) = events_and_summary(&out);
         assert_eq!(summary["failures_total"], n, "{summary}");
         Ok((events, n))
     };
@@ -746,8 +579,8 @@ fn the_units_capabilities_are_enough_and_each_is_needed() {
 /// Any output is a failure: verify exits 0 on settings it ignores (misspelt keys, bad values),
 /// and an ignored hardening setting is a silent hole.
 fn verify_unit(unit: &str, exec: &str) -> Result<(), String> {
-    let dir = TempDir::new("unit");
-    let path = dir.0.join("portexhaust.service");
+    let dir = temp_dir("unit");
+    let path = dir.path().join("portexhaust.service");
     let text = unit.replace(
         "ExecStart=/usr/local/bin/portexhaust ",
         &format!("ExecStart={exec} "),
@@ -872,7 +705,7 @@ fn kubernetes_manifests_match_the_schemas() {
         validate(&manifest, version).unwrap_or_else(|e| panic!("Kubernetes {version}: {e}"));
     }
     // Broken copies must be refused: a wrong type, an unknown field, a missing required one.
-    let dir = TempDir::new("k8s");
+    let dir = temp_dir("k8s");
     for (from, to) in [
         ("hostPID: true", "hostPID: \"yes\""),
         ("hostPID: true", "hostPid: true"),
@@ -880,7 +713,7 @@ fn kubernetes_manifests_match_the_schemas() {
         ("      containers:", "      container:"),
     ] {
         assert!(text.contains(from), "{from}");
-        let bad = dir.0.join("bad.yaml");
+        let bad = dir.path().join("bad.yaml");
         fs::write(&bad, text.replacen(from, to, 1)).expect("write");
         assert!(
             validate(&bad, "1.37.0").is_err(),

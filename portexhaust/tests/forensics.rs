@@ -5,163 +5,24 @@
 //! The tests marked `ignore` need root (eBPF, namespaces); `cargo xtask test` runs them one at
 //! a time. They panic rather than skip when they cannot run. The others check `report`'s
 //! handling of bad files through the real binary and need no privileges.
+mod common;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::{fs::PermissionsExt, process::CommandExt},
     },
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
 
 use base64::Engine as _;
+use common::{BIN, Guard, Tracer, Workload, require_root};
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "these tests need root: run them through `cargo xtask test` as root"
-    );
-}
-
-/// Kills and reaps a child when a test ends, passed or failed.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A workload paused in its own namespace (range and tcp_tw_reuse already set) until `go()`.
-struct Workload {
-    guard: Guard,
-    stdin: Option<ChildStdin>,
-    pid: u32,
-}
-
-impl Workload {
-    fn start(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["workload", "--scenario", scenario, "--wait", "--comm", comm])
-            .args(["--failures", &failures.to_string()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start workload");
-        let stdin = child.stdin.take();
-        let mut guard = Guard(child);
-        let mut line = String::new();
-        BufReader::new(guard.0.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let v: Value = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("workload ready line {line:?}: {e}"));
-        let pid = v["ready"].as_u64().expect("pid") as u32;
-        Self { guard, stdin, pid }
-    }
-
-    fn go(&mut self) {
-        let mut stdin = self.stdin.take().expect("go once");
-        stdin.write_all(b"go\n").expect("go");
-    }
-
-    fn finish(mut self) -> Value {
-        let mut out = String::new();
-        self.guard
-            .0
-            .stdout
-            .as_mut()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .expect("report");
-        let status = self.guard.0.wait().expect("wait");
-        assert!(status.success(), "workload failed: {status}");
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
-    }
-
-    /// The number of failures the workload saw itself.
-    fn run(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> u64 {
-        let mut w = Self::start(scenario, failures, comm, extra);
-        w.go();
-        let r = w.finish();
-        assert!(r["unexpected"].as_array().is_some_and(Vec::is_empty), "{r}");
-        r["expected"][0]["count"].as_u64().expect("count")
-    }
-}
-
-/// `portexhaust trace` with its output drained concurrently.
-struct Trace {
-    guard: Guard,
-    stdout: Option<thread::JoinHandle<String>>,
-    stderr: Option<thread::JoinHandle<String>>,
-}
-
-impl Trace {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("trace")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start trace");
-        let mut so = child.stdout.take().expect("stdout");
-        let se = child.stderr.take().expect("stderr");
-        let stdout = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = so.read_to_string(&mut s);
-            s
-        });
-        let (tx, rx) = mpsc::channel();
-        let stderr = thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(se).lines().map_while(Result::ok) {
-                if line.contains("ready:") {
-                    let _ = tx.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        let mut t = Self {
-            guard: Guard(child),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-        };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let (_, err, _) = t.signal(libc::SIGTERM);
-            panic!("tracer never became ready; stderr:\n{err}");
-        }
-        t
-    }
-
-    /// Send a signal, then (stdout, stderr, exit code or -signal).
-    fn signal(&mut self, sig: i32) -> (String, String, i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.guard.0.id() as i32, sig) };
-        let status = self.guard.0.wait().expect("wait trace");
-        let out = self.stdout.take().expect("once").join().expect("stdout");
-        let err = self.stderr.take().expect("once").join().expect("stderr");
-        use std::os::unix::process::ExitStatusExt;
-        (
-            out,
-            err,
-            status.code().or(status.signal().map(|s| -s)).unwrap_or(0),
-        )
-    }
-}
 
 /// The complete lines of a record so far, parsed (a line being written is ignored).
 fn record_lines(path: &Path) -> Vec<Value> {
@@ -238,7 +99,7 @@ fn a_recording_killed_between_snapshots_still_reports_exact_counts() {
     let rec = dir.path().join("incident.ndjson");
     let rec_s = rec.display().to_string();
     // Only these workloads: other tests and helpers may exhaust ports on this machine too.
-    let mut t = Trace::start(&[
+    let t = Tracer::trace(&[
         "--record",
         &rec_s,
         "--snapshot-interval",
@@ -383,7 +244,7 @@ fn killed_before_the_first_snapshot_counts_exactly_the_flushed_failures() {
     let dir = tempfile::tempdir().expect("tmp");
     let rec = dir.path().join("storm.ndjson");
     let rec_s = rec.display().to_string();
-    let mut t = Trace::start(&[
+    let t = Tracer::trace(&[
         "--record",
         &rec_s,
         "--snapshot-interval",
@@ -434,7 +295,7 @@ fn a_clean_stop_appends_snapshot_and_summary_and_two_runs_merge() {
     let mut totals = 0;
     for round in 0..2 {
         // The same file twice: the second run appends a new session.
-        let mut t = Trace::start(&["--record", &rec_s, "--comm", "pxh-f-clean"]);
+        let t = Tracer::trace(&["--record", &rec_s, "--comm", "pxh-f-clean"]);
         totals += Workload::run("v4", 7 + round, "pxh-f-clean", &[]);
         let (_, err, code) = t.signal(libc::SIGTERM);
         assert_eq!(code, 0, "{err}");
@@ -813,7 +674,7 @@ impl Cdp {
 fn html_report(dir: &Path) -> PathBuf {
     let rec = dir.join("incident.ndjson");
     let rec_s = rec.display().to_string();
-    let mut t = Trace::start(&["--record", &rec_s, "--comm", "pxh-f-html"]);
+    let t = Tracer::trace(&["--record", &rec_s, "--comm", "pxh-f-html"]);
     let n = Workload::run("timewait", 400, "pxh-f-html", &["--ports", "12"]);
     assert_eq!(n, 400);
     let (_, err, code) = t.signal(libc::SIGTERM);

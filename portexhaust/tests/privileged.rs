@@ -4,177 +4,30 @@
 //! Run by `cargo xtask test` as root, one at a time (`--ignored --test-threads=1`): they load
 //! programs into the one kernel and must not see each other's workloads. They panic rather
 //! than skip when they cannot run: a kernel test that silently does nothing proves nothing.
+mod common;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Read},
     os::unix::process::CommandExt,
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
+use common::{BIN, Guard, Tracer, Workload, events_and_summary, require_root};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "privileged tests need root: run them through `cargo xtask test` as root"
-    );
-}
-
-/// Kills and reaps a child when a test ends, passed or failed.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A workload paused in its own namespace until `go()`.
-struct Workload {
-    guard: Guard,
-    stdin: Option<ChildStdin>,
-    pid: u32,
-}
-
-impl Workload {
-    fn start(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["workload", "--scenario", scenario, "--wait", "--comm", comm])
-            .args(["--failures", &failures.to_string()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start workload");
-        let stdin = child.stdin.take();
-        let mut guard = Guard(child);
-        let mut line = String::new();
-        BufReader::new(guard.0.stdout.as_mut().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let v: Value = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("workload ready line {line:?}: {e}"));
-        let pid = v["ready"].as_u64().expect("pid") as u32;
-        Self { guard, stdin, pid }
-    }
-
-    fn go(&mut self) {
-        let mut stdin = self.stdin.take().expect("go once");
-        stdin.write_all(b"go\n").expect("go");
-    }
-
-    /// Wait for the workload and return its report.
-    fn finish(mut self) -> Value {
-        let mut out = String::new();
-        self.guard
-            .0
-            .stdout
-            .as_mut()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .expect("report");
-        let status = self.guard.0.wait().expect("wait");
-        assert!(status.success(), "workload failed: {status}");
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
-    }
-}
-
-/// `portexhaust trace` running until `stop()`; its stdout is drained concurrently so that a
-/// storm cannot fill the pipe and stall it.
-struct Trace {
-    guard: Guard,
-    stdout: Option<thread::JoinHandle<String>>,
-    stderr: Option<thread::JoinHandle<String>>,
-}
-
-impl Trace {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("trace")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start trace");
-        let mut so = child.stdout.take().expect("stdout");
-        let se = child.stderr.take().expect("stderr");
-        let stdout = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = so.read_to_string(&mut s);
-            s
-        });
-        let (tx, rx) = mpsc::channel();
-        let stderr = thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(se).lines().map_while(Result::ok) {
-                if line.contains("ready:") {
-                    let _ = tx.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        let t = Self {
-            guard: Guard(child),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-        };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let (_, err, _) = t.stop();
-            panic!("tracer never became ready; stderr:\n{err}");
-        }
-        t
-    }
-
-    /// SIGTERM, then (stdout, stderr, exit code).
-    fn stop(mut self) -> (String, String, i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.guard.0.id() as i32, libc::SIGTERM) };
-        self.wait()
-    }
-
-    fn wait(&mut self) -> (String, String, i32) {
-        let status = self.guard.0.wait().expect("wait trace");
-        let out = self.stdout.take().expect("once").join().expect("stdout");
-        let err = self.stderr.take().expect("once").join().expect("stderr");
-        (out, err, status.code().unwrap_or(-1))
-    }
-}
-
-fn lines(stdout: &str) -> (Vec<Value>, Value) {
-    let mut events = Vec::new();
-    let mut summary = Value::Null;
-    for l in stdout.lines().filter(|l| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON {l:?}: {e}"));
-        match v["type"].as_str() {
-            Some("failure") => events.push(v),
-            Some("summary") => summary = v,
-            other => panic!("unknown record type {other:?}"),
-        }
-    }
-    assert!(!summary.is_null(), "no summary in output:\n{stdout}");
-    (events, summary)
-}
 
 /// Run one workload under `trace --json --pid <it>` and return (events, summary, report).
 fn traced(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> (Vec<Value>, Value, Value) {
     require_root();
     let mut w = Workload::start(scenario, failures, comm, extra);
     let pid = w.pid.to_string();
-    let t = Trace::start(&["--json", "--pid", &pid]);
+    let t = Tracer::trace(&["--json", "--pid", &pid]);
     w.go();
     let report = w.finish();
     let (out, err, code) = t.stop();
     assert_eq!(code, 0, "trace failed:\n{err}");
-    let (events, summary) = lines(&out);
+    let (events, summary) = events_and_summary(&out);
     (events, summary, report)
 }
 
@@ -318,13 +171,13 @@ fn storm_of_100k_failures_is_counted_exactly() {
     let n = 100_000u64;
     let mut w = Workload::start("storm", n, "pxh-t-storm", &[]);
     let pid = w.pid.to_string();
-    let t = Trace::start(&["--json", "--pid", &pid]);
+    let t = Tracer::trace(&["--json", "--pid", &pid]);
     w.go();
     let report = w.finish();
     assert_eq!(report["expected"][0]["count"], n, "{report}");
     let (out, err, code) = t.stop();
     assert_eq!(code, 0, "{err}");
-    let (events, summary) = lines(&out);
+    let (events, summary) = events_and_summary(&out);
     assert_eq!(summary["failures_total"], n, "exact total: {summary}");
     assert_eq!(summary["offenders"][0]["failures"], n);
     let dropped = summary["dropped_events"].as_u64().expect("dropped");
@@ -376,7 +229,7 @@ fn a_stalled_reader_drops_events_but_counts_stay_exact() {
     let mut err = String::new();
     let _ = stderr.read_to_string(&mut err);
     assert!(status.success(), "{err}");
-    let (events, summary) = lines(&reader.join().expect("stdout"));
+    let (events, summary) = events_and_summary(&reader.join().expect("stdout"));
     let dropped = summary["dropped_events"].as_u64().expect("dropped");
     assert!(
         dropped > 0,
@@ -398,20 +251,20 @@ fn filters_by_pid_comm_and_dport() {
     let mut a = Workload::start("v4", 7, "pxh-t-fa", &["--dport", "5000"]);
     let mut b = Workload::start("v4", 9, "pxh-t-fb", &["--dport", "6000"]);
     let pid_a = a.pid.to_string();
-    let by_pid = Trace::start(&["--json", "--pid", &pid_a]);
-    let by_comm = Trace::start(&["--json", "--comm", "pxh-t-fb"]);
-    let by_dport = Trace::start(&["--json", "--dport", "6000"]);
-    let both = Trace::start(&["--json", "--comm", "pxh-t-fa", "--comm", "pxh-t-fb"]);
+    let by_pid = Tracer::trace(&["--json", "--pid", &pid_a]);
+    let by_comm = Tracer::trace(&["--json", "--comm", "pxh-t-fb"]);
+    let by_dport = Tracer::trace(&["--json", "--dport", "6000"]);
+    let both = Tracer::trace(&["--json", "--comm", "pxh-t-fa", "--comm", "pxh-t-fb"]);
     a.go();
     b.go();
     let (ra, rb) = (a.finish(), b.finish());
     assert_eq!(ra["expected"][0]["count"], 7);
     assert_eq!(rb["expected"][0]["count"], 9);
 
-    let check = |t: Trace, want_pids: &[u64], want_total: u64| {
+    let check = |t: Tracer, want_pids: &[u64], want_total: u64| {
         let (out, err, code) = t.stop();
         assert_eq!(code, 0, "{err}");
-        let (events, summary) = lines(&out);
+        let (events, summary) = events_and_summary(&out);
         assert_eq!(summary["failures_total"], want_total, "{summary}");
         assert_eq!(events.len() as u64, want_total);
         for e in &events {
@@ -435,7 +288,7 @@ fn duration_stops_the_tracer_and_human_output_has_a_summary() {
     require_root();
     let mut w = Workload::start("v4", 3, "pxh-t-human", &[]);
     let pid = w.pid.to_string();
-    let mut t = Trace::start(&["--duration", "2", "--pid", &pid]);
+    let t = Tracer::trace(&["--duration", "2", "--pid", &pid]);
     w.go();
     let _ = w.finish();
     let started = Instant::now();

@@ -1,8 +1,8 @@
 //! `portexhaust doctor`: audit the network namespace it runs in, now, and say what to fix.
 //!
 //! It reads the settings (`/proc/sys/net/ipv4`), the TIME_WAIT counters (`/proc/net/netstat`),
-//! the sockets per destination (`/proc/net/tcp{,6}`), and, as root, looks for sockets bound
-//! before connect(). To audit another namespace (a container), run it there:
+//! the sockets per destination (sock_diag, grouped as `trace` and `top` group them), and, as
+//! root, looks for sockets bound before connect(). To audit another namespace (a container), run it there:
 //! `nsenter --net=/proc/PID/ns/net portexhaust doctor`.
 pub mod bindscan;
 pub mod explain;
@@ -14,9 +14,11 @@ use serde::Serialize;
 
 use crate::{
     clock::rfc3339,
+    nsinfo::NsCensus,
     procinfo::netns_of,
+    sockdiag::{SockRow, dump_tcp_listeners, state_name},
     sysctl::{NetSysctls, PortRange, TcpExtCounters},
-    usage::{DestRow, busiest, destination_usage, state_totals},
+    usage::{DestRow, busiest, destination_rows},
 };
 pub use explain::Topic;
 pub use rules::{BindHolder, Evidence, Finding, Fix, FixKind, Inputs, Severity, audit};
@@ -64,25 +66,40 @@ fn read_proc(path: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// Sockets per TCP state, all addresses (for `tcp_max_tw_buckets`, which counts every
+/// TIME_WAIT socket of the namespace).
+fn state_totals<'a>(sockets: impl Iterator<Item = &'a SockRow>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for s in sockets {
+        *out.entry(state_name(s.state).to_string()).or_default() += 1;
+    }
+    out
+}
+
 /// Audit the calling thread's network namespace.
 pub fn gather() -> Audit {
     let netns = netns_of(std::process::id());
     let sysctls = NetSysctls::read_current();
     let range = sysctls.range();
     let counters = TcpExtCounters::read_current();
-    let states = state_totals().unwrap_or_else(|e| {
-        log::warn!("reading the socket tables: {e}");
-        BTreeMap::new()
-    });
-    let destinations = range
-        .and_then(|r| match destination_usage(&r, netns) {
-            Ok(rows) => Some(rows),
-            Err(e) => {
-                log::warn!("reading the socket tables: {e}");
-                None
-            }
-        })
-        .unwrap_or_default();
+    // The sock_diag census of this namespace, as trace and top take it; the listeners it leaves
+    // out count in the per-state totals only.
+    let census = NsCensus::here(netns.unwrap_or_default(), &sysctls);
+    let (states, destinations) = match (census, dump_tcp_listeners()) {
+        (Ok(census), Ok(listeners)) => {
+            let states = state_totals(census.sockets.iter().chain(&listeners));
+            let destinations = if netns.is_some() && range.is_some() {
+                destination_rows(&[census])
+            } else {
+                Vec::new()
+            };
+            (states, destinations)
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            log::warn!("reading the socket tables: {e}");
+            (BTreeMap::new(), Vec::new())
+        }
+    };
     let bind_holders = match (netns, range) {
         (Some(ns), Some(r)) => match bindscan::scan(ns, &r) {
             Ok(h) => Some(h),

@@ -770,7 +770,11 @@ pub fn audit(i: &Inputs<'_>) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::{SockLine, group};
+    use crate::{
+        nsinfo::{NsCensus, NsSysctls},
+        sockdiag::SockRow,
+        usage::destination_rows,
+    };
     use std::path::Path;
 
     fn fixture(name: &str) -> NetSysctls {
@@ -779,6 +783,15 @@ mod tests {
                 .join("tests/fixtures/sysctl")
                 .join(name),
         )
+    }
+
+    /// The destination rows of these sockets in a namespace with settings `s`.
+    fn rows(s: &NetSysctls, sockets: Vec<SockRow>) -> Vec<DestRow> {
+        destination_rows(&[NsCensus {
+            netns: 1,
+            sysctls: NsSysctls::from(s),
+            sockets,
+        }])
     }
 
     fn ids(f: &[Finding], sev: Severity) -> Vec<&str> {
@@ -847,15 +860,16 @@ mod tests {
     #[test]
     fn a_tiny_range_and_no_reuse_are_both_flagged() {
         let s = fixture("tiny");
-        let range = s.range().expect("range");
-        let socks: Vec<SockLine> = (0..10)
-            .map(|i| SockLine {
-                local: format!("127.0.0.1:{}", 40000 + i).parse().expect("a"),
-                remote: "127.0.0.1:5000".parse().expect("b"),
-                state: "TIME_WAIT",
+        let socks: Vec<SockRow> = (0..10)
+            .map(|i| {
+                SockRow::fixture(
+                    &format!("127.0.0.1:{}", 40000 + i),
+                    "127.0.0.1:5000",
+                    "TIME_WAIT",
+                )
             })
             .collect();
-        let rows = group(&socks, &range, None);
+        let rows = rows(&s, socks);
         let f = audit(&Inputs {
             sysctls: &s,
             counters: None,
@@ -1004,19 +1018,20 @@ mod tests {
     #[test]
     fn established_and_close_wait_destinations_get_their_own_advice() {
         let s = fixture("tiny");
-        let range = s.range().expect("range");
-        let mk = |state: &'static str, dport: u16| -> Vec<SockLine> {
+        let mk = |state: &str, dport: u16| -> Vec<SockRow> {
             (0..9)
-                .map(|i| SockLine {
-                    local: format!("127.0.0.1:{}", 40000 + i).parse().expect("a"),
-                    remote: format!("127.0.0.1:{dport}").parse().expect("b"),
-                    state,
+                .map(|i| {
+                    SockRow::fixture(
+                        &format!("127.0.0.1:{}", 40000 + i),
+                        &format!("127.0.0.1:{dport}"),
+                        state,
+                    )
                 })
                 .collect()
         };
         let mut socks = mk("ESTABLISHED", 80);
         socks.extend(mk("CLOSE_WAIT", 81));
-        let rows = group(&socks, &range, None);
+        let rows = rows(&s, socks);
         let f = audit(&Inputs {
             sysctls: &s,
             destinations: &rows,

@@ -1,0 +1,276 @@
+//! What the privileged integration tests (privileged.rs, blame.rs, fleet.rs, forensics.rs)
+//! share: a root check, processes killed on drop, the paused workload, a tracer (or `top`)
+//! whose output is drained while it runs, and the NDJSON of `trace --json`.
+//!
+//! Every test binary compiles its own copy of this module (`mod common;`) and uses only a
+//! subset of it, so what one binary leaves unused is not dead code.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::process::ExitStatusExt,
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
+
+/// How long a tracer may take to load its programs and say `ready:`.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "privileged tests need root: run them through `cargo xtask test` as root"
+    );
+}
+
+/// Kills and reaps a child when a test ends, passed or failed.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A private temporary directory, removed on drop; `tag` names it for whoever finds one.
+pub fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("pxh-{tag}-"))
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// The exit code, or minus the signal that ended the process.
+fn exit_code(status: ExitStatus) -> i32 {
+    status.code().or(status.signal().map(|s| -s)).unwrap_or(-1)
+}
+
+/// `portexhaust workload --wait ...`: isolated in its own network namespace (range and
+/// tcp_tw_reuse already set), paused until `go()`. Killed on drop.
+pub struct Workload {
+    guard: Guard,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+    pub pid: u32,
+}
+
+impl Workload {
+    /// A paused workload of `scenario` that causes `failures` failures as `comm`.
+    pub fn start(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> Self {
+        let failures = failures.to_string();
+        let args = [
+            "--scenario",
+            scenario,
+            "--comm",
+            comm,
+            "--failures",
+            &failures,
+        ];
+        Self::spawn(&[&args[..], extra].concat())
+    }
+
+    /// With `--linger`: after its report it keeps its namespace and sockets until `release()`.
+    pub fn lingering(args: &[&str]) -> Self {
+        Self::spawn(&[&["--linger"][..], args].concat())
+    }
+
+    /// `portexhaust workload --wait ARGS`, once it has said `{"ready":PID}`.
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["workload", "--wait"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start workload");
+        let stdin = child.stdin.take();
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let guard = Guard(child);
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready line");
+        let v: Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("workload ready line {line:?}: {e}"));
+        let pid = v["ready"].as_u64().expect("pid") as u32;
+        Self {
+            guard,
+            stdin,
+            out,
+            pid,
+        }
+    }
+
+    /// Run a workload to its end: the failures it caused itself, and nothing else.
+    pub fn run(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> u64 {
+        let mut w = Self::start(scenario, failures, comm, extra);
+        w.go();
+        expected_failures(&w.finish())
+    }
+
+    pub fn go(&mut self) {
+        let s = self.stdin.as_mut().expect("stdin");
+        s.write_all(b"go\n").expect("go");
+        s.flush().expect("flush");
+    }
+
+    /// The report line, without waiting for the workload to exit (a lingering one does not).
+    pub fn report(&mut self) -> Value {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("report");
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("report {line:?}: {e}"))
+    }
+
+    /// Wait for the workload to exit and return its report.
+    pub fn finish(mut self) -> Value {
+        drop(self.stdin.take());
+        let mut out = String::new();
+        self.out.read_to_string(&mut out).expect("report");
+        let status = self.guard.0.wait().expect("wait");
+        assert!(status.success(), "workload failed: {status}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"))
+    }
+
+    /// `/proc/PID/ns/net` of the workload's namespace.
+    pub fn netns_path(&self) -> String {
+        format!("/proc/{}/ns/net", self.pid)
+    }
+
+    /// Let a lingering workload go, after its report: it must exit cleanly.
+    pub fn release(mut self) {
+        drop(self.stdin.take());
+        let status = self.guard.0.wait().expect("wait");
+        assert!(status.success(), "workload failed: {status}");
+    }
+}
+
+/// The failures a workload report says it caused itself; it must have seen nothing else.
+pub fn expected_failures(report: &Value) -> u64 {
+    assert!(
+        report["unexpected"].as_array().is_some_and(Vec::is_empty),
+        "{report}"
+    );
+    report["expected"][0]["count"].as_u64().expect("count")
+}
+
+/// `portexhaust trace` (or `top`, or anything that prints `ready:` on stderr once it traces),
+/// its stdout and stderr drained by threads so that a storm cannot fill a pipe and stall it.
+/// Killed on drop.
+pub struct Tracer {
+    guard: Guard,
+    stdout: Option<thread::JoinHandle<String>>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Tracer {
+    /// `portexhaust trace ARGS`, ready.
+    pub fn trace(args: &[&str]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("trace").args(args);
+        Self::start(cmd)
+    }
+
+    /// `portexhaust ARGS` (`trace ...`, `top ...`), ready.
+    pub fn tool(args: &[&str]) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        Self::start(cmd)
+    }
+
+    /// Start `cmd` (any user, any capabilities) and wait until it is ready.
+    pub fn start(cmd: Command) -> Self {
+        Self::spawn(cmd).unwrap_or_else(|(err, code)| {
+            panic!("tracer never became ready (exit {code:?}); stderr:\n{err}")
+        })
+    }
+
+    /// Start `cmd` and wait for its ready line. Err((stderr, exit code)) when it exits, or is
+    /// killed after 30 s, without one.
+    pub fn spawn(mut cmd: Command) -> Result<Self, (String, Option<i32>)> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start portexhaust");
+        let mut so = child.stdout.take().expect("stdout");
+        let se = child.stderr.take().expect("stderr");
+        let stdout = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = so.read_to_string(&mut s);
+            s
+        });
+        let (tx, rx) = mpsc::channel();
+        let stderr = thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(se).lines().map_while(Result::ok) {
+                if line.contains("ready:") {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let mut t = Self {
+            guard: Guard(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        };
+        if rx.recv_timeout(READY_TIMEOUT).is_err() {
+            let _ = t.guard.0.kill();
+            let (status, _, err) = t.reap();
+            return Err((err, status.code()));
+        }
+        Ok(t)
+    }
+
+    /// SIGTERM, then (stdout, stderr, exit code).
+    pub fn stop(self) -> (String, String, i32) {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Send `sig`, then (stdout, stderr, exit code or -signal).
+    pub fn signal(self, sig: i32) -> (String, String, i32) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.guard.0.id() as i32, sig) };
+        self.wait()
+    }
+
+    /// Wait for it to end by itself (`--duration`, `--count`): (stdout, stderr, exit code or
+    /// -signal).
+    pub fn wait(mut self) -> (String, String, i32) {
+        let (status, out, err) = self.reap();
+        (out, err, exit_code(status))
+    }
+
+    fn reap(&mut self) -> (ExitStatus, String, String) {
+        let status = self.guard.0.wait().expect("wait");
+        let out = self.stdout.take().expect("once").join().expect("stdout");
+        let err = self.stderr.take().expect("once").join().expect("stderr");
+        (status, out, err)
+    }
+}
+
+/// The NDJSON of `trace --json`: (failure events, summary).
+pub fn events_and_summary(stdout: &str) -> (Vec<Value>, Value) {
+    let mut events = Vec::new();
+    let mut summary = Value::Null;
+    for l in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON {l:?}: {e}"));
+        match v["type"].as_str() {
+            Some("failure") => events.push(v),
+            Some("summary") => summary = v,
+            other => panic!("unknown record type {other:?}"),
+        }
+    }
+    assert!(!summary.is_null(), "no summary in output:\n{stdout}");
+    (events, summary)
+}
