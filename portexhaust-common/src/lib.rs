@@ -49,6 +49,8 @@ pub mod names {
     pub const GLOBAL_BACKEND: &str = "BACKEND";
     /// Global: bit set of active filters (`FILTER_*` bits, `u32`).
     pub const GLOBAL_FILTER_FLAGS: &str = "FILTER_FLAGS";
+    /// Global: ownership tracking and latency histograms on (1) or off (0), `u32`.
+    pub const GLOBAL_TRACK_BLAME: &str = "TRACK_BLAME";
 }
 
 /// Filter bits in the `FILTER_FLAGS` global: a set bit means the matching map is a whitelist.

@@ -53,6 +53,11 @@ static BACKEND: u32 = Backend::Tracepoint as u32;
 #[unsafe(no_mangle)]
 static FILTER_FLAGS: u32 = 0;
 
+/// 0: skip socket-ownership tracking and the latency histograms (`trace --no-blame`): every
+/// connect() then costs only the failure path's checks.
+#[unsafe(no_mangle)]
+static TRACK_BLAME: u32 = 1;
+
 /// Offsets into task_struct, nsproxy and net, resolved by the loader from the running kernel's
 /// BTF (see portexhaust/src/btf.rs): `current->nsproxy->net_ns->ns.inum` and
 /// `current->group_leader->start_boottime`. With HAVE_TASK_OFFSETS == 0 nothing is read.
@@ -197,8 +202,10 @@ fn latency_bucket(ns: u64) -> usize {
 
 /// Count a TCP connect that reached port selection, with its latency, per destination.
 #[inline(always)]
-fn record_connect(info: &Inflight, failed: bool) {
-    let (netns, _) = current_task_info();
+fn record_connect(info: &Inflight, failed: bool, netns: u32) {
+    if global(&TRACK_BLAME) == 0 {
+        return;
+    }
     let key = DestKey {
         netns,
         family: info.family,
@@ -292,6 +299,8 @@ fn wakeup_flags(now: u64) -> u64 {
 
 /// What an emitter knows about a failure.
 struct Failure<'a> {
+    /// Network namespace of the current task (0 when unknown), read once by the caller.
+    netns: u32,
     errno: u32,
     site: Site,
     proto: u8,
@@ -374,7 +383,7 @@ fn report(f: Failure<'_>) {
     let uid = bpf_get_current_uid_gid() as u32;
     // SAFETY: helper without arguments, available to tracing programs since 4.18.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let (netns, _) = current_task_info();
+    let netns = f.netns;
     entry.write(FailureEvent {
         ts_ns: now,
         cgroup_id,
@@ -594,6 +603,7 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         // sockets: inet_dgram_connect). A stream socket known to us is something else.
         if sock_type_of(info.handle) != SOCK_STREAM {
             report(Failure {
+                netns: current_task_info().0,
                 errno: EAGAIN,
                 site: Site::UdpAutobind,
                 proto: IPPROTO_UDP,
@@ -607,10 +617,17 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     // Under this backend the connect() syscall is what can be timed; a CLOSE -> SYN_SENT seen
     // inside it marks a TCP connect that reached port selection.
-    if info.flags & INFLIGHT_SYN_SENT != 0 {
-        record_connect(&info, ret == -(EADDRNOTAVAIL as i64));
+    let failed = ret == -(EADDRNOTAVAIL as i64);
+    let timed = info.flags & INFLIGHT_SYN_SENT != 0 && global(&TRACK_BLAME) != 0;
+    if !timed && !failed {
+        return 0;
     }
-    if ret != -(EADDRNOTAVAIL as i64) {
+    // Read once: four kernel reads that both the histogram and the event need.
+    let (netns, _) = current_task_info();
+    if timed {
+        record_connect(&info, failed, netns);
+    }
+    if !failed {
         return 0;
     }
     // tcp_v4_connect() enters SYN_SENT before inet_hash_connect(); if that state was reached
@@ -626,6 +643,7 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         Site::TcpV6Connect
     };
     report(Failure {
+        netns,
         errno: EADDRNOTAVAIL,
         site,
         proto: IPPROTO_TCP,
@@ -676,6 +694,7 @@ pub fn tp_sys_exit_bind(ctx: TracePointContext) -> u32 {
         IPPROTO_TCP
     };
     report(Failure {
+        netns: current_task_info().0,
         errno: EADDRINUSE,
         site: Site::Bind,
         proto,
@@ -868,8 +887,11 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     // CLOSE -> SYN_SENT happens in the connecting task, inside tcp_v{4,6}_connect, after the
     // route (and so the source address) is known and before inet_hash_connect().
+    let blame = global(&TRACK_BLAME) != 0;
     if oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT {
-        own_socket(sk);
+        if blame {
+            own_socket(sk);
+        }
         let tid = bpf_get_current_pid_tgid();
         // Two separate lookups with separate null checks: combining the two pointers in one
         // test lets LLVM OR them together, which the verifier rejects (pointer |= pointer).
@@ -881,7 +903,9 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
         }
         return 0;
     }
-    follow_socket(&ctx, sk, oldstate, newstate);
+    if blame {
+        follow_socket(&ctx, sk, oldstate, newstate);
+    }
     0
 }
 
@@ -944,8 +968,16 @@ fn connect_return(ret: i64) {
     let _ = KFUNC_INFLIGHT.remove(tid);
     // tcp_v{4,6}_connect() covers route lookup, port selection and sending the SYN, not the
     // wait for the handshake: its duration is the cost port selection adds.
-    record_connect(&info, ret == -(EADDRNOTAVAIL as i64));
-    if ret != -(EADDRNOTAVAIL as i64) {
+    let failed = ret == -(EADDRNOTAVAIL as i64);
+    let timed = global(&TRACK_BLAME) != 0;
+    if !timed && !failed {
+        return;
+    }
+    let (netns, _) = current_task_info();
+    if timed {
+        record_connect(&info, failed, netns);
+    }
+    if !failed {
         return;
     }
     let site = if info.flags & INFLIGHT_HASH_FAILED != 0 {
@@ -956,6 +988,7 @@ fn connect_return(ret: i64) {
         Site::from_u8(info.opener).unwrap_or(Site::TcpV4Connect)
     };
     report(Failure {
+        netns,
         errno: EADDRNOTAVAIL,
         site,
         proto: IPPROTO_TCP,

@@ -40,6 +40,10 @@ pub struct Summary {
     pub offenders: Vec<Offender>,
     /// For each destination that saw failures: failers and port holders.
     pub blame: Vec<crate::blame::BlameEntry>,
+    /// Sockets whose opener the kernel remembers now (ESTABLISHED through TIME_WAIT).
+    pub tracked_sockets: u64,
+    /// Owners the bounded LRU maps had to drop (attribution lost for those sockets).
+    pub lru_evictions: u64,
 }
 
 pub fn dst_string(key: &CountKey) -> String {

@@ -344,19 +344,40 @@ pub fn task_offsets() -> Option<TaskOffsets> {
     }
 }
 
+/// How much the programs track besides failures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tracking {
+    /// Size of each socket-ownership LRU map.
+    pub max_tracked: u32,
+    /// Ownership tracking and latency histograms (off: `trace --no-blame`).
+    pub blame: bool,
+}
+
+impl Default for Tracking {
+    fn default() -> Self {
+        Self {
+            max_tracked: DEFAULT_MAX_TRACKED,
+            blame: true,
+        }
+    }
+}
+
 fn load_object(
     backend: Backend,
     filters: &Filters,
     offsets: Option<TaskOffsets>,
-    max_tracked: u32,
+    tracking: Tracking,
 ) -> Result<Ebpf, String> {
     let backend_code = backend as u32;
+    let blame = u32::from(tracking.blame);
+    let max_tracked = tracking.max_tracked;
     let flags = filters.flags();
     let have = u32::from(offsets.is_some());
     let o = offsets.unwrap_or_default();
     let mut ebpf = EbpfLoader::new()
         .override_global(names::GLOBAL_BACKEND, &backend_code, true)
         .override_global(names::GLOBAL_FILTER_FLAGS, &flags, true)
+        .override_global(names::GLOBAL_TRACK_BLAME, &blame, true)
         .override_global(names::GLOBAL_HAVE_TASK_OFFSETS, &have, true)
         .override_global(names::GLOBAL_OFF_TASK_NSPROXY, &o.task_nsproxy, true)
         .override_global(names::GLOBAL_OFF_NSPROXY_NET, &o.nsproxy_net_ns, true)
@@ -418,12 +439,12 @@ fn try_backend(
     backend: Backend,
     filters: &Filters,
     offsets: Option<TaskOffsets>,
-    max_tracked: u32,
+    tracking: Tracking,
 ) -> Result<Ebpf, String> {
     if let Some(reason) = static_unavailability(backend) {
         return Err(reason);
     }
-    let mut ebpf = load_object(backend, filters, offsets, max_tracked)?;
+    let mut ebpf = load_object(backend, filters, offsets, tracking)?;
     match backend {
         Backend::Fentry => attach_fentries(&mut ebpf)?,
         Backend::Kprobe => attach_kprobes(&mut ebpf)?,
@@ -436,18 +457,18 @@ fn try_backend(
 impl Tracer {
     /// Check privileges and tracefs, then try the requested backends in order.
     pub fn open(req: BackendRequest, filters: &Filters) -> Result<Opened> {
-        Self::open_sized(req, filters, DEFAULT_MAX_TRACKED)
+        Self::open_with(req, filters, Tracking::default())
     }
 
-    /// As `open`, with the size of the socket-ownership maps.
-    pub fn open_sized(req: BackendRequest, filters: &Filters, max_tracked: u32) -> Result<Opened> {
+    /// As `open`, choosing what is tracked besides failures.
+    pub fn open_with(req: BackendRequest, filters: &Filters, tracking: Tracking) -> Result<Opened> {
         check_privileges()?;
         ensure_tracefs()?;
         raise_memlock();
         let offsets = task_offsets();
         let mut skipped = Vec::new();
         for backend in req.candidates() {
-            match try_backend(backend, filters, offsets, max_tracked) {
+            match try_backend(backend, filters, offsets, tracking) {
                 Ok(mut ebpf) => {
                     let map = ebpf.take_map(names::EVENTS).ok_or(Error::MissingObject {
                         kind: "map",

@@ -126,6 +126,10 @@ enum Cmd {
         /// tallied per process and destination (exact counts, bounded disk use in a storm).
         #[arg(long, value_name = "N", default_value_t = 200, requires = "record")]
         record_events_per_s: u32,
+        /// Count failures only: no socket-ownership tracking, no connect() latency histograms
+        /// and no "who holds the ports" in the summary. The cheapest mode for long storms.
+        #[arg(long)]
+        no_blame: bool,
         /// Size of each in-kernel socket-ownership map (LRU: the oldest are dropped and
         /// counted as evictions when full).
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
@@ -251,11 +255,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot_interval,
             record_events_per_s,
             max_tracked_sockets,
+            no_blame,
             metrics_addr,
             no_container_labels,
         } => {
             let opts = trace::TraceOptions {
                 max_tracked: max_tracked_sockets,
+                blame: !no_blame,
                 json,
                 duration,
                 filters: Filters {

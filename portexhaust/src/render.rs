@@ -139,6 +139,8 @@ struct JsonSummary<'a> {
     dropped_events: u64,
     offenders: Vec<JsonOffender<'a>>,
     blame: &'a [BlameEntry],
+    tracked_sockets: u64,
+    lru_evictions: u64,
 }
 
 pub fn json_summary(s: &Summary) -> String {
@@ -161,6 +163,8 @@ pub fn json_summary(s: &Summary) -> String {
             })
             .collect(),
         blame: &s.blame,
+        tracked_sockets: s.tracked_sockets,
+        lru_evictions: s.lru_evictions,
     };
     serde_json::to_string(&j).unwrap_or_default()
 }
@@ -245,6 +249,12 @@ pub fn human_summary(s: &Summary) -> String {
             "; {} event{} not shown (ring buffer full), still counted",
             s.dropped_events,
             if s.dropped_events == 1 { "" } else { "s" }
+        ));
+    }
+    if s.lru_evictions > 0 {
+        out.push_str(&format!(
+            "; {} socket owner(s) forgotten (ownership maps full: raise --max-tracked-sockets)",
+            s.lru_evictions
         ));
     }
     if s.uncounted_keys > 0 {
@@ -415,6 +425,8 @@ mod tests {
                 }],
             }],
             blame: vec![],
+            tracked_sockets: 0,
+            lru_evictions: 0,
         }
     }
 
@@ -436,7 +448,9 @@ mod tests {
                 "dropped_events",
                 "duration_s",
                 "failures_total",
+                "lru_evictions",
                 "offenders",
+                "tracked_sockets",
                 "type"
             ]
         );

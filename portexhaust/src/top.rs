@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::{
     clock::{hms, rfc3339},
     error::{Error, Result},
-    loader::{BackendRequest, Filters, Tracer},
+    loader::{BackendRequest, Filters, Tracer, Tracking},
     trace::announce,
     view::{Collector, Scope, View, top_holders},
 };
@@ -227,7 +227,14 @@ fn wait_for_quit(d: Duration) -> std::io::Result<bool> {
 }
 
 pub fn run(o: TopOptions) -> Result<()> {
-    let opened = Tracer::open_sized(o.backend, &Filters::default(), o.max_tracked)?;
+    let opened = Tracer::open_with(
+        o.backend,
+        &Filters::default(),
+        Tracking {
+            max_tracked: o.max_tracked,
+            blame: true,
+        },
+    )?;
     announce(&opened.tracer, &opened.skipped);
     let mut tracer = opened.tracer;
     let scope = if o.netns.is_empty() {

@@ -34,6 +34,8 @@ pub struct TraceOptions {
     pub filters: Filters,
     pub backend: BackendRequest,
     pub max_tracked: u32,
+    /// Ownership tracking, latency histograms and the blame summary (`--no-blame` turns off).
+    pub blame: bool,
     /// Serve Prometheus metrics here (`--metrics-addr`).
     pub metrics_addr: Option<SocketAddr>,
     /// Container labels on the metrics (`--no-container-labels` turns them off).
@@ -107,6 +109,7 @@ struct Session {
     decode_errors: u64,
     collector: Collector,
     recorder: Option<Recorder>,
+    blame: bool,
 }
 
 impl Session {
@@ -122,6 +125,7 @@ impl Session {
             decode_errors,
             collector,
             recorder,
+            blame: _,
         } = self;
         let mut batch: Vec<Failure> = Vec::new();
         tracer.drain(|bytes| match decode_event(bytes, |t| clock.to_unix_ns(t)) {
@@ -180,7 +184,7 @@ impl Session {
 
     fn summary(&mut self, elapsed: Duration) -> Result<Summary> {
         let counts = self.tracer.counts()?;
-        let blame = if counts.is_empty() {
+        let blame = if counts.is_empty() || !self.blame {
             Vec::new()
         } else {
             match self.collector.collect(&mut self.tracer) {
@@ -199,6 +203,16 @@ impl Session {
             uncounted_keys: self.tracer.uncounted_keys()?,
             offenders: offenders(&counts, |t| self.clock.to_unix_ns(t)),
             blame,
+            tracked_sockets: if self.blame {
+                self.tracer.owners()?.len() as u64
+            } else {
+                0
+            },
+            lru_evictions: if self.blame {
+                self.tracer.lru_evictions()?
+            } else {
+                0
+            },
         })
     }
 }
@@ -222,7 +236,14 @@ fn destination_gauges() -> Vec<metrics::DestinationGauge> {
 }
 
 pub async fn run(opts: TraceOptions) -> Result<Summary> {
-    let opened = Tracer::open_sized(opts.backend, &opts.filters, opts.max_tracked)?;
+    let opened = Tracer::open_with(
+        opts.backend,
+        &opts.filters,
+        crate::loader::Tracking {
+            max_tracked: opts.max_tracked,
+            blame: opts.blame,
+        },
+    )?;
     announce(&opened.tracer, &opened.skipped);
     // SAFETY: the fd belongs to the ring buffer map inside the Tracer, which `s` owns for the
     // whole loop below and drops only after `ready_fd` (declared later, dropped first).
@@ -246,6 +267,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         decode_errors: 0,
         collector: Collector::new(Scope::Failers),
         recorder: None,
+        blame: opts.blame,
     };
     if let Some(rec) = &opts.record {
         s.recorder = Some(Recorder::create(

@@ -133,10 +133,17 @@ impl Variant {
             Self::Traced(TracerKind::Portexhaust {
                 backend,
                 filtered: false,
+                lean: false,
             }) => format!("portexhaust/{backend}"),
             Self::Traced(TracerKind::Portexhaust {
                 backend,
+                filtered: false,
+                lean: true,
+            }) => format!("no-blame/{backend}"),
+            Self::Traced(TracerKind::Portexhaust {
+                backend,
                 filtered: true,
+                ..
             }) => format!("hooks-only/{backend}"),
             Self::Traced(TracerKind::Bpftrace) => "bpftrace".into(),
         }
@@ -786,6 +793,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Variant::Traced(TracerKind::Portexhaust {
             backend: b.clone(),
             filtered: false,
+            lean: false,
+        })
+    }));
+    // The same tracer with `--no-blame`: failures only, what the blame machinery costs.
+    variants.extend(backends_ran.iter().map(|b| {
+        Variant::Traced(TracerKind::Portexhaust {
+            backend: b.clone(),
+            filtered: false,
+            lean: true,
         })
     }));
     match &bpftrace {
@@ -800,6 +816,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Variant::Traced(TracerKind::Portexhaust {
             backend: b.clone(),
             filtered: true,
+            lean: false,
         })
     }));
     // bpftrace has no ownership tracking: at scale only the untraced system is compared.

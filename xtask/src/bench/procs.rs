@@ -156,6 +156,8 @@ pub enum TracerKind {
     Portexhaust {
         backend: String,
         filtered: bool,
+        /// `trace --no-blame`: failures only, no ownership tracking or latency histograms.
+        lean: bool,
     },
     Bpftrace,
 }
@@ -276,11 +278,18 @@ pub struct Stopped {
 impl Tracer {
     pub fn start(kind: TracerKind, portexhaust: &Path, ready_timeout: Duration) -> Result<Self> {
         let mut cmd = match &kind {
-            TracerKind::Portexhaust { backend, filtered } => {
+            TracerKind::Portexhaust {
+                backend,
+                filtered,
+                lean,
+            } => {
                 let mut c = Command::new(portexhaust);
                 c.args(["trace", "--json", "--backend", backend]);
                 if *filtered {
                     c.args(["--pid", "1"]);
+                }
+                if *lean {
+                    c.arg("--no-blame");
                 }
                 c
             }

@@ -122,7 +122,7 @@ pub fn targets(rows: &[Row], runs: &[Run], variants: &[String]) -> Vec<Target> {
     let mut out = Vec::new();
     let pes: Vec<&String> = variants
         .iter()
-        .filter(|n| n.starts_with("portexhaust/"))
+        .filter(|n| n.starts_with("portexhaust/") || n.starts_with("no-blame/"))
         .collect();
     for pe in &pes {
         for (sc, label) in [("storm", "1 process"), ("storm2", "2 processes")] {
@@ -384,7 +384,7 @@ fn table(
 ) {
     let pes: Vec<&String> = variants
         .iter()
-        .filter(|v| v.starts_with("portexhaust/"))
+        .filter(|v| v.starts_with("portexhaust/") || v.starts_with("no-blame/"))
         .collect();
     let has_untraced = variants.iter().any(|v| v == "untraced");
     let has_bpftrace = variants.iter().any(|v| v == "bpftrace");
@@ -667,6 +667,7 @@ mod tests {
             Variant::Traced(TracerKind::Portexhaust {
                 backend: "tracepoint".into(),
                 filtered: false,
+                lean: false,
             }),
             Variant::Traced(TracerKind::Bpftrace),
         ]
