@@ -893,12 +893,14 @@ pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
             own_socket(sk);
         }
         let tid = bpf_get_current_pid_tgid();
-        // Two separate lookups with separate null checks: combining the two pointers in one
-        // test lets LLVM OR them together, which the verifier rejects (pointer |= pointer).
-        if let Some(p) = SYSCALL_INFLIGHT.get_ptr_mut(tid) {
-            mark_syn_sent(&ctx, p);
-        }
-        if let Some(p) = KFUNC_INFLIGHT.get_ptr_mut(tid) {
+        // Only the backend's own in-flight map: the tracepoint backend decides the site from
+        // the syscall entry, the function hooks from theirs. One lookup per connect, not two.
+        let p = if global(&BACKEND) == Backend::Tracepoint as u32 {
+            SYSCALL_INFLIGHT.get_ptr_mut(tid)
+        } else {
+            KFUNC_INFLIGHT.get_ptr_mut(tid)
+        };
+        if let Some(p) = p {
             mark_syn_sent(&ctx, p);
         }
         return 0;

@@ -388,8 +388,17 @@ fn load_object(
             true,
         )
         .override_global(names::GLOBAL_OFF_TASK_START_TIME, &o.task_start_time, true)
-        .map_max_entries(names::OWNER_BY_SK, max_tracked)
-        .map_max_entries(names::OWNER_BY_TUPLE, max_tracked)
+        // Without blame these maps are never written: do not preallocate them (hash maps
+        // reserve every entry's memory up front).
+        .map_max_entries(
+            names::OWNER_BY_SK,
+            if tracking.blame { max_tracked } else { 1 },
+        )
+        .map_max_entries(
+            names::OWNER_BY_TUPLE,
+            if tracking.blame { max_tracked } else { 1 },
+        )
+        .map_max_entries(names::DEST_STATS, if tracking.blame { 8192 } else { 1 })
         .load(EBPF_OBJECT)
         .map_err(|e| format!("loading the eBPF object: {}", one_line(&e)))?;
     fill_filters(&mut ebpf, filters).map_err(|e| one_line(&e))?;
