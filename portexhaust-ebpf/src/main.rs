@@ -142,42 +142,53 @@ static ZERO_STATS: PerCpuArray<DestStats> = PerCpuArray::with_max_entries(1, 0);
 // ---------------------------------------------------------------------------------------------
 // Shared helpers.
 
-/// Network namespace inode and process start time of the current task, through offsets
-/// resolved from BTF at load time; (0, 0) when they are unknown or unreadable.
+/// Follow a pointer field of a kernel struct; null when unreadable.
 #[inline(always)]
-fn current_task_info() -> (u32, u64) {
+fn read_ptr(base: *const u8, off: u32) -> *const u8 {
+    // SAFETY: bpf_probe_read_kernel fails cleanly on a bad address.
+    unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const u64) }.unwrap_or(0) as *const u8
+}
+
+/// `current->nsproxy->net_ns->ns.inum` through offsets resolved from BTF at load time (three
+/// kernel reads); 0 when they are unknown or unreadable.
+#[inline(always)]
+fn current_netns() -> u32 {
     if global(&HAVE_TASK_OFFSETS) == 0 {
-        return (0, 0);
+        return 0;
     }
-    // SAFETY: helper without arguments; the reads below go through bpf_probe_read_kernel,
-    // which fails cleanly on a bad address.
+    // SAFETY: helper without arguments.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    let read_ptr = |base: *const u8, off: u32| -> *const u8 {
-        unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const u64) }.unwrap_or(0)
-            as *const u8
-    };
     let nsproxy = read_ptr(task, global(&OFF_TASK_NSPROXY));
-    let netns = if nsproxy.is_null() {
-        0
-    } else {
-        let net = read_ptr(nsproxy, global(&OFF_NSPROXY_NET));
-        if net.is_null() {
-            0
-        } else {
-            unsafe { bpf_probe_read_kernel(net.add(global(&OFF_NET_INUM) as usize) as *const u32) }
-                .unwrap_or(0)
-        }
-    };
-    let leader = read_ptr(task, global(&OFF_TASK_GROUP_LEADER));
-    let start = if leader.is_null() {
-        0
-    } else {
-        unsafe {
-            bpf_probe_read_kernel(leader.add(global(&OFF_TASK_START_TIME) as usize) as *const u64)
-        }
+    if nsproxy.is_null() {
+        return 0;
+    }
+    let net = read_ptr(nsproxy, global(&OFF_NSPROXY_NET));
+    if net.is_null() {
+        return 0;
+    }
+    // SAFETY: as read_ptr.
+    unsafe { bpf_probe_read_kernel(net.add(global(&OFF_NET_INUM) as usize) as *const u32) }
         .unwrap_or(0)
-    };
-    (netns, start)
+}
+
+/// `current->group_leader->start_boottime` (two kernel reads); 0 when unknown. Only the
+/// ownership record needs it, so it is kept apart from the namespace read on the hot paths.
+#[inline(always)]
+fn current_start_ns() -> u64 {
+    if global(&HAVE_TASK_OFFSETS) == 0 {
+        return 0;
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let leader = read_ptr(task, global(&OFF_TASK_GROUP_LEADER));
+    if leader.is_null() {
+        return 0;
+    }
+    // SAFETY: as read_ptr.
+    unsafe {
+        bpf_probe_read_kernel(leader.add(global(&OFF_TASK_START_TIME) as usize) as *const u64)
+    }
+    .unwrap_or(0)
 }
 
 #[inline(always)]
@@ -603,7 +614,7 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         // sockets: inet_dgram_connect). A stream socket known to us is something else.
         if sock_type_of(info.handle) != SOCK_STREAM {
             report(Failure {
-                netns: current_task_info().0,
+                netns: current_netns(),
                 errno: EAGAIN,
                 site: Site::UdpAutobind,
                 proto: IPPROTO_UDP,
@@ -623,7 +634,7 @@ pub fn tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // Read once: four kernel reads that both the histogram and the event need.
-    let (netns, _) = current_task_info();
+    let netns = current_netns();
     if timed {
         record_connect(&info, failed, netns);
     }
@@ -694,7 +705,7 @@ pub fn tp_sys_exit_bind(ctx: TracePointContext) -> u32 {
         IPPROTO_TCP
     };
     report(Failure {
-        netns: current_task_info().0,
+        netns: current_netns(),
         errno: EADDRINUSE,
         site: Site::Bind,
         proto,
@@ -782,7 +793,8 @@ fn tuple_of(ctx: &TracePointContext, netns: u32) -> Option<TupleKey> {
 #[inline(always)]
 fn own_socket(sk: u64) {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let (netns, start_ns) = current_task_info();
+    let netns = current_netns();
+    let start_ns = current_start_ns();
     let owner = Owner {
         pid,
         netns,
@@ -975,7 +987,7 @@ fn connect_return(ret: i64) {
     if !timed && !failed {
         return;
     }
-    let (netns, _) = current_task_info();
+    let netns = current_netns();
     if timed {
         record_connect(&info, failed, netns);
     }

@@ -597,12 +597,16 @@ impl Tracer {
         Ok(m.iter().filter_map(|kv| kv.ok()).collect())
     }
 
-    /// Number of sockets remembered by kernel address (connecting or open).
-    pub fn owned_live_sockets(&self) -> Result<u64> {
-        let name = names::OWNER_BY_SK;
-        let m: HashMap<&MapData, u64, Owner> = HashMap::try_from(self.map_ref(name)?)
+    /// Keys of a map, counted without reading their values (one syscall per key).
+    fn count_keys<K: aya::Pod>(&self, name: &'static str) -> Result<u64> {
+        let m: HashMap<&MapData, K, Owner> = HashMap::try_from(self.map_ref(name)?)
             .map_err(|source| Error::Map { map: name, source })?;
         Ok(m.keys().filter(|k| k.is_ok()).count() as u64)
+    }
+
+    /// Sockets whose opener is remembered by 4-tuple (ESTABLISHED through TIME_WAIT).
+    pub fn tracked_sockets(&self) -> Result<u64> {
+        self.count_keys::<TupleKey>(names::OWNER_BY_TUPLE)
     }
 
     /// Forget owners whose TIME_WAIT is over (60 s, TCP_TIMEWAIT_LEN, fixed in the kernel).
@@ -625,8 +629,8 @@ impl Tracer {
     /// Entries the LRU ownership maps dropped to make room (so attribution was lost):
     /// kernel insertions minus deletions minus what is still there.
     pub fn lru_evictions(&self) -> Result<u64> {
-        let tuples = self.owners()?.len() as u64;
-        let live = self.owned_live_sockets()?;
+        let tuples = self.tracked_sockets()?;
+        let live = self.count_keys::<u64>(names::OWNER_BY_SK)?;
         let ins = self.stat(stat::TUPLE_INSERTS)? + self.stat(stat::SK_INSERTS)?;
         let del = self.stat(stat::TUPLE_DELETES)?
             + self.stat(stat::SK_DELETES)?

@@ -204,7 +204,7 @@ impl Session {
             offenders: offenders(&counts, |t| self.clock.to_unix_ns(t)),
             blame,
             tracked_sockets: if self.blame {
-                self.tracer.owners()?.len() as u64
+                self.tracer.tracked_sockets()?
             } else {
                 0
             },
