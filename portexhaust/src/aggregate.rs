@@ -119,7 +119,8 @@ mod tests {
             family: AF_INET,
             errno,
             proto: IPPROTO_TCP,
-            _pad: [0; 5],
+            cause: 1,
+            _pad: [0; 4],
             daddr,
         }
     }

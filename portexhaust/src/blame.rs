@@ -48,11 +48,17 @@ pub struct OwnerView {
 }
 
 impl OwnerView {
-    pub fn from_kernel(o: &portexhaust_common::Owner, alive: bool) -> Self {
+    /// `proc` is what the kernel remembered of the process (`PROCS`): its command and cgroup,
+    /// still known after it exited.
+    pub fn from_kernel(
+        o: &portexhaust_common::Owner,
+        proc: Option<&portexhaust_common::ProcInfo>,
+        alive: bool,
+    ) -> Self {
         Self {
             pid: o.pid,
-            cgroup_id: o.cgroup_id,
-            comm: comm_str(&o.comm),
+            cgroup_id: proc.map_or(0, |p| p.cgroup_id),
+            comm: proc.map_or_else(String::new, |p| comm_str(&p.comm)),
             alive,
             flags: o.flags,
             closed_ns: o.closed_ns,
@@ -60,24 +66,19 @@ impl OwnerView {
     }
 }
 
-/// The owner-map key of a socket row.
+/// The owner-map key of a socket row: IPv4 addresses IPv4-mapped, as the kernel side stores
+/// them (a v4 socket and a v4-mapped v6 socket share one port space).
 pub fn tuple_key(netns: u64, row: &SockRow) -> TupleKey {
     let raw = |ip: IpAddr| -> [u8; 16] {
         match ip {
-            IpAddr::V4(a) => {
-                let mut r = [0u8; 16];
-                r[..4].copy_from_slice(&a.octets());
-                r
-            }
+            IpAddr::V4(a) => portexhaust_common::v4_mapped(a.octets()),
             IpAddr::V6(a) => a.octets(),
         }
     };
     TupleKey {
         netns: netns as u32,
-        family: row.family,
         sport: row.sport,
         dport: row.dport,
-        _pad: [0; 2],
         saddr: raw(row.src),
         daddr: raw(row.dst),
     }
@@ -714,7 +715,8 @@ mod tests {
                 family: AF_INET,
                 errno: 99,
                 proto: IPPROTO_TCP,
-                _pad: [0; 5],
+                cause: 1,
+                _pad: [0; 4],
                 daddr,
             },
             CountValue {
@@ -753,14 +755,10 @@ mod tests {
     fn expired_owners_are_only_finished_time_waits() {
         let mut o = portexhaust_common::Owner {
             pid: 1,
-            netns: 1,
-            cgroup_id: 0,
+            flags: OWNER_TIME_WAIT,
             start_ns: 0,
             connect_ns: 0,
             closed_ns: 1_000_000_000,
-            comm: [0; 16],
-            flags: OWNER_TIME_WAIT,
-            _pad: 0,
         };
         let k = tuple_key(1, &row(TCP_TIME_WAIT, 40000, 80, 0, 0));
         assert_eq!(expired_owners(&[(k, o)], 70_000_000_000), vec![k]);

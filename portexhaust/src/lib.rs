@@ -5,12 +5,11 @@
 //! and are tested for real by the privileged tests.
 pub mod aggregate;
 pub mod blame;
-pub mod btf;
 pub mod clock;
 pub mod container;
 pub mod doctor;
 pub mod error;
-pub mod loader;
+pub mod kernel;
 pub mod metrics;
 pub mod model;
 pub mod nsinfo;

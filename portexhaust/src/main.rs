@@ -6,13 +6,13 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use portexhaust::{
     doctor,
     error::{Error, one_line},
-    loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
+    kernel::loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
     metrics, nsinfo,
     record::RecordOptions,
     report, selftest, top, trace,
     workload::{self, Scenario, WorkloadOptions},
 };
-use portexhaust_common::Backend;
+use portexhaust_common::{Backend, KIND_ALL, KINDS, kind_from_name};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -43,13 +43,17 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BackendArg {
-    /// fentry, then kprobe, then tracepoint: the first this kernel runs
+    /// The cheapest this kernel runs: tp-btf, raw-tp, fentry, kprobe, tracepoint
     Auto,
-    /// fentry/fexit on tcp_v{4,6}_connect and inet_hash_connect (BTF trampolines)
+    /// BTF raw tracepoint on inet_sock_set_state: typed direct loads, no syscall hook (5.5+)
+    TpBtf,
+    /// Plain raw tracepoint on inet_sock_set_state, reading through BTF offsets
+    RawTp,
+    /// fentry/fexit on tcp_v{4,6}_connect and inet{,6}_hash_connect (BTF trampolines)
     Fentry,
-    /// kprobe/kretprobe on tcp_v{4,6}_connect, kretprobe on __inet_hash_connect
+    /// kprobe/kretprobe on tcp_v{4,6}_connect and __inet_hash_connect
     Kprobe,
-    /// syscalls:sys_{enter,exit}_{connect,bind} and sock:inet_sock_set_state (stable ABI)
+    /// The perf tracepoint sock:inet_sock_set_state (stable record, works without BTF)
     Tracepoint,
 }
 
@@ -57,11 +61,33 @@ impl From<BackendArg> for BackendRequest {
     fn from(b: BackendArg) -> Self {
         match b {
             BackendArg::Auto => Self::Auto,
+            BackendArg::TpBtf => Self::Only(Backend::TpBtf),
+            BackendArg::RawTp => Self::Only(Backend::RawTp),
             BackendArg::Fentry => Self::Only(Backend::Fentry),
             BackendArg::Kprobe => Self::Only(Backend::Kprobe),
             BackendArg::Tracepoint => Self::Only(Backend::Tracepoint),
         }
     }
+}
+
+/// `--catch bind,udp`: failure kinds (`KIND_*` bits), `all` for every one.
+fn parse_catch(s: &str) -> Result<u32, String> {
+    let mut bits = 0;
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        bits |= match part {
+            "all" => KIND_ALL,
+            p => kind_from_name(p).ok_or_else(|| {
+                format!(
+                    "{p:?} is not a failure kind; use {} or all",
+                    KINDS.iter().map(|k| k.1).collect::<Vec<_>>().join(", ")
+                )
+            })?,
+        };
+    }
+    if bits == 0 {
+        return Err("name at least one failure kind".into());
+    }
+    Ok(bits)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -126,6 +152,14 @@ enum Cmd {
         /// tallied per process and destination (exact counts, bounded disk use in a storm).
         #[arg(long, value_name = "N", default_value_t = 200, requires = "record")]
         record_events_per_s: u32,
+        /// Also watch these failure kinds (comma-separated): bind (bind() to port 0 finding no
+        /// free port, EADDRINUSE), udp (UDP connect() that cannot autobind, EAGAIN),
+        /// connect-early (TCP EADDRNOTAVAIL before port selection), all. Where the kernel
+        /// offers fexit or kprobes, bind and udp are watched anyway, at no cost to other
+        /// syscalls; elsewhere this attaches syscall tracepoints, which slow every syscall on
+        /// the machine a little. TCP connect exhaustion is always watched.
+        #[arg(long, value_name = "KINDS", value_parser = parse_catch)]
+        catch: Option<u32>,
         /// Count failures only: no socket-ownership tracking, no connect() latency histograms
         /// and no "who holds the ports" in the summary. The cheapest mode for long storms.
         #[arg(long)]
@@ -182,6 +216,10 @@ enum Cmd {
         /// Failing calls per kind (IPv4, IPv6, bind, UDP).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100000))]
         failures: u64,
+        /// Also watch these failure kinds, as `trace --catch` does (bind, udp, connect-early,
+        /// all); kinds not watched are shown as such.
+        #[arg(long, value_name = "KINDS", value_parser = parse_catch)]
+        catch: Option<u32>,
     },
     /// Print a shell completion script.
     Completions {
@@ -258,6 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_blame,
             metrics_addr,
             no_container_labels,
+            catch,
         } => {
             let opts = trace::TraceOptions {
                 max_tracked: max_tracked_sockets,
@@ -278,6 +317,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
                 metrics_addr,
                 container_labels: !no_container_labels,
+                catch: catch.unwrap_or(0),
             };
             runtime()?.block_on(trace::run(opts))?;
             Ok(ExitCode::SUCCESS)
@@ -309,8 +349,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Selftest { backend, failures } => {
-            let r = selftest::run(backend.into(), failures)?;
+        Cmd::Selftest {
+            backend,
+            failures,
+            catch,
+        } => {
+            let r = selftest::run(backend.into(), failures, catch.unwrap_or(0))?;
             println!("{}", r.table());
             if r.passed() {
                 println!("selftest passed with the {} backend", r.backend);

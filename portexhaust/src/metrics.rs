@@ -47,7 +47,7 @@ use crate::{
     aggregate::dst_string,
     container::{ContainerInfo, Resolver},
     error::{Error, Result},
-    loader::Tracer,
+    kernel::loader::Tracer,
     model::{Failure, comm_str, errno_name},
 };
 
@@ -754,7 +754,8 @@ mod tests {
             family: AF_INET,
             errno: 99,
             proto: IPPROTO_TCP,
-            _pad: [0; 5],
+            cause: 1,
+            _pad: [0; 4],
             daddr,
         }
     }

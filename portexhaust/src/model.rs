@@ -201,7 +201,8 @@ mod tests {
             flags: EVENT_SADDR_KNOWN,
             comm: comm_bytes("python3"),
             netns: 4026531840,
-            _pad: 0,
+            cause: 1,
+            _pad: [0; 3],
         }
     }
 

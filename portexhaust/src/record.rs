@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::rfc3339,
     error::{Error, Result},
-    loader::Filters,
+    kernel::loader::Filters,
     model::Failure,
     nsinfo::{self, NsCensus, in_netns, netns_path},
     procinfo::netns_of,

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::{
     clock::{hms, rfc3339},
     error::{Error, Result},
-    loader::{BackendRequest, Filters, Tracer, Tracking},
+    kernel::loader::{BackendRequest, Filters, Tracer, Tracking},
     trace::announce,
     view::{Collector, Scope, View, top_holders},
 };
@@ -231,6 +231,7 @@ pub fn run(o: TopOptions) -> Result<()> {
         o.backend,
         &Filters::default(),
         Tracking {
+            catch: 0,
             max_tracked: o.max_tracked,
             blame: true,
         },

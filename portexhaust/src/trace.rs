@@ -18,7 +18,7 @@ use crate::{
     clock::Clock,
     container::Resolver,
     error::{Error, Result},
-    loader::{BackendRequest, Filters, Tracer, backend_hooks},
+    kernel::loader::{BackendRequest, Filters, Tracer},
     metrics::{self, Metrics, MetricsOptions},
     model::{Failure, decode_event},
     procinfo::NetnsCache,
@@ -42,6 +42,8 @@ pub struct TraceOptions {
     pub container_labels: bool,
     /// `--record FILE`: an incident record for `portexhaust report`.
     pub record: Option<RecordOptions>,
+    /// `--catch`: extra failure kinds to watch even with syscall tracepoints (`KIND_*` bits).
+    pub catch: u32,
 }
 
 /// Longest an event can wait in the ring buffer for the reader (events after the first of a
@@ -56,16 +58,27 @@ impl AsRawFd for Fd {
     }
 }
 
-/// Announce on stderr which backend runs and why the others were not used.
+/// Announce on stderr which backend runs, why the others were not used, and which failure
+/// kinds are watched (a kind that is not watched is said so, never shown as 0 later).
 pub fn announce(tracer: &Tracer, skipped: &[(portexhaust_common::Backend, String)]) {
     for (b, reason) in skipped {
         eprintln!("portexhaust: backend {} skipped: {reason}", b.name());
     }
     eprintln!(
-        "portexhaust: using backend {} ({})",
+        "portexhaust: using backend {}{}",
         tracer.backend.name(),
-        backend_hooks(tracer.backend)
+        if tracer.on_syscall_path() {
+            "; syscall tracepoints attached (every syscall on the machine pays for them)"
+        } else {
+            "; nothing on the syscall path"
+        }
     );
+    for c in &tracer.coverage {
+        match &c.watch {
+            Ok(hooks) => eprintln!("portexhaust: watching {}: {hooks}", c.name()),
+            Err(why) => eprintln!("portexhaust: not watching {}: {why}", c.name()),
+        }
+    }
 }
 
 /// Writes results to stdout; a closed pipe (`| head`) ends tracing quietly.
@@ -239,9 +252,10 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     let opened = Tracer::open_with(
         opts.backend,
         &opts.filters,
-        crate::loader::Tracking {
+        crate::kernel::loader::Tracking {
             max_tracked: opts.max_tracked,
             blame: opts.blame,
+            catch: opts.catch,
         },
     )?;
     announce(&opened.tracer, &opened.skipped);

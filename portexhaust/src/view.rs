@@ -2,7 +2,7 @@
 //! /proc: what `top` shows on every refresh and what `trace` puts in its summary.
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Instant};
 
-use portexhaust_common::{CountKey, CountValue, TupleKey};
+use portexhaust_common::{CountKey, CountValue, ProcKey, TupleKey};
 use serde::Serialize;
 
 use crate::{
@@ -12,7 +12,7 @@ use crate::{
     },
     clock::Clock,
     error::Result,
-    loader::{DestTotals, Tracer},
+    kernel::loader::{DestTotals, Tracer},
     model::{Family, ip_from_raw},
     nsinfo::{self, NsCensus, NsSysctls},
 };
@@ -139,13 +139,22 @@ impl Collector {
         if !expired.is_empty() {
             tracer.forget_owners(&expired)?;
         }
+        let procs = tracer.procs()?;
         let owners: HashMap<TupleKey, OwnerView> = kernel_owners
             .iter()
             .map(|(k, o)| {
-                (
-                    *k,
-                    OwnerView::from_kernel(o, nsinfo::is_alive(o.pid, o.start_ns)),
-                )
+                let key = ProcKey {
+                    pid: o.pid,
+                    _pad: 0,
+                    start_ns: o.start_ns,
+                };
+                let alive = nsinfo::is_alive(o.pid, o.start_ns);
+                let mut v = OwnerView::from_kernel(o, procs.get(&key), alive);
+                // PROCS is an LRU map: a live process it dropped is still in /proc.
+                if v.comm.is_empty() && alive {
+                    v.comm = nsinfo::comm_of(o.pid).unwrap_or_default();
+                }
+                (*k, v)
             })
             .collect();
         let census = self.census(&counts);

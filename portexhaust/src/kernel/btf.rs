@@ -7,9 +7,10 @@
 //! kind is skipped by its documented size.
 use std::collections::HashMap;
 
+use portexhaust_common::Offsets;
 use thiserror::Error;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum BtfError {
     #[error("not BTF data (bad magic or header)")]
     BadHeader,
@@ -242,28 +243,70 @@ impl Btf {
     }
 }
 
-/// Kernel struct offsets the programs need, resolved from BTF.
+/// Which groups of kernel struct offsets the running kernel's BTF gave.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TaskOffsets {
-    pub task_nsproxy: u32,
-    pub nsproxy_net_ns: u32,
-    pub net_ns_inum: u32,
-    pub task_group_leader: u32,
-    pub task_start_time: u32,
+pub struct Resolved {
+    pub offsets: Offsets,
+    /// `task_struct` -> netns and process start time.
+    pub task: bool,
+    /// `struct sock` fields (the state hook's direct loads, the bound-socket cause, the
+    /// socket's own namespace). The tp-btf and raw-tp backends cannot run without them.
+    pub sock: bool,
 }
 
-impl TaskOffsets {
-    /// `current->nsproxy->net_ns->ns.inum` (the inode shown by /proc/PID/ns/net) and
-    /// `current->group_leader->start_boottime` (ns since boot including suspend, 5.5+: the clock
-    /// /proc/PID/stat derives its start time from, so the two can be compared).
-    pub fn resolve(btf: &Btf) -> Result<Self, BtfError> {
-        Ok(Self {
-            task_nsproxy: btf.member_offset("task_struct", "nsproxy")?,
-            nsproxy_net_ns: btf.member_offset("nsproxy", "net_ns")?,
-            net_ns_inum: btf.member_offset("net", "ns.inum")?,
-            task_group_leader: btf.member_offset("task_struct", "group_leader")?,
-            task_start_time: btf.member_offset("task_struct", "start_boottime")?,
-        })
+impl Resolved {
+    /// Every offset the programs use. Task and sock groups resolve separately: a kernel whose
+    /// BTF lacks one group still gets the other. Errors say which member was missing.
+    pub fn resolve(btf: &Btf) -> (Self, Vec<BtfError>) {
+        let mut o = Offsets::default();
+        let mut errors = Vec::new();
+        // net.ns.inum is needed by both groups.
+        let inum = btf.member_offset("net", "ns.inum");
+        let task = (|| -> Result<(), BtfError> {
+            o.net_ns_inum = inum.clone()?;
+            o.task_nsproxy = btf.member_offset("task_struct", "nsproxy")?;
+            o.nsproxy_net_ns = btf.member_offset("nsproxy", "net_ns")?;
+            o.task_group_leader = btf.member_offset("task_struct", "group_leader")?;
+            // ns since boot including suspend (5.5+): the clock /proc/PID/stat derives its
+            // start time from, so the two can be compared.
+            o.task_start_time = btf.member_offset("task_struct", "start_boottime")?;
+            Ok(())
+        })();
+        let sock = (|| -> Result<(), BtfError> {
+            o.net_ns_inum = inum.clone()?;
+            let skc = |m: &str| btf.member_offset("sock", &format!("__sk_common.{m}"));
+            o.skc_daddr = skc("skc_daddr")?;
+            o.skc_rcv_saddr = skc("skc_rcv_saddr")?;
+            o.skc_dport = skc("skc_dport")?;
+            o.skc_num = skc("skc_num")?;
+            o.skc_family = skc("skc_family")?;
+            o.skc_v6_daddr = skc("skc_v6_daddr")?;
+            o.skc_v6_rcv_saddr = skc("skc_v6_rcv_saddr")?;
+            // possible_net_t { struct net *net; } with CONFIG_NET_NS.
+            o.skc_net = skc("skc_net.net")?;
+            // A plain u16 since 5.6 (a bitfield before, which member_offset refuses).
+            o.sk_protocol = btf.member_offset("sock", "sk_protocol")?;
+            o.sk_err = btf.member_offset("sock", "sk_err")?;
+            // inet_sock and tcp_sock begin with struct sock: one base address for all.
+            o.inet_sport = btf.member_offset("inet_sock", "inet_sport")?;
+            o.tcp_write_seq = btf.member_offset("tcp_sock", "write_seq")?;
+            o.socket_type = btf.member_offset("socket", "type")?;
+            Ok(())
+        })();
+        if let Err(e) = &task {
+            errors.push(e.clone());
+        }
+        if let Err(e) = &sock {
+            errors.push(e.clone());
+        }
+        (
+            Self {
+                offsets: o,
+                task: task.is_ok(),
+                sock: sock.is_ok(),
+            },
+            errors,
+        )
     }
 }
 
@@ -387,7 +430,14 @@ mod tests {
             return;
         };
         let btf = res.expect("kernel BTF parses");
-        let o = TaskOffsets::resolve(&btf).expect("offsets");
+        let (r, errors) = Resolved::resolve(&btf);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(r.task && r.sock);
+        let o = r.offsets;
         assert!(o.task_nsproxy > 0 && o.task_group_leader > 0 && o.task_start_time > 0);
+        // struct sock_common opens struct sock: the addresses come first (include/net/sock.h).
+        assert_eq!(o.skc_daddr, 0);
+        assert_eq!(o.skc_rcv_saddr, 4);
+        assert!(o.inet_sport > o.skc_net && o.tcp_write_seq > o.inet_sport);
     }
 }

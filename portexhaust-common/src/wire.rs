@@ -1,0 +1,316 @@
+//! Events, map keys and values: raw bytes between the programs and user space.
+use crate::net::COMM_LEN;
+
+/// `FailureEvent::flags`: the source address field is valid.
+pub const EVENT_SADDR_KNOWN: u8 = 1;
+/// `FailureEvent::flags`: the socket was bound to a local port before connect().
+pub const EVENT_BOUND: u8 = 2;
+
+/// One exhaustion failure, sent through the `EVENTS` ring buffer.
+// align(8): the programs store the address fields as two 64-bit words (see the eBPF
+// crate's addr.rs); every field offset stays what repr(C) gives.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailureEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the failure.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    /// Thread-group id (the process id users know).
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// Positive errno (99, 98 or 11).
+    pub errno: u32,
+    /// Destination address (bind: the requested local address); IPv4 in the first 4 bytes.
+    pub daddr: [u8; 16],
+    /// Source address when `EVENT_SADDR_KNOWN` is set; IPv4 in the first 4 bytes.
+    pub saddr: [u8; 16],
+    /// Destination port, host byte order.
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub proto: u8,
+    pub site: u8,
+    pub backend: u8,
+    pub flags: u8,
+    pub comm: [u8; COMM_LEN],
+    /// Network namespace inode (of the socket where known, else of the task; 0 = unknown).
+    pub netns: u32,
+    /// A [`crate::Cause`] code.
+    pub cause: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<FailureEvent>() == 96);
+
+/// Key of the exact per-(process, destination, errno, cause) failure counts.
+// align(8): the programs store the address fields as two 64-bit words (see the eBPF
+// crate's addr.rs); every field offset stays what repr(C) gives.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CountKey {
+    pub pid: u32,
+    pub dport: u16,
+    pub family: u16,
+    pub errno: u16,
+    pub proto: u8,
+    /// A [`crate::Cause`] code.
+    pub cause: u8,
+    /// Explicit padding: keys are hashed as raw bytes, so every byte must be written.
+    pub _pad: [u8; 4],
+    pub daddr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<CountKey>() == 32);
+
+/// Value of the exact counts map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CountValue {
+    /// Incremented atomically: several CPUs can fail towards the same key at once.
+    pub count: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The command name seen at the first failure of this key.
+    pub comm: [u8; COMM_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<CountValue>() == 40);
+
+/// `Inflight::kind`.
+pub const INFLIGHT_CONNECT: u8 = 1;
+pub const INFLIGHT_BIND: u8 = 2;
+
+/// `Inflight::flags` bits.
+/// `inet_sock_set_state` saw CLOSE -> SYN_SENT during this call: port selection was reached.
+pub const INFLIGHT_SYN_SENT: u8 = 1;
+/// The source address was learnt.
+pub const INFLIGHT_SADDR: u8 = 2;
+/// `__inet_hash_connect` / `inet_hash_connect` returned -EADDRNOTAVAIL during this call.
+pub const INFLIGHT_HASH_FAILED: u8 = 4;
+/// A tcp_v6_connect() of a v4-mapped address went on into tcp_v4_connect().
+pub const INFLIGHT_V4_NESTED: u8 = 8;
+/// The socket already had a local port when port selection ran (bind() before connect()).
+pub const INFLIGHT_BOUND: u8 = 16;
+/// The bound/unbound question was answered (BTF offsets were available).
+pub const INFLIGHT_BOUND_KNOWN: u8 = 32;
+
+/// State kept per thread between the entry and the return of a hooked call.
+// align(8): the programs store the address fields as two 64-bit words (see the eBPF
+// crate's addr.rs); every field offset stays what repr(C) gives.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inflight {
+    /// Kernel `struct sock *` (function hooks) or the fd (syscall tracepoints).
+    pub handle: u64,
+    pub daddr: [u8; 16],
+    pub saddr: [u8; 16],
+    pub dport: u16,
+    pub family: u16,
+    pub kind: u8,
+    pub flags: u8,
+    /// Nesting depth of tcp_v6_connect -> tcp_v4_connect (kprobe/fentry backends).
+    pub depth: u8,
+    /// Which function opened the entry (a `Site` code: TcpV4Connect or TcpV6Connect), or the
+    /// protocol for bind entries.
+    pub opener: u8,
+    /// `bpf_ktime_get_ns()` at entry.
+    pub start_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
+
+/// `Owner::flags` bits.
+/// The socket left through FIN_WAIT1/FIN_WAIT2/CLOSING -> CLOSE: its tuple is in TIME_WAIT
+/// from `closed_ns` (60 s, TCP_TIMEWAIT_LEN).
+pub const OWNER_TIME_WAIT: u32 = 2;
+/// The socket was bound to a local port before connect().
+pub const OWNER_BOUND: u32 = 8;
+
+/// The process that opened an outgoing TCP connection (captured at CLOSE -> SYN_SENT, in the
+/// connecting task's own context). Its command and cgroup are in `PROCS`, once per process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub flags: u32,
+    /// Start time of the process (`group_leader->start_boottime`, ns since boot): with the pid
+    /// it identifies the process even after the pid is reused. 0 when unknown.
+    pub start_ns: u64,
+    /// CLOSE -> SYN_SENT (`bpf_ktime_get_ns`).
+    pub connect_ns: u64,
+    /// When the socket reached CLOSE (its TIME_WAIT began, if `OWNER_TIME_WAIT`), else 0.
+    pub closed_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Owner>() == 32);
+
+/// A connection's identity once its source port is known: the 4-tuple in its namespace.
+/// Socket addresses are reused quickly after a socket is freed, and a TIME_WAIT socket is a
+/// new object, so owners are keyed by this from ESTABLISHED through TIME_WAIT. IPv4
+/// addresses are stored IPv4-mapped (`::ffff:a.b.c.d`): a v4 socket and a v4-mapped v6 socket
+/// share one port space, so the family adds nothing to the key but bytes.
+// align(8): the programs store the address fields as two 64-bit words (see the eBPF
+// crate's addr.rs); every field offset stays what repr(C) gives.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TupleKey {
+    pub netns: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 40);
+
+/// `PROCS` key: a process, by pid and start time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ProcKey>() == 16);
+
+/// What is remembered once per connecting process, so that exited owners are still named.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+const _: () = assert!(core::mem::size_of::<ProcInfo>() == 24);
+
+/// Per-destination key of the connect statistics.
+// align(8): the programs store the address fields as two 64-bit words (see the eBPF
+// crate's addr.rs); every field offset stays what repr(C) gives.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DestKey {
+    pub netns: u32,
+    pub family: u16,
+    pub dport: u16,
+    pub daddr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<DestKey>() == 24);
+
+/// Buckets of the latency histogram: bucket i counts latencies in [2^i, 2^(i+1)) ns
+/// (bucket 0 also takes 0 ns); the last bucket takes everything above.
+pub const LATENCY_BUCKETS: usize = 32;
+
+/// connect() statistics per destination, updated with atomic adds (one entry per destination
+/// whatever the number of CPUs, unlike a per-CPU map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestStats {
+    /// TCP connects that reached port selection and have an outcome (established or failed).
+    pub connects: u64,
+    /// Of those, failed in port selection.
+    pub failures: u64,
+    /// Latency from CLOSE -> SYN_SENT to ESTABLISHED (or to the failure).
+    pub hist: [u64; LATENCY_BUCKETS],
+}
+
+const _: () = assert!(core::mem::size_of::<DestStats>() == 272);
+
+/// Kernel struct offsets, resolved from the running kernel's BTF at load time (Rust eBPF emits
+/// no CO-RE relocations) and handed to the programs as one `u32` global each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    // task_struct -> nsproxy -> net -> ns.inum; task_struct -> group_leader -> start_boottime
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub net_ns_inum: u32,
+    pub task_group_leader: u32,
+    pub task_start_time: u32,
+    // struct sock (the first member of inet_sock and tcp_sock, so one base for all)
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    pub inet_sport: u32,
+    pub tcp_write_seq: u32,
+    // struct socket
+    pub socket_type: u32,
+}
+
+impl Offsets {
+    /// Global names, in field order (see [`Offsets::values`]).
+    pub const GLOBALS: [&'static str; 18] = [
+        "OFF_TASK_NSPROXY",
+        "OFF_NSPROXY_NET",
+        "OFF_NET_INUM",
+        "OFF_TASK_GROUP_LEADER",
+        "OFF_TASK_START_TIME",
+        "OFF_SKC_DADDR",
+        "OFF_SKC_RCV_SADDR",
+        "OFF_SKC_DPORT",
+        "OFF_SKC_NUM",
+        "OFF_SKC_FAMILY",
+        "OFF_SKC_V6_DADDR",
+        "OFF_SKC_V6_RCV_SADDR",
+        "OFF_SKC_NET",
+        "OFF_SK_PROTOCOL",
+        "OFF_SK_ERR",
+        "OFF_INET_SPORT",
+        "OFF_TCP_WRITE_SEQ",
+        "OFF_SOCKET_TYPE",
+    ];
+
+    pub const fn values(&self) -> [u32; 18] {
+        [
+            self.task_nsproxy,
+            self.nsproxy_net_ns,
+            self.net_ns_inum,
+            self.task_group_leader,
+            self.task_start_time,
+            self.skc_daddr,
+            self.skc_rcv_saddr,
+            self.skc_dport,
+            self.skc_num,
+            self.skc_family,
+            self.skc_v6_daddr,
+            self.skc_v6_rcv_saddr,
+            self.skc_net,
+            self.sk_protocol,
+            self.sk_err,
+            self.inet_sport,
+            self.tcp_write_seq,
+            self.socket_type,
+        ]
+    }
+}
+
+/// An IPv4 address IPv4-mapped, as [`TupleKey`] stores it.
+pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), made only of integers and byte arrays, with every
+    // padding byte spelled out as a field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::FailureEvent {}
+    unsafe impl aya::Pod for super::CountKey {}
+    unsafe impl aya::Pod for super::CountValue {}
+    unsafe impl aya::Pod for super::Inflight {}
+    unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::ProcKey {}
+    unsafe impl aya::Pod for super::ProcInfo {}
+    unsafe impl aya::Pod for super::DestKey {}
+    unsafe impl aya::Pod for super::DestStats {}
+}

@@ -1,0 +1,189 @@
+//! Counting a failure exactly and streaming its event: the one path every hook reports through.
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+};
+use portexhaust_common::{
+    COMM_LEN, Cause, CountKey, CountValue, FILTER_COMM, FILTER_DPORT, FILTER_PID, FailureEvent,
+    Site, stat,
+};
+
+use crate::{
+    addr::{Addr, bytes},
+    globals,
+    maps::{COUNTS, EVENTS, FILTER_COMMS, FILTER_DPORTS, FILTER_PIDS, LAST_WAKEUP, STATS},
+};
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Add one to a u64 in a map value shared between CPUs.
+///
+/// # Safety
+/// `p` must point into a live map value.
+#[inline(always)]
+pub unsafe fn atomic_add(p: *mut u64, v: u64) {
+    // atomic_xadd lowers to BPF_XADD (lock add), which every kernel since 4.x accepts; the BPF
+    // target has no compare-and-swap, so core's AtomicU64 is not offered.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// Count one occurrence in the per-CPU `STATS` array.
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+// bpf_ringbuf_submit() flags (include/uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// At most one ring-buffer wakeup per CPU per this many nanoseconds.
+const WAKEUP_INTERVAL_NS: u64 = 10_000_000;
+
+/// Wakeup policy for one submitted event.
+///
+/// With flags 0 the kernel wakes the reader whenever it has caught up, which for a reader that
+/// keeps up means once per event: `bpf_ringbuf_submit()` -> `irq_work_queue()` -> a self-IPI
+/// (an APIC MSR write, a VM exit under virtualisation) plus a cross-CPU wakeup, per failure. In
+/// a storm that cost more than the failing connect() itself (measured by `cargo xtask bench`).
+/// So the first event after a quiet spell still wakes the reader at once, and after that each
+/// CPU asks for at most one wakeup per 10 ms; the reader also drains on a timer, so an event
+/// submitted without a wakeup waits at most that long.
+#[inline(always)]
+fn wakeup_flags(now: u64) -> u64 {
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    unsafe {
+        if now.wrapping_sub(*last) >= WAKEUP_INTERVAL_NS {
+            *last = now;
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    }
+}
+
+#[inline(always)]
+fn passes_filters(pid: u32, comm: &[u8; COMM_LEN], dport: u16) -> bool {
+    let flags = globals::filter_flags();
+    if flags == 0 {
+        return true;
+    }
+    if flags & FILTER_PID != 0 && FILTER_PIDS.get_ptr(pid).is_none() {
+        return false;
+    }
+    if flags & FILTER_COMM != 0 && FILTER_COMMS.get_ptr(comm).is_none() {
+        return false;
+    }
+    if flags & FILTER_DPORT != 0 && FILTER_DPORTS.get_ptr(dport).is_none() {
+        return false;
+    }
+    true
+}
+
+/// What a hook knows about a failure.
+pub struct Failure {
+    /// Network namespace (0 when unknown), read once by the caller.
+    pub netns: u32,
+    pub errno: u32,
+    pub site: Site,
+    pub cause: Cause,
+    pub proto: u8,
+    pub family: u16,
+    pub dport: u16,
+    pub daddr: Addr,
+    pub saddr: Addr,
+    /// `EVENT_*` flags.
+    pub flags: u8,
+}
+
+/// Count a failure exactly and send its event. Failures are rare compared with connect() calls,
+/// so everything costly (comm, cgroup, map updates) happens here and not on the entry path.
+/// Always runs in the failing task's context, so `current` is the process to blame.
+// Out of line: one copy of the reporting path, with its own BPF stack frame.
+#[inline(never)]
+pub fn report(f: &Failure) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    if !passes_filters(pid, &comm, f.dport) {
+        return;
+    }
+    let now = now_ns();
+    bump(stat::FAILURES);
+
+    let key = CountKey {
+        pid,
+        dport: f.dport,
+        family: f.family,
+        errno: f.errno as u16,
+        proto: f.proto,
+        cause: f.cause as u8,
+        _pad: [0; 4],
+        daddr: bytes(f.daddr),
+    };
+    match COUNTS.get_ptr_mut(key) {
+        Some(v) => {
+            // SAFETY: `v` points into the map value; the count is updated atomically because
+            // several CPUs may fail towards the same key at once.
+            unsafe {
+                atomic_add(&raw mut (*v).count, 1);
+                (*v).last_ns = now;
+            }
+        }
+        None => {
+            let fresh = CountValue {
+                count: 1,
+                first_ns: now,
+                last_ns: now,
+                comm,
+            };
+            // BPF_NOEXIST: if another CPU inserted the key meanwhile, add to its value instead.
+            if COUNTS.insert(key, fresh, 1).is_err() {
+                match COUNTS.get_ptr_mut(key) {
+                    // SAFETY: as above.
+                    Some(v) => unsafe { atomic_add(&raw mut (*v).count, 1) },
+                    None => bump(stat::COUNT_MAP_FULL),
+                }
+            }
+        }
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<FailureEvent>(0) else {
+        bump(stat::RINGBUF_DROPS);
+        return;
+    };
+    entry.write(FailureEvent {
+        ts_ns: now,
+        // SAFETY: helper without arguments, available to tracing programs since 4.18.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid,
+        tid: pid_tgid as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        errno: f.errno,
+        daddr: bytes(f.daddr),
+        saddr: bytes(f.saddr),
+        dport: f.dport,
+        family: f.family,
+        proto: f.proto,
+        site: f.site as u8,
+        backend: globals::backend() as u8,
+        flags: f.flags,
+        comm,
+        netns: f.netns,
+        cause: f.cause as u8,
+        _pad: [0; 3],
+    });
+    entry.submit(wakeup_flags(now));
+}

@@ -1,0 +1,80 @@
+//! Every map of the object. The sizes here are the defaults; the loader shrinks to one entry
+//! every map whose programs it does not attach (hash maps reserve all their memory up front),
+//! and sizes the ownership map from `--max-tracked-sockets`.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use portexhaust_common::{
+    COMM_LEN, CountKey, CountValue, DestKey, DestStats, Inflight, Owner, ProcInfo, ProcKey,
+    TupleKey, stat,
+};
+
+/// Failure events for user space. 2 MiB holds ~20k events, ~130 ms of the fastest storm
+/// measured here; the reader drains at least every 10 ms in a storm, so it fills only when
+/// user space stalls, and then `STATS[RINGBUF_DROPS]` says so while `COUNTS` stays exact.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
+
+/// Exact failure counts per (pid, destination, errno, cause).
+#[map]
+pub static COUNTS: HashMap<CountKey, CountValue> = HashMap::with_max_entries(16384, 0);
+
+/// Global counters (see `portexhaust_common::stat`); per CPU so the hot path takes no lock.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
+
+/// Per CPU: when this CPU last asked for a ring-buffer wakeup (`bpf_ktime_get_ns`).
+#[map]
+pub static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+#[map]
+pub static FILTER_COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(1024, 0);
+#[map]
+pub static FILTER_DPORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+/// connect()/bind() syscalls between entry and exit, by thread id (syscall tracepoints, only
+/// attached on request). LRU: a thread killed inside the syscall never reaches the exit
+/// program, and its entry must not stay forever.
+#[map]
+pub static SYSCALL_INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(4096, 0);
+
+/// Hooked kernel calls between entry and return, by thread id (function-hook sets). Kept apart
+/// from the syscall map: io_uring connects reach these functions without a syscall.
+#[map]
+pub static KFUNC_INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(4096, 0);
+
+/// socket() type argument between sys_enter_socket and sys_exit_socket, by thread id.
+#[map]
+pub static SOCKET_ARGS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0);
+
+/// Datagram sockets by (tgid << 32 | fd) created while tracing: tells UDP from TCP for the
+/// syscall-tracepoint bind() and connect() paths.
+#[map]
+pub static SOCK_TYPES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// Connects between CLOSE -> SYN_SENT and their outcome, by kernel socket address. Only the
+/// handshakes in flight live here, so it is small; from ESTABLISHED the owner moves to `OWNERS`
+/// (never both at once).
+#[map]
+pub static PENDING: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(8192, 0);
+
+/// Owners by (netns, 4-tuple), from ESTABLISHED through TIME_WAIT: TIME_WAIT sockets have no
+/// owner in the kernel, this map remembers who created them. User space removes entries whose
+/// TIME_WAIT is over; the kernel removes those that close without TIME_WAIT.
+#[map]
+pub static OWNERS: LruHashMap<TupleKey, Owner> = LruHashMap::with_max_entries(131072, 0);
+
+/// Command and cgroup of each connecting process, once per process rather than per socket.
+#[map]
+pub static PROCS: LruHashMap<ProcKey, ProcInfo> = LruHashMap::with_max_entries(8192, 0);
+
+/// connect() count and latency histogram per destination.
+#[map]
+pub static DEST_STATS: LruHashMap<DestKey, DestStats> = LruHashMap::with_max_entries(4096, 0);
+
+/// One all-zero DestStats to insert from: 272 bytes would crowd the 512-byte BPF stack.
+#[map]
+pub static ZERO_STATS: PerCpuArray<DestStats> = PerCpuArray::with_max_entries(1, 0);
