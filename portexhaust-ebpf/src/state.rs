@@ -109,18 +109,33 @@ fn connect_start(s: &impl Sock) {
     }
 }
 
-/// Take the socket's pending connect, if it was seen starting.
+const NO_OWNER: Owner = Owner {
+    pid: 0,
+    flags: 0,
+    start_ns: 0,
+    connect_ns: 0,
+    closed_ns: 0,
+};
+
+/// Take the socket's pending connect into `out`, if it was seen starting.
+///
+/// An out-parameter the caller zeroes, not an `Option<Owner>`: LLVM may load a field of the
+/// `None` variant speculatively, and verifiers before 6.3 refuse any read of an uninitialised
+/// stack slot, even one whose value is never used.
 #[inline(always)]
-fn take_pending(s: &impl Sock) -> Option<Owner> {
+fn take_pending(s: &impl Sock, out: &mut Owner) -> bool {
     if !globals::blame() {
-        return None;
+        return false;
     }
+    let Some(p) = PENDING.get_ptr(s.addr()) else {
+        return false;
+    };
     // SAFETY: the pointer is into the map value, copied out at once.
-    let owner = PENDING.get_ptr(s.addr()).map(|p| unsafe { *p })?;
+    *out = unsafe { *p };
     if PENDING.remove(s.addr()).is_ok() {
         bump(stat::PENDING_DELETES);
     }
-    Some(owner)
+    true
 }
 
 /// Why a SYN_SENT -> CLOSE happened inside connect(), if port selection is what failed.
@@ -145,7 +160,8 @@ fn connect_closed(s: &impl Sock) {
     if !s.is_tcp() {
         return;
     }
-    let pending = take_pending(s);
+    let mut pending = NO_OWNER;
+    let seen = take_pending(s, &mut pending);
     let Some(c) = s.conn() else {
         return;
     };
@@ -153,8 +169,8 @@ fn connect_closed(s: &impl Sock) {
         return;
     };
     let netns = s.netns();
-    if let Some(o) = pending {
-        dest_outcome(netns, &c, true, o.connect_ns);
+    if seen {
+        dest_outcome(netns, &c, true, pending.connect_ns);
     }
     if !globals::state_reports() {
         return; // the fentry/kprobe backends report from their own hooks
@@ -203,9 +219,10 @@ fn tuple_of(netns: u32, c: &Conn) -> TupleKey {
 // Out of line: each transition gets its own 512-byte BPF stack frame.
 #[inline(never)]
 fn connect_established(s: &impl Sock) {
-    let Some(owner) = take_pending(s) else {
+    let mut owner = NO_OWNER;
+    if !take_pending(s, &mut owner) {
         return;
-    };
+    }
     let Some(c) = s.conn() else {
         return;
     };

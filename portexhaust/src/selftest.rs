@@ -7,7 +7,10 @@ use std::{
 };
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
-use portexhaust_common::{Site, kind_name, programs::Hook};
+use portexhaust_common::{
+    Site, kind_name,
+    programs::{Hook, Set},
+};
 
 use crate::{
     aggregate::dst_string,
@@ -242,19 +245,25 @@ fn attachment_checks(tracer: &Tracer) -> Vec<Check> {
         }
     };
     log::debug!("kernel's list of attachments: {list:?}");
-    let state = list
+    let mut state = list
         .iter()
         .filter(|a| a.target == "inet_sock_set_state")
         .count() as u64;
+    // Before 6.6 a perf-event link does not name its event: the perf-tracepoint state hook
+    // then shows as one of those.
+    let perf_state = tracer.attached.iter().any(|p| p.set == Set::StatePerf);
+    let undescribed = list.iter().filter(|a| a.undescribed()).count() as u64;
+    if state == 0 && perf_state && undescribed > 0 {
+        state = 1;
+    }
     let mut syscall = list.iter().filter(|a| a.on_syscall_path()).count() as u64;
     let want_syscall = tracer
         .attached
         .iter()
         .filter(|p| p.hook.on_syscall_path())
         .count() as u64;
-    // Before 6.6 a perf-event link does not say which event it is. Count those against the
-    // perf-based programs the loader attached: any surplus could be a syscall tracepoint.
-    let undescribed = list.iter().filter(|a| a.undescribed()).count() as u64;
+    // Likewise, count undescribed perf links against the perf-based programs the loader
+    // attached: any surplus could be a syscall tracepoint.
     if undescribed > 0 {
         let perf_based = tracer
             .attached

@@ -28,7 +28,7 @@ use vm::{
     qemu::{self, BootConfig, Ended},
 };
 
-const BACKENDS: &[&str] = &["fentry", "kprobe", "tracepoint"];
+const BACKENDS: &[&str] = &["tp-btf", "raw-tp", "fentry", "kprobe", "tracepoint"];
 
 /// The exhaustion the trace session makes in the guest: `workload --ports P --failures F`.
 const WORKLOAD_PORTS: u32 = 10;
@@ -51,7 +51,7 @@ pub struct VmtestArgs {
     /// Backends to check in each kernel (comma-separated); all = fentry, kprobe, tracepoint;
     /// none = no checks (with --exec).
     #[arg(long, value_delimiter = ',', default_value = "all",
-          value_parser = ["auto", "fentry", "kprobe", "tracepoint", "all", "none"])]
+          value_parser = ["auto", "tp-btf", "raw-tp", "fentry", "kprobe", "tracepoint", "all", "none"])]
     backend: Vec<String>,
     /// Also run this shell command in the guest after the checks, as root, and show its output
     /// (repeatable). For digging into a failure, e.g.
