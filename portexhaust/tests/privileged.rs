@@ -164,6 +164,58 @@ fn udp_autobind_eagain() {
     assert!(events.iter().all(|e| e["errname"] == "EAGAIN"));
 }
 
+/// Backends whose hooks never see an io_uring connect: IORING_OP_CONNECT calls the socket's
+/// connect op from io_uring, not through the connect() syscall, so `syscalls:sys_*_connect`
+/// never fire for it.
+const IO_URING_BLIND: &[&str] = &["tracepoint"];
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn io_uring_connects_are_seen_by_the_default_backend() {
+    require_root();
+    let n = 50u64;
+    let comm = "pxh-t-uring";
+    let mut w = Workload::start("uring", n, comm, &[]);
+    // The default backend (auto), filtered by the workload's command name.
+    let t = Tracer::trace(&["--json", "--comm", comm]);
+    w.go();
+    let report = w.finish();
+    let (out, err, code) = t.stop();
+    assert_eq!(code, 0, "trace failed:\n{err}");
+    assert_eq!(
+        report["expected"][0]["count"], n,
+        "the workload itself must see {n} io_uring EADDRNOTAVAIL completions: {report}"
+    );
+    let (events, summary) = events_and_summary(&out);
+    let backend = summary["backend"].as_str().expect("backend in the summary");
+    assert!(
+        err.contains(&format!("using backend {backend}")),
+        "startup and summary name the same backend:\n{err}"
+    );
+    assert!(
+        !IO_URING_BLIND.contains(&backend),
+        "backend {backend} was chosen, and io_uring connects are invisible to it \
+         (IORING_OP_CONNECT does not pass through the connect() syscall tracepoints): \
+         it reported {} events and failures_total {} for the {n} io_uring connect failures \
+         of pid {}; a backend on the kernel's connect path (tp-btf on inet_sock_set_state) \
+         must be chosen by auto on this kernel",
+        events.len(),
+        summary["failures_total"],
+        report["pid"],
+    );
+    assert_eq!(
+        summary["failures_total"], n,
+        "backend {backend}: exact in-kernel count of the io_uring failures: {summary}"
+    );
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
+    );
+    assert!(events.iter().all(|e| e["errname"] == "EADDRNOTAVAIL"));
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn storm_of_100k_failures_is_counted_exactly() {
