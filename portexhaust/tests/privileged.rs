@@ -216,6 +216,83 @@ fn io_uring_connects_are_seen_by_the_default_backend() {
     assert!(events.iter().all(|e| e["errname"] == "EADDRNOTAVAIL"));
 }
 
+/// A seccomp filter that refuses io_uring_setup() with EPERM, as container runtimes' default
+/// profiles do: the refusal is seen without touching the host's `kernel.io_uring_disabled`.
+fn refuse_io_uring_setup(cmd: &mut Command) {
+    let nr = libc::SYS_io_uring_setup as u32;
+    let filter = [
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0, // seccomp_data.nr
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: nr,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    // SAFETY: between fork and exec the closure only makes two prctl() calls on memory it
+    // owns (the filter is moved into it).
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn uring_workload_without_io_uring_is_a_one_line_error() {
+    require_root();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["workload", "--scenario", "uring", "--failures", "5"]);
+    refuse_io_uring_setup(&mut cmd);
+    let out = cmd.output().expect("run the workload");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "no report: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("io_uring is not available here")
+            && err.contains("io_uring_setup() was refused")
+            && err.contains("kernel.io_uring_disabled"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn storm_of_100k_failures_is_counted_exactly() {
