@@ -164,6 +164,135 @@ fn udp_autobind_eagain() {
     assert!(events.iter().all(|e| e["errname"] == "EAGAIN"));
 }
 
+/// Backends whose hooks never see an io_uring connect: IORING_OP_CONNECT calls the socket's
+/// connect op from io_uring, not through the connect() syscall, so `syscalls:sys_*_connect`
+/// never fire for it.
+const IO_URING_BLIND: &[&str] = &["tracepoint"];
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn io_uring_connects_are_seen_by_the_default_backend() {
+    require_root();
+    let n = 50u64;
+    let comm = "pxh-t-uring";
+    let mut w = Workload::start("uring", n, comm, &[]);
+    // The default backend (auto), filtered by the workload's command name.
+    let t = Tracer::trace(&["--json", "--comm", comm]);
+    w.go();
+    let report = w.finish();
+    let (out, err, code) = t.stop();
+    assert_eq!(code, 0, "trace failed:\n{err}");
+    assert_eq!(
+        report["expected"][0]["count"], n,
+        "the workload itself must see {n} io_uring EADDRNOTAVAIL completions: {report}"
+    );
+    let (events, summary) = events_and_summary(&out);
+    let backend = summary["backend"].as_str().expect("backend in the summary");
+    assert!(
+        err.contains(&format!("using backend {backend}")),
+        "startup and summary name the same backend:\n{err}"
+    );
+    assert!(
+        !IO_URING_BLIND.contains(&backend),
+        "backend {backend} was chosen, and io_uring connects are invisible to it \
+         (IORING_OP_CONNECT does not pass through the connect() syscall tracepoints): \
+         it reported {} events and failures_total {} for the {n} io_uring connect failures \
+         of pid {}; a backend on the kernel's connect path (tp-btf on inet_sock_set_state) \
+         must be chosen by auto on this kernel",
+        events.len(),
+        summary["failures_total"],
+        report["pid"],
+    );
+    assert_eq!(
+        summary["failures_total"], n,
+        "backend {backend}: exact in-kernel count of the io_uring failures: {summary}"
+    );
+    assert_exact(
+        &events,
+        &summary,
+        &report,
+        ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
+    );
+    assert!(events.iter().all(|e| e["errname"] == "EADDRNOTAVAIL"));
+}
+
+/// A seccomp filter that refuses io_uring_setup() with EPERM, as container runtimes' default
+/// profiles do: the refusal is seen without touching the host's `kernel.io_uring_disabled`.
+fn refuse_io_uring_setup(cmd: &mut Command) {
+    let nr = libc::SYS_io_uring_setup as u32;
+    let filter = [
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0, // seccomp_data.nr
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: nr,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    // SAFETY: between fork and exec the closure only makes two prctl() calls on memory it
+    // owns (the filter is moved into it).
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn uring_workload_without_io_uring_is_a_one_line_error() {
+    require_root();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["workload", "--scenario", "uring", "--failures", "5"]);
+    refuse_io_uring_setup(&mut cmd);
+    let out = cmd.output().expect("run the workload");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "no report: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("io_uring is not available here")
+            && err.contains("io_uring_setup() was refused")
+            && err.contains("kernel.io_uring_disabled"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn storm_of_100k_failures_is_counted_exactly() {
