@@ -44,6 +44,10 @@ pub struct Summary {
     pub tracked_sockets: u64,
     /// Owners the bounded LRU maps had to drop (attribution lost for those sockets).
     pub lru_evictions: u64,
+    /// Failure kinds some hook watched (`connect`, `bind`, ...).
+    pub watched: Vec<&'static str>,
+    /// Failure kinds nothing watched, and why: their 0 is "not watched", not "none".
+    pub not_watched: Vec<(&'static str, String)>,
 }
 
 pub fn dst_string(key: &CountKey) -> String {

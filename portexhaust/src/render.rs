@@ -141,6 +141,8 @@ struct JsonSummary<'a> {
     blame: &'a [BlameEntry],
     tracked_sockets: u64,
     lru_evictions: u64,
+    watched: &'a [&'static str],
+    not_watched: std::collections::BTreeMap<&'static str, &'a str>,
 }
 
 pub fn json_summary(s: &Summary) -> String {
@@ -165,6 +167,12 @@ pub fn json_summary(s: &Summary) -> String {
         blame: &s.blame,
         tracked_sockets: s.tracked_sockets,
         lru_evictions: s.lru_evictions,
+        watched: &s.watched,
+        not_watched: s
+            .not_watched
+            .iter()
+            .map(|(k, why)| (*k, why.as_str()))
+            .collect(),
     };
     serde_json::to_string(&j).unwrap_or_default()
 }
@@ -264,6 +272,9 @@ pub fn human_summary(s: &Summary) -> String {
         ));
     }
     out.push('\n');
+    for (kind, why) in &s.not_watched {
+        out.push_str(&format!("Not watched: {kind} ({why})\n"));
+    }
     if s.offenders.is_empty() {
         out.push_str("No offenders.\n");
         return out;
@@ -408,6 +419,8 @@ mod tests {
     fn summary() -> Summary {
         Summary {
             backend: "tracepoint",
+            watched: vec!["connect"],
+            not_watched: vec![("bind", "no fexit or kprobe".into())],
             duration_s: 2.5,
             failures_total: 30,
             dropped_events: 2,
@@ -449,11 +462,15 @@ mod tests {
                 "duration_s",
                 "failures_total",
                 "lru_evictions",
+                "not_watched",
                 "offenders",
                 "tracked_sockets",
-                "type"
+                "type",
+                "watched"
             ]
         );
+        assert_eq!(v["watched"][0], "connect");
+        assert_eq!(v["not_watched"]["bind"], "no fexit or kprobe");
         let o = &v["offenders"][0];
         assert_eq!(o["pid"], 4242);
         assert_eq!(o["first_ts"], "2025-11-25T11:20:00.000000Z");

@@ -226,6 +226,19 @@ impl Session {
             } else {
                 0
             },
+            watched: self
+                .tracer
+                .coverage
+                .iter()
+                .filter(|c| c.watch.is_ok())
+                .map(|c| c.name())
+                .collect(),
+            not_watched: self
+                .tracer
+                .coverage
+                .iter()
+                .filter_map(|c| c.watch.as_ref().err().map(|why| (c.name(), why.clone())))
+                .collect(),
         })
     }
 }

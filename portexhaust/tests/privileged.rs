@@ -14,20 +14,38 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, Guard, Tracer, Workload, events_and_summary, require_root};
+use common::{
+    BIN, Guard, Tracer, Workload, backends_here, events_and_summary, function_hooks_here,
+    require_root,
+};
 use serde_json::Value;
 
-/// Run one workload under `trace --json --pid <it>` and return (events, summary, report).
-fn traced(scenario: &str, failures: u64, comm: &str, extra: &[&str]) -> (Vec<Value>, Value, Value) {
+/// Run one workload under `trace --json --pid <it> --backend B TRACE_ARGS` and return
+/// (events, summary, report).
+fn traced(
+    backend: &str,
+    scenario: &str,
+    failures: u64,
+    comm: &str,
+    extra: &[&str],
+    trace_args: &[&str],
+) -> (Vec<Value>, Value, Value) {
     require_root();
     let mut w = Workload::start(scenario, failures, comm, extra);
     let pid = w.pid.to_string();
-    let t = Tracer::trace(&["--json", "--pid", &pid]);
+    let t = Tracer::trace(
+        &[
+            &["--json", "--pid", &pid, "--backend", backend][..],
+            trace_args,
+        ]
+        .concat(),
+    );
     w.go();
     let report = w.finish();
     let (out, err, code) = t.stop();
-    assert_eq!(code, 0, "trace failed:\n{err}");
+    assert_eq!(code, 0, "trace --backend {backend} failed:\n{err}");
     let (events, summary) = events_and_summary(&out);
+    assert_eq!(summary["backend"], backend, "{summary}");
     (events, summary, report)
 }
 
@@ -77,143 +95,177 @@ fn assert_exact(
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn ipv4_held_connections_exhaust_the_range() {
-    let (events, summary, report) = traced("v4", 25, "pxh-t-v4", &[]);
-    assert_exact(
-        &events,
-        &summary,
-        &report,
-        ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
-    );
-    assert!(
-        events
-            .iter()
-            .all(|e| e["src"] == "127.0.0.1" && e["errname"] == "EADDRNOTAVAIL")
-    );
+    for b in backends_here() {
+        let (events, summary, report) = traced(&b, "v4", 25, "pxh-t-v4", &[], &[]);
+        assert_exact(
+            &events,
+            &summary,
+            &report,
+            ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e["src"] == "127.0.0.1" && e["errname"] == "EADDRNOTAVAIL"),
+            "{b}: {events:?}"
+        );
+    }
 }
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn ipv6_held_connections_exhaust_the_range() {
-    let (events, summary, report) = traced("v6", 25, "pxh-t-v6", &[]);
-    assert_exact(
-        &events,
-        &summary,
-        &report,
-        ("[::1]:5000", 99, "__inet_hash_connect", "tcp", "ipv6"),
-    );
-    assert!(events.iter().all(|e| e["src"] == "::1"));
+    for b in backends_here() {
+        let (events, summary, report) = traced(&b, "v6", 25, "pxh-t-v6", &[], &[]);
+        assert_exact(
+            &events,
+            &summary,
+            &report,
+            ("[::1]:5000", 99, "__inet_hash_connect", "tcp", "ipv6"),
+        );
+        assert!(events.iter().all(|e| e["src"] == "::1"), "{b}: {events:?}");
+    }
 }
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn v4_mapped_destinations_on_ipv6_sockets() {
-    let (events, summary, report) = traced("v4mapped", 12, "pxh-t-mapped", &[]);
-    assert_exact(
-        &events,
-        &summary,
-        &report,
-        (
-            "[::ffff:127.0.0.1]:5000",
-            99,
-            "__inet_hash_connect",
-            "tcp",
-            "ipv6",
-        ),
-    );
+    for b in backends_here() {
+        let (events, summary, report) = traced(&b, "v4mapped", 12, "pxh-t-mapped", &[], &[]);
+        assert_exact(
+            &events,
+            &summary,
+            &report,
+            (
+                "[::ffff:127.0.0.1]:5000",
+                99,
+                "__inet_hash_connect",
+                "tcp",
+                "ipv6",
+            ),
+        );
+    }
 }
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn time_wait_exhaustion_with_tw_reuse_off() {
-    let (events, summary, report) = traced("timewait", 20, "pxh-t-tw", &["--ports", "16"]);
-    assert_eq!(
-        report["time_wait_before"], 16,
-        "every port of the range was in TIME_WAIT before the failing connects: {report}"
-    );
-    assert_exact(
-        &events,
-        &summary,
-        &report,
-        ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
-    );
+    for b in backends_here() {
+        let (events, summary, report) =
+            traced(&b, "timewait", 20, "pxh-t-tw", &["--ports", "16"], &[]);
+        assert_eq!(
+            report["time_wait_before"], 16,
+            "every port of the range was in TIME_WAIT before the failing connects: {report}"
+        );
+        assert_exact(
+            &events,
+            &summary,
+            &report,
+            ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
+        );
+    }
 }
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn bind_port_zero_eaddrinuse() {
-    let (events, summary, report) = traced("bind", 15, "pxh-t-bind", &[]);
-    assert_exact(
-        &events,
-        &summary,
-        &report,
-        ("127.0.0.1:0", 98, "bind", "tcp", "ipv4"),
-    );
-    assert!(events.iter().all(|e| e["errname"] == "EADDRINUSE"));
+    for b in backends_here() {
+        let (events, summary, report) =
+            traced(&b, "bind", 15, "pxh-t-bind", &[], &["--catch", "bind"]);
+        assert_exact(
+            &events,
+            &summary,
+            &report,
+            ("127.0.0.1:0", 98, "bind", "tcp", "ipv4"),
+        );
+        assert!(events.iter().all(|e| e["errname"] == "EADDRINUSE"));
+    }
 }
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn udp_autobind_eagain() {
-    let (events, summary, report) = traced("udp", 15, "pxh-t-udp", &[]);
-    assert_exact(
-        &events,
-        &summary,
-        &report,
-        ("127.0.0.1:5001", 11, "udp_autobind", "udp", "ipv4"),
-    );
-    assert!(events.iter().all(|e| e["errname"] == "EAGAIN"));
+    for b in backends_here() {
+        let (events, summary, report) =
+            traced(&b, "udp", 15, "pxh-t-udp", &[], &["--catch", "udp"]);
+        assert_exact(
+            &events,
+            &summary,
+            &report,
+            ("127.0.0.1:5001", 11, "udp_autobind", "udp", "ipv4"),
+        );
+        assert!(events.iter().all(|e| e["errname"] == "EAGAIN"));
+    }
 }
 
-/// Backends whose hooks never see an io_uring connect: IORING_OP_CONNECT calls the socket's
-/// connect op from io_uring, not through the connect() syscall, so `syscalls:sys_*_connect`
-/// never fire for it.
-const IO_URING_BLIND: &[&str] = &["tracepoint"];
-
+/// Without --catch, bind() and UDP failures on a kernel with no function hooks are not
+/// watched: the startup line says so and nothing is reported (never a silent 0 that looks
+/// like "no failures"); the summary lists them as not watched.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
-fn io_uring_connects_are_seen_by_the_default_backend() {
+fn unwatched_kinds_are_said_to_be_unwatched() {
+    require_root();
+    if function_hooks_here() {
+        eprintln!("this kernel offers fexit/kprobes: bind and udp are watched by default");
+        return;
+    }
+    let (events, summary, _) = traced("tp-btf", "bind", 5, "pxh-t-nobind", &[], &[]);
+    assert!(events.is_empty(), "{events:?}");
+    let not = &summary["not_watched"];
+    for kind in ["bind", "udp", "connect-early"] {
+        assert!(
+            not[kind]
+                .as_str()
+                .is_some_and(|why| why.contains("--catch")),
+            "{kind} must be listed as not watched, with how to watch it: {summary}"
+        );
+    }
+    assert!(
+        summary["watched"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|k| k == "connect")),
+        "{summary}"
+    );
+}
+
+/// io_uring's IORING_OP_CONNECT calls the socket's connect op without the connect() syscall,
+/// so the connect() syscall tracepoints never see it; every backend now watches the kernel's
+/// connect path (inet_sock_set_state, or tcp_v4_connect and __inet_hash_connect) and must.
+/// The default submission completes inline in the submitting task; IOSQE_ASYNC and SQPOLL run
+/// it in io_uring's own threads (same pid, comm `iou-wrk-*`/`iou-sqp-*`).
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn io_uring_connects_are_caught_by_every_backend() {
     require_root();
     let n = 50u64;
     let comm = "pxh-t-uring";
-    let mut w = Workload::start("uring", n, comm, &[]);
-    // The default backend (auto), filtered by the workload's command name.
-    let t = Tracer::trace(&["--json", "--comm", comm]);
-    w.go();
-    let report = w.finish();
-    let (out, err, code) = t.stop();
-    assert_eq!(code, 0, "trace failed:\n{err}");
-    assert_eq!(
-        report["expected"][0]["count"], n,
-        "the workload itself must see {n} io_uring EADDRNOTAVAIL completions: {report}"
-    );
-    let (events, summary) = events_and_summary(&out);
-    let backend = summary["backend"].as_str().expect("backend in the summary");
-    assert!(
-        err.contains(&format!("using backend {backend}")),
-        "startup and summary name the same backend:\n{err}"
-    );
-    assert!(
-        !IO_URING_BLIND.contains(&backend),
-        "backend {backend} was chosen, and io_uring connects are invisible to it \
-         (IORING_OP_CONNECT does not pass through the connect() syscall tracepoints): \
-         it reported {} events and failures_total {} for the {n} io_uring connect failures \
-         of pid {}; a backend on the kernel's connect path (tp-btf on inet_sock_set_state) \
-         must be chosen by auto on this kernel",
-        events.len(),
-        summary["failures_total"],
-        report["pid"],
-    );
-    assert_eq!(
-        summary["failures_total"], n,
-        "backend {backend}: exact in-kernel count of the io_uring failures: {summary}"
-    );
-    assert_exact(
-        &events,
-        &summary,
-        &report,
-        ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
-    );
-    assert!(events.iter().all(|e| e["errname"] == "EADDRNOTAVAIL"));
+    for backend in backends_here() {
+        let mut w = Workload::start("uring", n, comm, &[]);
+        let t = Tracer::trace(&["--json", "--comm", comm, "--backend", &backend]);
+        w.go();
+        let report = w.finish();
+        let (out, err, code) = t.stop();
+        assert_eq!(code, 0, "trace --backend {backend} failed:\n{err}");
+        assert_eq!(
+            report["expected"][0]["count"], n,
+            "the workload itself must see {n} io_uring EADDRNOTAVAIL completions: {report}"
+        );
+        let (events, summary) = events_and_summary(&out);
+        assert_eq!(summary["backend"], backend.as_str(), "{summary}");
+        assert_eq!(
+            summary["failures_total"], n,
+            "backend {backend}: exact in-kernel count of the {n} io_uring connect failures \
+             of pid {}: {summary}",
+            report["pid"]
+        );
+        assert_exact(
+            &events,
+            &summary,
+            &report,
+            ("127.0.0.1:5000", 99, "__inet_hash_connect", "tcp", "ipv4"),
+        );
+        assert!(events.iter().all(|e| e["errname"] == "EADDRNOTAVAIL"));
+    }
 }
 
 /// A seccomp filter that refuses io_uring_setup() with EPERM, as container runtimes' default
@@ -481,17 +533,102 @@ fn unavailable_backend_is_a_clear_error() {
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
-fn selftest_passes() {
+fn selftest_passes_on_every_backend_with_and_without_catch() {
     require_root();
-    let out = Command::new(BIN)
-        .arg("selftest")
-        .output()
-        .expect("selftest");
-    let so = String::from_utf8_lossy(&out.stdout);
-    let se = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{so}\n{se}");
-    assert!(so.contains("selftest passed"), "{so}");
-    for row in ["EADDRNOTAVAIL", "EADDRINUSE", "EAGAIN", "[::1]:5000"] {
-        assert!(so.contains(row), "{row} missing:\n{so}");
+    for backend in backends_here() {
+        for catch in [None, Some("all")] {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["selftest", "--backend", &backend]);
+            if let Some(c) = catch {
+                cmd.args(["--catch", c]);
+            }
+            let out = cmd.output().expect("selftest");
+            let so = String::from_utf8_lossy(&out.stdout);
+            let se = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{backend} {catch:?}:\n{so}\n{se}");
+            assert!(so.contains("selftest passed"), "{so}");
+            for row in ["EADDRNOTAVAIL", "EADDRINUSE", "EAGAIN", "[::1]:5000"] {
+                assert!(so.contains(row), "{row} missing:\n{so}");
+            }
+            assert!(so.contains("syscall tracepoints attached"), "{so}");
+            let watched_all = so
+                .lines()
+                .filter(|l| l.contains("EADDRINUSE") || l.contains("EAGAIN"))
+                .all(|l| l.contains("pass"));
+            let unwatched = so.contains("not watched");
+            if catch.is_some() {
+                assert!(
+                    watched_all && !unwatched,
+                    "--catch all watches everything:\n{so}"
+                );
+            } else if !function_hooks_here() {
+                assert!(
+                    unwatched,
+                    "bind/udp are not watched without --catch here:\n{so}"
+                );
+            }
+        }
     }
+}
+
+/// The kernel's own list of what the tracer attached (its links, as /proc/PID/fdinfo shows
+/// them; selftest reads the same through BPF_TASK_FD_QUERY and the link info): the state hook,
+/// and no syscall tracepoint unless asked for.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn nothing_on_the_syscall_path_by_default() {
+    require_root();
+    for backend in backends_here() {
+        for catch in [None, Some("all")] {
+            let mut args = vec!["--json", "--backend", backend.as_str()];
+            if let Some(c) = catch {
+                args.extend(["--catch", c]);
+            }
+            let t = Tracer::trace(&args);
+            let hooks = kernel_hooks_of(t.pid());
+            let (_, err, code) = t.stop();
+            assert_eq!(code, 0, "{err}");
+            assert!(
+                hooks.iter().any(|h| h.contains("inet_sock_set_state")),
+                "{backend}: the state hook must be in the kernel's list: {hooks:?}"
+            );
+            let syscall: Vec<&String> = hooks
+                .iter()
+                .filter(|h| h.contains("sys_enter") || h.contains("sys_exit"))
+                .collect();
+            match catch {
+                None => assert!(
+                    syscall.is_empty(),
+                    "{backend}: syscall tracepoints attached by default: {syscall:?}"
+                ),
+                Some(_) if !function_hooks_here() => assert!(
+                    !syscall.is_empty(),
+                    "{backend}: --catch all on a kernel without function hooks needs syscall \
+                     tracepoints: {hooks:?}"
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// "link_type tp_name/func" of every BPF link `pid` holds, from the kernel's own
+/// /proc/PID/fdinfo (which names the tracepoint or function of each link on this kernel).
+fn kernel_hooks_of(pid: u32) -> Vec<String> {
+    let mut hooks = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let info = std::fs::read_to_string(e.expect("entry").path()).unwrap_or_default();
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        if let Some(ty) = field("link_type:") {
+            let target = field("tp_name:")
+                .or_else(|| field("func_name:"))
+                .unwrap_or_default();
+            hooks.push(format!("{ty} {target}"));
+        }
+    }
+    hooks
 }

@@ -152,6 +152,45 @@ impl Workload {
     }
 }
 
+/// Every backend this kernel runs, the cheapest first, as `trace --backend B` finds it (exit
+/// 3 means "not on this kernel"; the VM matrix covers the others). The development machines
+/// run tp-btf, raw-tp and tracepoint; a kernel test that finds none of them fails.
+pub fn backends_here() -> Vec<String> {
+    static CACHE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            let mut here = Vec::new();
+            for b in ["tp-btf", "raw-tp", "fentry", "kprobe", "tracepoint"] {
+                let out = Command::new(BIN)
+                    .args(["trace", "--json", "--duration", "0.1", "--backend", b])
+                    .output()
+                    .expect("run portexhaust");
+                match out.status.code() {
+                    Some(0) => here.push(b.to_string()),
+                    Some(3) => eprintln!(
+                        "backend {b} is not available on this kernel: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                    other => panic!(
+                        "trace --backend {b}: exit {other:?}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                }
+            }
+            assert!(!here.is_empty(), "no backend runs on this kernel");
+            eprintln!("backends on this kernel: {here:?}");
+            here
+        })
+        .clone()
+}
+
+/// Whether the kernel offers function hooks (fentry or kprobes), which watch bind() and UDP
+/// failures without syscall tracepoints.
+pub fn function_hooks_here() -> bool {
+    let b = backends_here();
+    b.iter().any(|b| b == "fentry" || b == "kprobe")
+}
+
 /// The failures a workload report says it caused itself; it must have seen nothing else.
 pub fn expected_failures(report: &Value) -> u64 {
     assert!(
@@ -230,6 +269,10 @@ impl Tracer {
             return Err((err, status.code()));
         }
         Ok(t)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.0.id()
     }
 
     /// SIGTERM, then (stdout, stderr, exit code).
