@@ -122,7 +122,7 @@ const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
 
 /// `Owner::flags` bits.
 /// The socket left through FIN_WAIT1/FIN_WAIT2/CLOSING -> CLOSE: its tuple is in TIME_WAIT
-/// from `closed_ns` (60 s, TCP_TIMEWAIT_LEN).
+/// from `at_ns` (60 s, TCP_TIMEWAIT_LEN).
 pub const OWNER_TIME_WAIT: u32 = 2;
 /// The socket was bound to a local port before connect().
 pub const OWNER_BOUND: u32 = 8;
@@ -137,13 +137,13 @@ pub struct Owner {
     /// Start time of the process (`group_leader->start_boottime`, ns since boot): with the pid
     /// it identifies the process even after the pid is reused. 0 when unknown.
     pub start_ns: u64,
-    /// CLOSE -> SYN_SENT (`bpf_ktime_get_ns`).
-    pub connect_ns: u64,
-    /// When the socket reached CLOSE (its TIME_WAIT began, if `OWNER_TIME_WAIT`), else 0.
-    pub closed_ns: u64,
+    /// `bpf_ktime_get_ns()` of CLOSE -> SYN_SENT while the connection is open, of its CLOSE
+    /// (when its TIME_WAIT began) once `OWNER_TIME_WAIT` is set. One field for both: the map
+    /// holds 100k+ of these, and no reader needs the two at once.
+    pub at_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Owner>() == 32);
+const _: () = assert!(core::mem::size_of::<Owner>() == 24);
 
 /// A connection's identity once its source port is known: the 4-tuple in its namespace.
 /// Socket addresses are reused quickly after a socket is freed, and a TIME_WAIT socket is a

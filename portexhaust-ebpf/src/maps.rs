@@ -59,7 +59,7 @@ pub static SOCK_TYPES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536,
 /// handshakes in flight live here, so it is small; from ESTABLISHED the owner moves to `OWNERS`
 /// (never both at once).
 #[map]
-pub static PENDING: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(8192, 0);
+pub static PENDING: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(4096, 0);
 
 /// Owners by (netns, 4-tuple), from ESTABLISHED through TIME_WAIT: TIME_WAIT sockets have no
 /// owner in the kernel, this map remembers who created them. User space removes entries whose

@@ -84,8 +84,7 @@ fn connect_start(s: &impl Sock) {
         pid,
         flags: if bound { OWNER_BOUND } else { 0 },
         start_ns,
-        connect_ns: now_ns(),
-        closed_ns: 0,
+        at_ns: now_ns(),
     };
     // BPF_NOEXIST first, to count only new keys (the eviction count is derived from this).
     if PENDING.insert(s.addr(), owner, 1).is_ok() {
@@ -113,8 +112,7 @@ const NO_OWNER: Owner = Owner {
     pid: 0,
     flags: 0,
     start_ns: 0,
-    connect_ns: 0,
-    closed_ns: 0,
+    at_ns: 0,
 };
 
 /// Take the socket's pending connect into `out`, if it was seen starting.
@@ -170,7 +168,7 @@ fn connect_closed(s: &impl Sock) {
     };
     let netns = s.netns();
     if seen {
-        dest_outcome(netns, &c, true, pending.connect_ns);
+        dest_outcome(netns, &c, true, pending.at_ns);
     }
     if !globals::state_reports() {
         return; // the fentry/kprobe backends report from their own hooks
@@ -227,7 +225,7 @@ fn connect_established(s: &impl Sock) {
         return;
     };
     let netns = s.netns();
-    dest_outcome(netns, &c, false, owner.connect_ns);
+    dest_outcome(netns, &c, false, owner.at_ns);
     let key = tuple_of(netns, &c);
     if OWNERS.insert(key, owner, 1).is_ok() {
         bump(stat::OWNER_INSERTS);
@@ -253,7 +251,7 @@ fn socket_closed(s: &impl Sock, old: i32) {
         if let Some(p) = OWNERS.get_ptr_mut(key) {
             // SAFETY: pointer into the map value.
             unsafe {
-                (*p).closed_ns = now_ns();
+                (*p).at_ns = now_ns();
                 (*p).flags |= OWNER_TIME_WAIT;
             }
         }

@@ -61,7 +61,11 @@ impl OwnerView {
             comm: proc.map_or_else(String::new, |p| comm_str(&p.comm)),
             alive,
             flags: o.flags,
-            closed_ns: o.closed_ns,
+            closed_ns: if o.flags & OWNER_TIME_WAIT != 0 {
+                o.at_ns
+            } else {
+                0
+            },
         }
     }
 }
@@ -258,7 +262,7 @@ pub fn expired_owners(
     owners
         .iter()
         .filter(|(_, o)| {
-            o.flags & OWNER_TIME_WAIT != 0 && now_ns.saturating_sub(o.closed_ns) > 65_000_000_000
+            o.flags & OWNER_TIME_WAIT != 0 && now_ns.saturating_sub(o.at_ns) > 65_000_000_000
         })
         .map(|(k, _)| *k)
         .collect()
@@ -757,8 +761,7 @@ mod tests {
             pid: 1,
             flags: OWNER_TIME_WAIT,
             start_ns: 0,
-            connect_ns: 0,
-            closed_ns: 1_000_000_000,
+            at_ns: 1_000_000_000,
         };
         let k = tuple_key(1, &row(TCP_TIME_WAIT, 40000, 80, 0, 0));
         assert_eq!(expired_owners(&[(k, o)], 70_000_000_000), vec![k]);

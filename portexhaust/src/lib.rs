@@ -10,6 +10,7 @@ pub mod container;
 pub mod doctor;
 pub mod error;
 pub mod kernel;
+pub mod line;
 pub mod metrics;
 pub mod model;
 pub mod nsinfo;

@@ -331,14 +331,19 @@ impl Metrics {
 
     /// Remember which container the failing pid is in (the first attribution wins).
     pub fn observe_failure(&self, f: &Failure) {
+        self.observe_container(f.pid, f.container.clone());
+    }
+
+    /// The container a failing process is in, for the labels of its exact counts.
+    pub fn observe_container(&self, pid: u32, container: Option<Arc<ContainerInfo>>) {
         let mut st = self.state();
-        if st.pid_containers.contains_key(&f.pid) {
+        if st.pid_containers.contains_key(&pid) {
             return;
         }
         if st.pid_containers.len() >= MAX_PIDS {
             st.pid_containers.clear();
         }
-        st.pid_containers.insert(f.pid, f.container.clone());
+        st.pid_containers.insert(pid, container);
     }
 
     pub fn set_backend(&self, name: &str) {

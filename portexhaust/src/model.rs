@@ -146,6 +146,12 @@ pub fn decode_event(
     Ok((ev, failure))
 }
 
+/// The destination of a raw event, or None for an unknown family.
+pub fn dst_of(ev: &FailureEvent) -> Option<SocketAddr> {
+    let family = Family::from_af(ev.family)?;
+    Some(SocketAddr::new(ip_from_raw(family, &ev.daddr), ev.dport))
+}
+
 pub fn failure_from_event(
     ev: &FailureEvent,
     mono_to_unix_ns: impl Fn(u64) -> i128,

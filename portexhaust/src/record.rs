@@ -68,10 +68,12 @@ pub struct RecordOptions {
 }
 
 /// Failures not written one by one, per (pid, destination, errno, counted by the last snapshot).
+/// The destination stays a `SocketAddr` until the tally is written: a storm must not format
+/// one string per failure.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct TallyKey {
     pid: u32,
-    dst: String,
+    dst: std::net::SocketAddr,
     errno: u32,
     counted: bool,
 }
@@ -255,7 +257,8 @@ pub struct Recorder {
     /// A recent failing pid per namespace: the way into it for usage rows.
     netns_pid: HashMap<u64, u32>,
     cap: u32,
-    window_start: Instant,
+    /// The second (of the events' own timestamps) the line budget is counted in.
+    window: i128,
     in_window: u32,
     tallies: std::collections::BTreeMap<TallyKey, Tally>,
     /// Per pid, the newest failure the last snapshot had counted (microseconds).
@@ -299,7 +302,7 @@ impl Recorder {
             netns_tries: HashMap::new(),
             netns_pid: HashMap::new(),
             cap: opts.events_per_s,
-            window_start: Instant::now(),
+            window: i128::MIN,
             in_window: 0,
             tallies: std::collections::BTreeMap::new(),
             snap_last: HashMap::new(),
@@ -339,47 +342,70 @@ impl Recorder {
 
     /// One decoded failure, with its namespace already resolved.
     pub fn failure(&mut self, f: &Failure) {
-        if let Some(ns) = f.netns {
+        self.observe(f.pid, f.netns, f.ts_unix_ns, f.dst, f.errno, || {
+            Some(f.clone())
+        });
+    }
+
+    /// One failure as the live path has it: `full` builds the decoded failure, which only the
+    /// lines within the per-second budget need; the rest are tallied without it.
+    pub fn observe(
+        &mut self,
+        pid: u32,
+        netns: Option<u64>,
+        unix_ns: i128,
+        dst: std::net::SocketAddr,
+        errno: u32,
+        full: impl FnOnce() -> Option<Failure>,
+    ) {
+        if let Some(ns) = netns {
             if !self.known_netns.contains(&ns) {
-                self.learn_netns(ns, f.pid);
+                self.learn_netns(ns, pid);
             }
             if self.netns_pid.len() < 4 * USAGE_NAMESPACES || self.netns_pid.contains_key(&ns) {
-                self.netns_pid.insert(ns, f.pid);
+                self.netns_pid.insert(ns, pid);
             }
         }
-        if self.window_start.elapsed() >= Duration::from_secs(1) {
-            self.window_start = Instant::now();
+        let second = unix_ns.div_euclid(1_000_000_000);
+        if second != self.window {
+            self.window = second;
             self.in_window = 0;
         }
         if self.in_window < self.cap {
             self.in_window += 1;
-            self.line(&render::json_line(f));
-        } else {
-            self.tally(f);
+            if let Some(f) = full() {
+                self.line(&render::json_line(&f));
+            }
+            return;
         }
-    }
-
-    fn tally(&mut self, f: &Failure) {
-        let ts = micros(f.ts_unix_ns);
-        let counted = self.snap_last.get(&f.pid).is_some_and(|last| ts <= *last);
-        let t = self
-            .tallies
-            .entry(TallyKey {
-                pid: f.pid,
-                dst: f.dst.to_string(),
-                errno: f.errno,
-                counted,
-            })
-            .or_insert_with(|| Tally {
-                comm: f.comm.clone(),
-                netns: f.netns,
-                count: 0,
-                first_ns: ts,
-                last_ns: ts,
-            });
-        t.count += 1;
-        t.first_ns = t.first_ns.min(ts);
-        t.last_ns = t.last_ns.max(ts);
+        let ts = micros(unix_ns);
+        let counted = self.snap_last.get(&pid).is_some_and(|last| ts <= *last);
+        let key = TallyKey {
+            pid,
+            dst,
+            errno,
+            counted,
+        };
+        match self.tallies.get_mut(&key) {
+            Some(t) => {
+                t.count += 1;
+                t.first_ns = t.first_ns.min(ts);
+                t.last_ns = t.last_ns.max(ts);
+            }
+            None => {
+                let comm = full().map(|f| f.comm).unwrap_or_default();
+                self.tallies.insert(
+                    key,
+                    Tally {
+                        comm,
+                        netns,
+                        count: 1,
+                        first_ns: ts,
+                        last_ns: ts,
+                    },
+                );
+            }
+        }
     }
 
     /// Write the tallied failures as one `suppressed` line.
@@ -393,7 +419,7 @@ impl Recorder {
                 pid: k.pid,
                 comm: t.comm,
                 netns: t.netns,
-                dst: k.dst,
+                dst: k.dst.to_string(),
                 errno: k.errno,
                 count: t.count,
                 first_ts: rfc3339(t.first_ns),

@@ -8,6 +8,7 @@ use std::{
 };
 
 use log::warn;
+use portexhaust_common::FailureEvent;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -19,8 +20,9 @@ use crate::{
     container::Resolver,
     error::{Error, Result},
     kernel::loader::{BackendRequest, Filters, Tracer},
+    line::EventWriter,
     metrics::{self, Metrics, MetricsOptions},
-    model::{Failure, decode_event},
+    model::failure_from_event,
     procinfo::NetnsCache,
     record::{RecordOptions, Recorder},
     render,
@@ -96,6 +98,16 @@ impl Out {
             self.fail(e);
         }
     }
+
+    /// A batch of whole lines, written as it is (one write for a drained ring buffer).
+    fn bytes(&mut self, b: &[u8]) {
+        if self.closed || b.is_empty() {
+            return;
+        }
+        if let Err(e) = self.w.write_all(b) {
+            self.fail(e);
+        }
+    }
     fn flush(&mut self) {
         if !self.closed
             && let Err(e) = self.w.flush()
@@ -111,8 +123,18 @@ impl Out {
     }
 }
 
+/// What the previous event of a batch established, so that a storm from one process pays
+/// for its lookups once, not per failure.
+#[derive(Default)]
+struct Memo {
+    pid: Option<u32>,
+    cgroup: Option<(u64, Option<Arc<crate::container::ContainerInfo>>)>,
+}
+
 struct Session {
     tracer: Tracer,
+    writer: EventWriter,
+    memo: Memo,
     clock: Clock,
     netns: NetnsCache,
     containers: Resolver,
@@ -126,9 +148,14 @@ struct Session {
 }
 
 impl Session {
+    /// Everything the ring buffer holds: each event is counted, remembered for the blame and
+    /// the record, and appended to one reused buffer that goes to stdout in one write. No
+    /// allocation or time formatting per event (see line.rs).
     fn drain(&mut self) {
         let Self {
             tracer,
+            writer,
+            memo,
             clock,
             netns,
             containers,
@@ -140,39 +167,73 @@ impl Session {
             recorder,
             blame: _,
         } = self;
-        let mut batch: Vec<Failure> = Vec::new();
-        tracer.drain(|bytes| match decode_event(bytes, |t| clock.to_unix_ns(t)) {
-            Ok((_, f)) => batch.push(f),
-            Err(e) => {
+        let want = std::mem::size_of::<FailureEvent>();
+        tracer.drain(|bytes| {
+            if bytes.len() < want {
+                *decode_errors += 1;
+                if *decode_errors <= 3 {
+                    warn!("undecodable event: {} bytes, expected {want}", bytes.len());
+                }
+                return;
+            }
+            // SAFETY: FailureEvent is a Pod (integers and byte arrays only) and `bytes` holds
+            // at least its size; read_unaligned copes with any alignment.
+            let ev: FailureEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            if let Err(e) = crate::line::validate(&ev) {
                 *decode_errors += 1;
                 if *decode_errors <= 3 {
                     warn!("undecodable event: {e}");
                 }
+                return;
+            }
+            let unix_ns = clock.to_unix_ns(ev.ts_ns);
+            // 0: the kernel could not read it (no BTF offsets); learnt from /proc instead.
+            let ns = if ev.netns != 0 {
+                Some(u64::from(ev.netns))
+            } else {
+                netns.get(ev.pid)
+            };
+            let container = match &memo.cgroup {
+                Some((id, c)) if *id == ev.cgroup_id => c.clone(),
+                _ => {
+                    let c = containers.by_cgroup_id(ev.cgroup_id);
+                    memo.cgroup = Some((ev.cgroup_id, c.clone()));
+                    c
+                }
+            };
+            if memo.pid != Some(ev.pid) {
+                memo.pid = Some(ev.pid);
+                // Remembered for the blame: the failer may be gone by the summary.
+                collector
+                    .cgroup_of_pid
+                    .entry(ev.pid)
+                    .or_insert(ev.cgroup_id);
+                if let Some(n) = ns {
+                    collector.netns_of_pid.entry(ev.pid).or_insert(n);
+                }
+                if let Some(m) = metrics {
+                    m.observe_container(ev.pid, container.clone());
+                }
+            }
+            if let Some(r) = recorder.as_mut()
+                && let Some(dst) = crate::model::dst_of(&ev)
+            {
+                r.observe(ev.pid, ns, unix_ns, dst, ev.errno, || {
+                    failure_from_event(&ev, |_| unix_ns).ok().map(|mut f| {
+                        f.netns = ns;
+                        f.container = container.clone();
+                        f
+                    })
+                });
+            }
+            if *json {
+                writer.json(&ev, unix_ns, ns, container.as_ref());
+            } else {
+                writer.human(&ev, unix_ns, ns, container.as_ref());
             }
         });
-        for mut f in batch {
-            if f.netns.is_none() {
-                f.netns = netns.get(f.pid);
-            }
-            // Remembered for the blame: the failer may be gone by the summary.
-            collector.cgroup_of_pid.entry(f.pid).or_insert(f.cgroup_id);
-            if let Some(n) = f.netns {
-                collector.netns_of_pid.entry(f.pid).or_insert(n);
-            }
-            f.container = containers.by_cgroup_id(f.cgroup_id);
-            if let Some(m) = metrics {
-                m.observe_failure(&f);
-            }
-            if let Some(r) = recorder.as_mut() {
-                r.failure(&f);
-            }
-            let line = if *json {
-                render::json_line(&f)
-            } else {
-                render::human_line(&f)
-            };
-            out.line(&line);
-        }
+        out.bytes(writer.bytes());
+        writer.clear();
         out.flush();
         if let Some(r) = recorder.as_mut() {
             r.flush_if_due();
@@ -282,6 +343,8 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
 
     let mut s = Session {
         tracer: opened.tracer,
+        writer: EventWriter::new(),
+        memo: Memo::default(),
         clock: Clock::new(),
         netns: NetnsCache::default(),
         containers: Resolver::new(),

@@ -134,7 +134,7 @@ impl Collector {
         let now_ns = Clock::now_mono_ns();
         let counts = tracer.counts()?;
         let kernel_owners = tracer.owners()?;
-        // closed_ns comes from bpf_ktime_get_ns(): CLOCK_MONOTONIC, like now_ns.
+        // at_ns comes from bpf_ktime_get_ns(): CLOCK_MONOTONIC, like now_ns.
         let expired = expired_owners(&kernel_owners, now_ns);
         if !expired.is_empty() {
             tracer.forget_owners(&expired)?;

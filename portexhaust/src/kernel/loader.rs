@@ -374,7 +374,7 @@ fn load_object(
     let socket_types = plan.syscall_sets().contains(&Set::SyscallSocket);
     loader
         .map_max_entries(names::OWNERS, sized(tracking.blame, tracking.max_tracked))
-        .map_max_entries(names::PENDING, sized(tracking.blame, 8192))
+        .map_max_entries(names::PENDING, sized(tracking.blame, 4096))
         .map_max_entries(names::PROCS, sized(tracking.blame, 8192))
         .map_max_entries(names::DEST_STATS, sized(tracking.blame, 4096))
         .map_max_entries(
