@@ -5,6 +5,7 @@
 mod bench;
 mod setup;
 mod test;
+mod vm;
 mod vmtest;
 
 use anyhow::Result;
