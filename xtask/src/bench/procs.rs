@@ -410,7 +410,7 @@ impl Tracer {
     /// SIGINT (both tracers print their results on it), then reap with wait4 for its rusage.
     pub fn stop(mut self) -> Result<Stopped> {
         sys::signal(self.pid, libc::SIGINT);
-        let exit = match sys::wait4_timeout(self.pid, Duration::from_secs(60)) {
+        let exit = match self.wait_after_sigint(Duration::from_secs(60)) {
             Some(e) => e,
             None => {
                 sys::signal(self.pid, libc::SIGKILL);
@@ -430,6 +430,30 @@ impl Tracer {
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
         Ok(Stopped { exit, out, stderr })
+    }
+}
+
+impl Tracer {
+    /// Wait for the tracer to exit after SIGINT. bpftrace (0.17) only notices SIGINT when it
+    /// interrupts its epoll_wait: one that arrives between the attached notice and the first
+    /// epoll_wait sets its flag and is then never looked at again, and bpftrace runs until
+    /// killed (and loses its counts). So bpftrace gets SIGINT again every half second until
+    /// it has gone; portexhaust handles the first one.
+    fn wait_after_sigint(&self, timeout: Duration) -> Option<sys::Exit> {
+        if !matches!(self.kind, TracerKind::Bpftrace) {
+            return sys::wait4_timeout(self.pid, timeout);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(e) = sys::wait4_timeout(self.pid, left.min(Duration::from_millis(500))) {
+                return Some(e);
+            }
+            if left.is_zero() || !sys::is_our_child(self.pid) {
+                return None;
+            }
+            sys::signal(self.pid, libc::SIGINT);
+        }
     }
 }
 
