@@ -6,10 +6,12 @@
 //! timed separately. Variants (untraced, portexhaust with each backend this kernel runs,
 //! bpftrace) run interleaved, in a rotated order each repetition, so that whatever else the
 //! machine is doing spreads over all of them; results are medians with min-max spreads.
+mod guest;
 mod procs;
 mod report;
 mod stats;
 mod sys;
+mod vm;
 
 use std::{
     collections::BTreeMap,
@@ -24,6 +26,8 @@ use serde_json::Value;
 
 use crate::setup::{is_root, run_checked, setup, workspace_root};
 use procs::{Flavor, Load, Stopped, Tracer, TracerKind, parse_bpftrace_counts};
+
+pub use guest::{GuestArgs, bench_guest};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum ScenarioArg {
@@ -61,10 +65,40 @@ pub struct BenchArgs {
     /// Use the release binaries already built instead of building them first.
     #[arg(long)]
     pub no_build: bool,
-    /// Measure nothing: render BENCHMARKS.md again from an earlier results.json (for example
-    /// after editing bench/analysis.md).
+    /// Measure nothing: render BENCHMARKS.md again from an earlier results.json or
+    /// vm-results.json (for example after editing bench/analysis.md); the other file of the
+    /// pair is read too when it sits in the same folder.
     #[arg(long, value_name = "RESULTS_JSON")]
     pub render: Option<PathBuf>,
+    /// Benchmark inside these Debian kernels under QEMU instead of on this machine
+    /// (comma-separated: 5.10, 6.1, 6.12, all): untraced vs every backend that loads there
+    /// (and bpftrace), the churn and one-process storm only, sized for software emulation.
+    /// Writes bench/vm-results.json (target/bench-quick/ with --quick) and re-renders
+    /// BENCHMARKS.md. Needs no KVM.
+    #[arg(long, value_delimiter = ',', value_name = "KERNELS",
+          value_parser = ["5.10", "6.1", "6.12", "all"])]
+    pub vm: Vec<String>,
+    /// --vm: where the kernels are cached (as `cargo xtask vmtest` keeps them); only read
+    /// when the kernel is already there [default: target/vmtest-cache].
+    #[arg(long, value_name = "DIR", requires = "vm")]
+    pub cache_dir: Option<PathBuf>,
+    /// --vm: never touch the network (use only kernels already in the cache).
+    #[arg(long, requires = "vm")]
+    pub offline: bool,
+    /// --vm: kill a guest that has not finished after this many seconds.
+    #[arg(long, default_value_t = 900, value_name = "SECS", requires = "vm")]
+    pub vm_timeout_secs: u64,
+    /// --vm: guest memory in MiB (the initramfs holds bpftrace and its ~200 MB of libraries).
+    #[arg(long, default_value_t = 1536, value_name = "MIB", requires = "vm")]
+    pub vm_memory_mb: u32,
+    /// --vm: keep each guest's initramfs next to its logs.
+    #[arg(long, requires = "vm")]
+    pub keep: bool,
+    /// --vm: also run this shell command in each guest before the bench, as root (repeatable;
+    /// for digging into a result: pxh-loadgen, portexhaust and bpftrace are on its PATH). Its
+    /// output lands in target/vmbench/KERNEL/guest/exec.NN.out.
+    #[arg(long, value_name = "CMD", requires = "vm")]
+    pub vm_exec: Vec<String>,
 }
 
 /// Sizes of one run. Chosen so that the full run fits in about 15 minutes on 2 cores.
@@ -127,12 +161,36 @@ impl Plan {
             }
         }
     }
+
+    /// Sizes for a guest under software emulation with instruction-counted time (see
+    /// bench/vm.rs; guest seconds pass about 2-3x slower than real ones when busy): the churn
+    /// and the one-process storm only, each run under a guest second, so that one kernel's
+    /// whole bench takes about 5 minutes here. Run-to-run noise is about 1% in such a guest,
+    /// so small runs suffice.
+    pub fn vm(quick: bool, reps: Option<u32>) -> Self {
+        Self {
+            mode: if quick { "vm-quick" } else { "vm" }.into(),
+            reps: reps.unwrap_or(if quick { 1 } else { 3 }),
+            churn_secs: if quick { 0.3 } else { 1.0 },
+            storm_failures: if quick { 5_000 } else { 20_000 },
+            storm2_failures_each: 0,
+            storm_ports: 10,
+            scale_sizes: Vec::new(),
+            scale_reps: 0,
+            scale_churn_secs: 0.0,
+            profile_failures: 0,
+            ready_starts: 0,
+            census_starts: 0,
+        }
+    }
 }
 
 const STORM_COMM: &str = "pxhb-storm";
 const CHURN_COMM: &str = "pxhb-churn";
 const HOLD_COMM: &str = "pxhb-hold";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Under software emulation a tracer (bpftrace above all: LLVM) takes many seconds to start.
+const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -232,6 +290,9 @@ struct Ctx {
     loadgen: PathBuf,
     plan: Plan,
     ready_timeout: Duration,
+    /// Inside a guest: progress also goes here (the results serial port) as
+    /// `@@PXH-LOG ...@@` lines, so that the host can show it live.
+    log: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -246,6 +307,14 @@ impl Ctx {
 
     fn say(&self, msg: &str) {
         eprintln!("xtask: bench: {msg}");
+        if let Some(p) = &self.log {
+            use std::io::Write as _;
+            // One open per line, as the guest's /init does: best effort, the line is also on
+            // stderr, which the guest sends back at the end.
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(p) {
+                let _ = writeln!(f, "@@PXH-LOG {}@@", msg.replace("@@", "@"));
+            }
+        }
     }
 }
 
@@ -861,7 +930,8 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Everything a run produced: the JSON file, and what the markdown is rendered from.
+/// Everything a run produced: the JSON file, and what the markdown is rendered from. A guest
+/// of `--vm` writes one of these too (one per kernel, inside vm-results.json).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub schema: u32,
@@ -1072,6 +1142,7 @@ fn out_paths(args: &BenchArgs, file: &str) -> (PathBuf, PathBuf) {
 }
 
 const RESULTS_FILE: &str = "results.json";
+const VM_RESULTS_FILE: &str = "vm-results.json";
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text =
@@ -1088,24 +1159,65 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Write BENCHMARKS.md from `res` (summaries and verdicts recomputed first).
-fn render_markdown(out_md: &Path, mut res: Results) -> Result<()> {
-    res.recompute();
+/// Write BENCHMARKS.md from whichever of results.json and vm-results.json there are in
+/// `dir` (with `host` / `vm` taking their place when given).
+fn render_markdown(
+    out_md: &Path,
+    dir: &Path,
+    host: Option<Results>,
+    vm: Option<vm::VmResults>,
+) -> Result<()> {
+    let sibling = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    let host = match host {
+        Some(h) => Some(h),
+        None => match sibling(RESULTS_FILE) {
+            Some(p) => Some(read_json::<Results>(&p)?),
+            None => None,
+        },
+    };
+    let vm = match vm {
+        Some(v) => Some(v),
+        None => match sibling(VM_RESULTS_FILE) {
+            Some(p) => Some(read_json::<vm::VmResults>(&p)?),
+            None => None,
+        },
+    };
+    let mut host = host;
+    if let Some(h) = host.as_mut() {
+        h.recompute();
+    }
+    let mut vm = vm;
+    if let Some(v) = vm.as_mut() {
+        v.recompute();
+    }
     let analysis = std::fs::read_to_string(workspace_root().join("bench/analysis.md")).ok();
+    let text = report::markdown(host.as_ref(), vm.as_ref(), analysis.as_deref());
     if let Some(d) = out_md.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    std::fs::write(out_md, report::markdown(&res, analysis.as_deref()))
-        .with_context(|| format!("writing {}", out_md.display()))
+    std::fs::write(out_md, text).with_context(|| format!("writing {}", out_md.display()))
 }
 
-/// `--render FILE`: BENCHMARKS.md again from an earlier results.json.
+/// `--render FILE`: either kind of results file; its partner in the same folder joins in.
 fn render_only(args: &BenchArgs, json: &Path) -> Result<()> {
+    let dir = json
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
+    let (host, vm) = if value.get("kernels").is_some() {
+        (None, Some(read_json::<vm::VmResults>(json)?))
+    } else {
+        (Some(read_json::<Results>(json)?), None)
+    };
     let out = match &args.out_dir {
         Some(d) => d.join("BENCHMARKS.md"),
         None => workspace_root().join("BENCHMARKS.md"),
     };
-    render_markdown(&out, read_json::<Results>(json)?)?;
+    render_markdown(&out, &dir, host, vm)?;
     eprintln!(
         "xtask: bench: rendered {} from {}",
         out.display(),
@@ -1146,6 +1258,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(json) = &args.render {
         return render_only(args, json);
     }
+    if !args.vm.is_empty() {
+        return vm::bench_vm(args);
+    }
     let root = workspace_root();
     if !is_root() {
         bail!(
@@ -1159,6 +1274,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         loadgen,
         plan: Plan::new(args.quick, args.reps),
         ready_timeout: READY_TIMEOUT,
+        log: None,
     };
     let (out_md, out_json) = out_paths(args, RESULTS_FILE);
     let wanted = |s: ScenarioArg| args.only.is_empty() || args.only.contains(&s);
@@ -1212,7 +1328,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     write_json(&out_json, &results)?;
     println!("{}", report::targets_table(&results.targets));
     let (elapsed, failed_runs) = (results.elapsed_s, results.failed_runs.clone());
-    render_markdown(&out_md, results)?;
+    let dir = out_json.parent().unwrap_or(Path::new(".")).to_path_buf();
+    render_markdown(&out_md, &dir, Some(results), None)?;
     eprintln!(
         "xtask: bench: wrote {} and {} in {elapsed:.0} s",
         out_md.display(),
@@ -1294,5 +1411,17 @@ mod tests {
         assert_eq!(q.scale_sizes, f.scale_sizes);
         assert_eq!(Plan::new(false, Some(9)).reps, 9);
         assert_eq!(f.ready_starts, 15);
+        // A guest runs the churn and the one-process storm only.
+        let vm = Plan::vm(false, None);
+        assert!(vm.storm_failures > 0 && vm.churn_secs > 0.0);
+        assert_eq!(
+            (
+                vm.storm2_failures_each,
+                vm.profile_failures,
+                vm.ready_starts
+            ),
+            (0, 0, 0)
+        );
+        assert!(vm.scale_sizes.is_empty());
     }
 }
