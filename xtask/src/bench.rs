@@ -163,16 +163,17 @@ impl Plan {
     }
 
     /// Sizes for a guest under software emulation with instruction-counted time (see
-    /// bench/vm.rs; guest seconds pass about 2-3x slower than real ones when busy): the churn
-    /// and the one-process storm only, each run under a guest second, so that one kernel's
-    /// whole bench takes about 5 minutes here. Run-to-run noise is about 1% in such a guest,
-    /// so small runs suffice.
+    /// bench/vm.rs; a busy guest second takes 5-10 real seconds here): the churn and the
+    /// one-process storm only, each measured part a fraction of a guest second (a churn run
+    /// of 1 guest second took 20 s with the tracer's start and stop), so that one kernel's
+    /// whole bench takes about 5 minutes. Run-to-run noise is about 1% in such a guest, so
+    /// small runs suffice.
     pub fn vm(quick: bool, reps: Option<u32>) -> Self {
         Self {
             mode: if quick { "vm-quick" } else { "vm" }.into(),
             reps: reps.unwrap_or(if quick { 1 } else { 3 }),
-            churn_secs: if quick { 0.3 } else { 1.0 },
-            storm_failures: if quick { 5_000 } else { 20_000 },
+            churn_secs: if quick { 0.2 } else { 0.3 },
+            storm_failures: if quick { 3_000 } else { 10_000 },
             storm2_failures_each: 0,
             storm_ports: 10,
             scale_sizes: Vec::new(),
