@@ -967,7 +967,7 @@ pub fn vm_section(vm: &VmResults) -> String {
         let la = |l: [f64; 3]| format!("{:.2}", l[0]);
         let _ = writeln!(
             s,
-            "| measured | {}; {} CPUs, {} MiB, initramfs {} MiB; /init after {} s, whole guest \
+            "| measured | {}; {} CPU(s), {} MiB, initramfs {} MiB; /init after {} s, whole guest \
              {} s; host load average {} before, {} after |",
             k.date,
             k.smp,

@@ -267,7 +267,7 @@ fn boot_and_collect(
     .context("building the initramfs")?;
     row.initramfs_mib = Some((size as f64 / 1048576.0 * 10.0).round() / 10.0);
     log(format!(
-        "[{label}] booting {} under QEMU (TCG, {} CPUs, {} MiB, initramfs {:.0} MiB, timeout {} s)",
+        "[{label}] booting {} under QEMU (TCG, {} CPU(s), {} MiB, initramfs {:.0} MiB, timeout {} s)",
         kernel.release,
         SMP,
         g.memory_mb,
