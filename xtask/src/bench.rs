@@ -6,10 +6,12 @@
 //! timed separately. Variants (untraced, portexhaust with each backend this kernel runs,
 //! bpftrace) run interleaved, in a rotated order each repetition, so that whatever else the
 //! machine is doing spreads over all of them; results are medians with min-max spreads.
+mod guest;
 mod procs;
 mod report;
 mod stats;
 mod sys;
+mod vm;
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::setup::{is_root, run_checked, setup, workspace_root};
-use procs::{Load, Stopped, Tracer, TracerKind, parse_bpftrace_counts};
+use procs::{Flavor, Load, Stopped, Tracer, TracerKind, parse_bpftrace_counts};
+
+pub use guest::{GuestArgs, bench_guest};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum ScenarioArg {
@@ -37,6 +41,9 @@ pub enum ScenarioArg {
     Scale,
     /// One storm per tracer with BPF run-time statistics on: BPF time per failure, by program.
     Profile,
+    /// Tracer start-up alone, many times over (median of 15 starts in a full run): time to
+    /// ready, peak RSS and BPF map memory at defaults.
+    Start,
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,10 +65,40 @@ pub struct BenchArgs {
     /// Use the release binaries already built instead of building them first.
     #[arg(long)]
     pub no_build: bool,
-    /// Measure nothing: render BENCHMARKS.md again from an earlier results.json (for example
-    /// after editing bench/analysis.md).
+    /// Measure nothing: render BENCHMARKS.md again from an earlier results.json or
+    /// vm-results.json (for example after editing bench/analysis.md); the other file of the
+    /// pair is read too when it sits in the same folder.
     #[arg(long, value_name = "RESULTS_JSON")]
     pub render: Option<PathBuf>,
+    /// Benchmark inside these Debian kernels under QEMU instead of on this machine
+    /// (comma-separated: 5.10, 6.1, 6.12, all): untraced vs every backend that loads there
+    /// (and bpftrace), the churn and one-process storm only, sized for software emulation.
+    /// Writes bench/vm-results.json (target/bench-quick/ with --quick) and re-renders
+    /// BENCHMARKS.md. Needs no KVM.
+    #[arg(long, value_delimiter = ',', value_name = "KERNELS",
+          value_parser = ["5.10", "6.1", "6.12", "all"])]
+    pub vm: Vec<String>,
+    /// --vm: where the kernels are cached (as `cargo xtask vmtest` keeps them); only read
+    /// when the kernel is already there [default: target/vmtest-cache].
+    #[arg(long, value_name = "DIR", requires = "vm")]
+    pub cache_dir: Option<PathBuf>,
+    /// --vm: never touch the network (use only kernels already in the cache).
+    #[arg(long, requires = "vm")]
+    pub offline: bool,
+    /// --vm: kill a guest that has not finished after this many seconds.
+    #[arg(long, default_value_t = 900, value_name = "SECS", requires = "vm")]
+    pub vm_timeout_secs: u64,
+    /// --vm: guest memory in MiB (the initramfs holds bpftrace and its ~200 MB of libraries).
+    #[arg(long, default_value_t = 1536, value_name = "MIB", requires = "vm")]
+    pub vm_memory_mb: u32,
+    /// --vm: keep each guest's initramfs next to its logs.
+    #[arg(long, requires = "vm")]
+    pub keep: bool,
+    /// --vm: also run this shell command in each guest before the bench, as root (repeatable;
+    /// for digging into a result: pxh-loadgen, portexhaust and bpftrace are on its PATH). Its
+    /// output lands in target/vmbench/KERNEL/guest/exec.NN.out.
+    #[arg(long, value_name = "CMD", requires = "vm")]
+    pub vm_exec: Vec<String>,
 }
 
 /// Sizes of one run. Chosen so that the full run fits in about 15 minutes on 2 cores.
@@ -81,6 +118,13 @@ pub struct Plan {
     pub scale_churn_secs: f64,
     /// Failing connects of the storm run once per tracer with BPF run-time statistics on.
     pub profile_failures: u64,
+    /// Starts of each tracer in the start-up scenario (the ready target is a median of 15).
+    #[serde(default)]
+    pub ready_starts: u32,
+    /// Starts of a second tracer with the largest scale's connections already open, per
+    /// scale run (pooled over the scale repetitions).
+    #[serde(default)]
+    pub census_starts: u32,
 }
 
 impl Plan {
@@ -97,6 +141,8 @@ impl Plan {
                 scale_reps: 1,
                 scale_churn_secs: 0.5,
                 profile_failures: 100_000,
+                ready_starts: 5,
+                census_starts: 3,
             }
         } else {
             Self {
@@ -110,7 +156,32 @@ impl Plan {
                 scale_reps: 2,
                 scale_churn_secs: 2.0,
                 profile_failures: 300_000,
+                ready_starts: 15,
+                census_starts: 8,
             }
+        }
+    }
+
+    /// Sizes for a guest under software emulation with instruction-counted time (see
+    /// bench/vm.rs; a busy guest second takes 5-10 real seconds here): the churn and the
+    /// one-process storm only, each measured part a fraction of a guest second (a churn run
+    /// of 1 guest second took 20 s with the tracer's start and stop), so that one kernel's
+    /// whole bench takes about 5 minutes. Run-to-run noise is about 1% in such a guest, so
+    /// small runs suffice.
+    pub fn vm(quick: bool, reps: Option<u32>) -> Self {
+        Self {
+            mode: if quick { "vm-quick" } else { "vm" }.into(),
+            reps: reps.unwrap_or(if quick { 1 } else { 3 }),
+            churn_secs: if quick { 0.2 } else { 0.3 },
+            storm_failures: if quick { 3_000 } else { 10_000 },
+            storm2_failures_each: 0,
+            storm_ports: 10,
+            scale_sizes: Vec::new(),
+            scale_reps: 0,
+            scale_churn_secs: 0.0,
+            profile_failures: 0,
+            ready_starts: 0,
+            census_starts: 0,
         }
     }
 }
@@ -119,6 +190,8 @@ const STORM_COMM: &str = "pxhb-storm";
 const CHURN_COMM: &str = "pxhb-churn";
 const HOLD_COMM: &str = "pxhb-hold";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Under software emulation a tracer (bpftrace above all: LLVM) takes many seconds to start.
+const GUEST_READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -130,23 +203,18 @@ impl Variant {
     pub fn name(&self) -> String {
         match self {
             Self::Untraced => "untraced".into(),
-            Self::Traced(TracerKind::Portexhaust {
-                backend,
-                filtered: false,
-                lean: false,
-            }) => format!("portexhaust/{backend}"),
-            Self::Traced(TracerKind::Portexhaust {
-                backend,
-                filtered: false,
-                lean: true,
-            }) => format!("no-blame/{backend}"),
-            Self::Traced(TracerKind::Portexhaust {
-                backend,
-                filtered: true,
-                ..
-            }) => format!("hooks-only/{backend}"),
+            Self::Traced(TracerKind::Portexhaust { backend, flavor }) => {
+                format!("{}/{backend}", flavor.prefix())
+            }
             Self::Traced(TracerKind::Bpftrace) => "bpftrace".into(),
         }
+    }
+
+    fn portexhaust(backend: &str, flavor: Flavor) -> Self {
+        Self::Traced(TracerKind::Portexhaust {
+            backend: backend.to_string(),
+            flavor,
+        })
     }
 }
 
@@ -222,6 +290,10 @@ struct Ctx {
     portexhaust: PathBuf,
     loadgen: PathBuf,
     plan: Plan,
+    ready_timeout: Duration,
+    /// Inside a guest: progress also goes here (the results serial port) as
+    /// `@@PXH-LOG ...@@` lines, so that the host can show it live.
+    log: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -229,7 +301,19 @@ impl Ctx {
         match v {
             Variant::Untraced => Ok(None),
             Variant::Traced(k) => {
-                Tracer::start(k.clone(), &self.portexhaust, READY_TIMEOUT).map(Some)
+                Tracer::start(k.clone(), &self.portexhaust, self.ready_timeout).map(Some)
+            }
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        eprintln!("xtask: bench: {msg}");
+        if let Some(p) = &self.log {
+            use std::io::Write as _;
+            // One open per line, as the guest's /init does: best effort, the line is also on
+            // stderr, which the guest sends back at the end.
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(p) {
+                let _ = writeln!(f, "@@PXH-LOG {}@@", msg.replace("@@", "@"));
             }
         }
     }
@@ -400,7 +484,13 @@ fn storm_run(ctx: &Ctx, v: &Variant, rep: u32, procs: u32, each: u64) -> Result<
     if let Some(t) = tracer {
         let (kind, stopped) = finish_tracer(&mut run, t, cpu0)?;
         let rep = reported(&kind, &stopped, &load.pids, STORM_COMM);
-        let filtered = matches!(kind, TracerKind::Portexhaust { filtered: true, .. });
+        let filtered = matches!(
+            kind,
+            TracerKind::Portexhaust {
+                flavor: Flavor::HooksOnly,
+                ..
+            }
+        );
         match rep.count {
             // The hooks-only variant reports nothing by design.
             _ if filtered => {}
@@ -485,6 +575,30 @@ fn churn_run(ctx: &Ctx, v: &Variant, rep: u32) -> Result<Run> {
     Ok(run)
 }
 
+/// One start of a tracer with the scale scenario's connections already open.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CensusStart {
+    pub ready_ms: f64,
+    /// Until portexhaust's `census:` line: its count of the sockets already open, which it
+    /// takes after the ready line.
+    #[serde(default)]
+    pub census_done_ms: Option<f64>,
+    pub rss_mib: Option<f64>,
+    pub peak_rss_mib: f64,
+    pub tracked_sockets: Option<u64>,
+    pub exit_code: Option<i32>,
+}
+
+/// One start of a tracer with nothing else going on: time to ready, memory, BPF maps at
+/// defaults. The tracer is stopped as soon as it is ready.
+fn start_run(ctx: &Ctx, v: &Variant, rep: u32) -> Result<Run> {
+    let mut run = Run::new("start", v, rep);
+    let t = ctx.tracer(v)?.context("a start-up run needs a tracer")?;
+    let cpu0 = sys::cpu_seconds(t.pid);
+    finish_tracer(&mut run, t, cpu0)?;
+    Ok(run)
+}
+
 fn scale_run(ctx: &Ctx, v: &Variant, rep: u32, n: u64) -> Result<Run> {
     let mut run = Run::new(&format!("scale{}k", n / 1000), v, rep);
     let args = vec![
@@ -520,18 +634,62 @@ fn scale_run(ctx: &Ctx, v: &Variant, rep: u32, n: u64) -> Result<Run> {
     }
     if let Some(t) = tracer {
         // A second tracer started now sees every socket already open: how long its start-up
-        // (and any census of existing sockets) takes, and what that costs in memory.
+        // (and its census of existing sockets) takes, and what that costs in memory. Several
+        // starts at the largest size, one at the others; each start is kept in the detail so
+        // that the targets can pool them over repetitions.
         let kind = t.kind.clone();
-        let census = Tracer::start(kind.clone(), &ctx.portexhaust, READY_TIMEOUT)?;
-        run.set("census_ready_ms", census.ready_after.as_secs_f64() * 1e3);
-        if let Some(m) = sys::memory(census.pid) {
-            run.set("census_rss_mib", m.rss_kib as f64 / MIB);
+        let largest = ctx.plan.scale_sizes.iter().copied().max() == Some(n);
+        let starts = if largest {
+            ctx.plan.census_starts.max(1)
+        } else {
+            1
+        };
+        let mut samples = Vec::new();
+        for _ in 0..starts {
+            let census = Tracer::start(kind.clone(), &ctx.portexhaust, ctx.ready_timeout)?;
+            let ready_ms = census.ready_after.as_secs_f64() * 1e3;
+            let rss = sys::memory(census.pid).map(|m| m.rss_kib as f64 / MIB);
+            // The tracer takes its census before it handles the signal, so the peak RSS
+            // covers it.
+            let stopped = census.stop()?;
+            let peak = stopped.exit.maxrss_kib as f64 / MIB;
+            let summary: Option<Value> = serde_json::from_str(&stopped.out.last_line).ok();
+            samples.push(CensusStart {
+                ready_ms,
+                census_done_ms: stopped.census_after.map(|d| d.as_secs_f64() * 1e3),
+                rss_mib: rss,
+                peak_rss_mib: peak,
+                tracked_sockets: summary.as_ref().and_then(tracked_sockets),
+                exit_code: stopped.exit.code,
+            });
         }
-        let census_stopped = census.stop()?;
-        run.set(
-            "census_peak_rss_mib",
-            census_stopped.exit.maxrss_kib as f64 / MIB,
-        );
+        let ready: Vec<f64> = samples.iter().map(|c| c.ready_ms).collect();
+        let peak: Vec<f64> = samples.iter().map(|c| c.peak_rss_mib).collect();
+        if let Some(s) = stats::spread(&ready) {
+            run.set("census_ready_ms", s.median);
+        }
+        if let Some(s) = stats::spread(&peak) {
+            run.set("census_peak_rss_mib", s.max);
+        }
+        let done: Vec<f64> = samples.iter().filter_map(|c| c.census_done_ms).collect();
+        if let Some(s) = stats::spread(&done) {
+            run.set("census_done_ms", s.median);
+        }
+        if let Some(r) = samples.iter().filter_map(|c| c.rss_mib).reduce(f64::max) {
+            run.set("census_rss_mib", r);
+        }
+        if let Some(t) = samples.iter().filter_map(|c| c.tracked_sockets).max() {
+            run.set("census_tracked_sockets", t as f64);
+        }
+        for c in &samples {
+            if c.exit_code != Some(0) {
+                run.notes.push(format!(
+                    "a tracer started with the connections open exited with {:?}",
+                    c.exit_code
+                ));
+            }
+        }
+        run.detail["census_starts"] = serde_json::to_value(&samples)?;
         let (kind, stopped) = finish_tracer(&mut run, t, cpu0)?;
         let rep = reported(&kind, &stopped, &load.pids, HOLD_COMM);
         match rep.summary.as_ref().and_then(tracked_sockets) {
@@ -611,13 +769,66 @@ fn profile_run(ctx: &Ctx, v: &Variant, failures: u64) -> Result<Run> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The whole run.
+// What the binary offers.
 
-/// Which backends this kernel runs: each is started for a moment; (ran, skipped with reason).
-fn detect_backends(portexhaust: &Path) -> (Vec<String>, Vec<(String, String)>) {
+/// `portexhaust trace --help`, or an empty text if it cannot be run.
+fn trace_help(portexhaust: &Path) -> String {
+    Command::new(portexhaust)
+        .args(["trace", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The values `--backend` takes, as clap lists them in `trace --help`, without `auto`: either
+/// `[possible values: a, b]` or a `Possible values:` list of `- a: ...` lines under the option.
+pub fn parse_backend_values(help: &str) -> Vec<String> {
+    let mut lines = help.lines().skip_while(|l| !l.contains("--backend"));
+    let mut out: Vec<String> = Vec::new();
+    let mut first = true;
+    for line in lines.by_ref() {
+        let t = line.trim();
+        // The next option ends this one's text.
+        if !first && (t.starts_with("--") || (t.starts_with('-') && t.chars().nth(2) == Some(',')))
+        {
+            break;
+        }
+        first = false;
+        if let Some(rest) = t.split_once("[possible values:").map(|(_, r)| r) {
+            let list = rest.split(']').next().unwrap_or("");
+            out.extend(list.split(',').map(|v| v.trim().to_string()));
+        } else if let Some(item) = t.strip_prefix("- ") {
+            let name = item.split([':', ' ']).next().unwrap_or("").trim();
+            out.push(name.to_string());
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    out.into_iter()
+        .filter(|v| !v.is_empty() && v != "auto" && seen.insert(v.clone()))
+        .collect()
+}
+
+/// Whether this build's `trace` offers `--catch` (bind/UDP coverage on demand).
+pub fn offers_catch(help: &str) -> bool {
+    help.contains("--catch")
+}
+
+/// The reason a failed `portexhaust` command gives: its last non-empty stderr line.
+fn last_error_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no output")
+        .trim_start_matches("portexhaust: error: ")
+        .to_string()
+}
+
+/// Which of `names` this kernel runs: each is started for a moment; (ran, skipped with reason).
+fn detect_backends(portexhaust: &Path, names: &[String]) -> (Vec<String>, Vec<(String, String)>) {
     let mut ran = Vec::new();
     let mut skipped = Vec::new();
-    for b in ["fentry", "kprobe", "tracepoint"] {
+    for b in names {
         let out = Command::new(portexhaust)
             .args(["trace", "--json", "--backend", b, "--duration", "0.2"])
             .output();
@@ -627,21 +838,57 @@ fn detect_backends(portexhaust: &Path) -> (Vec<String>, Vec<(String, String)>) {
             {
                 ran.push(b.to_string())
             }
-            Ok(o) => {
-                let err = String::from_utf8_lossy(&o.stderr);
-                let reason = err
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("no output")
-                    .trim_start_matches("portexhaust: error: ")
-                    .to_string();
-                skipped.push((b.to_string(), reason));
-            }
+            Ok(o) => skipped.push((b.to_string(), last_error_line(&o.stderr))),
             Err(e) => skipped.push((b.to_string(), format!("could not start: {e}"))),
         }
     }
     (ran, skipped)
+}
+
+/// The backend a plain `trace` (no --backend) picks here, from its ready line: "... with the
+/// X backend".
+fn default_backend(portexhaust: &Path) -> Option<String> {
+    let o = Command::new(portexhaust)
+        .args(["trace", "--json", "--duration", "0.2"])
+        .output()
+        .ok()?;
+    parse_ready_backend(&String::from_utf8_lossy(&o.stderr))
+}
+
+pub fn parse_ready_backend(stderr: &str) -> Option<String> {
+    let line = stderr.lines().find(|l| l.contains("ready:"))?;
+    let (_, rest) = line.split_once("with the ")?;
+    let name = rest.split_whitespace().next()?;
+    rest.split_whitespace()
+        .nth(1)
+        .is_some_and(|w| w.starts_with("backend"))
+        .then(|| name.to_string())
+}
+
+/// What this machine (or guest) runs, found out by asking the binary.
+struct Offer {
+    backends_ran: Vec<String>,
+    backends_skipped: Vec<(String, String)>,
+    default_backend: Option<String>,
+    catch: bool,
+}
+
+fn discover(portexhaust: &Path) -> Result<Offer> {
+    let help = trace_help(portexhaust);
+    let names = parse_backend_values(&help);
+    if names.is_empty() {
+        bail!(
+            "`{} trace --help` lists no --backend values (cannot tell which backends to measure)",
+            portexhaust.display()
+        );
+    }
+    let (backends_ran, backends_skipped) = detect_backends(portexhaust, &names);
+    Ok(Offer {
+        default_backend: default_backend(portexhaust),
+        catch: offers_catch(&help),
+        backends_ran,
+        backends_skipped,
+    })
 }
 
 fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
@@ -684,7 +931,8 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Everything a run produced: the JSON file, and what the markdown is rendered from.
+/// Everything a run produced: the JSON file, and what the markdown is rendered from. A guest
+/// of `--vm` writes one of these too (one per kernel, inside vm-results.json).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub schema: u32,
@@ -692,9 +940,18 @@ pub struct Results {
     pub machine: sys::Machine,
     pub git: String,
     pub bpftrace: Option<String>,
+    /// Why bpftrace was not measured, when it was not.
+    #[serde(default)]
+    pub bpftrace_skipped: Option<String>,
     pub plan: Plan,
     pub backends_ran: Vec<String>,
     pub backends_skipped: Vec<(String, String)>,
+    /// The backend a plain `trace` picks on this kernel (the targets are about it).
+    #[serde(default)]
+    pub default_backend: Option<String>,
+    /// Whether the binary offers `trace --catch` (then `catch/B` variants ran).
+    #[serde(default)]
+    pub catch_offered: bool,
     pub variants: Vec<String>,
     pub loadavg_start: [f64; 3],
     pub loadavg_end: [f64; 3],
@@ -703,6 +960,20 @@ pub struct Results {
     pub targets: Vec<report::Target>,
     pub failed_runs: Vec<String>,
     pub runs: Vec<Run>,
+}
+
+impl Results {
+    /// Summaries and verdicts again from the runs, so that a change in how they are computed
+    /// applies to earlier measurements too.
+    fn recompute(&mut self) {
+        self.summary = report::summarise(&self.runs);
+        self.targets = report::targets(
+            &self.summary,
+            &self.runs,
+            &self.variants,
+            self.default_backend.as_deref(),
+        );
+    }
 }
 
 fn rotated<T: Clone>(v: &[T], by: usize) -> Vec<T> {
@@ -714,37 +985,252 @@ fn rotated<T: Clone>(v: &[T], by: usize) -> Vec<T> {
     v
 }
 
-pub fn bench(args: &BenchArgs) -> Result<()> {
+/// The variants each scenario runs.
+struct Sets {
+    /// Churn and the two-process storm.
+    main: Vec<Variant>,
+    /// The one-process storm: `main` and the hooks-only diagnostics.
+    storm: Vec<Variant>,
+    /// Ownership tracking at scale: portexhaust only (bpftrace has none).
+    scale: Vec<Variant>,
+}
+
+impl Sets {
+    fn new(offer: &Offer, bpftrace: bool, diagnostics: bool) -> Self {
+        let b = &offer.backends_ran;
+        let mut main = vec![Variant::Untraced];
+        main.extend(b.iter().map(|b| Variant::portexhaust(b, Flavor::Default)));
+        if diagnostics {
+            // The same tracer with `--no-blame`: failures only, what the blame machinery costs.
+            main.extend(b.iter().map(|b| Variant::portexhaust(b, Flavor::NoBlame)));
+        }
+        if offer.catch {
+            main.extend(b.iter().map(|b| Variant::portexhaust(b, Flavor::Catch)));
+        }
+        if bpftrace {
+            main.push(Variant::Traced(TracerKind::Bpftrace));
+        }
+        let mut storm = main.clone();
+        if diagnostics {
+            // Every program attached, nothing reported.
+            storm.extend(b.iter().map(|b| Variant::portexhaust(b, Flavor::HooksOnly)));
+        }
+        let scale = main
+            .iter()
+            .filter(|v| !matches!(v, Variant::Traced(TracerKind::Bpftrace)))
+            .cloned()
+            .collect();
+        Self { main, storm, scale }
+    }
+}
+
+/// Every scenario of the plan that `wanted` lets through, interleaved in rotating order.
+/// Scenarios whose size in the plan is zero are skipped (a guest's plan has only two).
+fn run_plan(
+    ctx: &Ctx,
+    sets: &Sets,
+    wanted: &dyn Fn(ScenarioArg) -> bool,
+    started: Instant,
+) -> (Vec<Run>, Vec<String>) {
+    let plan = &ctx.plan;
+    let mut runs: Vec<Run> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut record = |what: String, r: Result<Run>| match r {
+        Ok(run) => {
+            let key = [
+                "failures_per_s",
+                "connects_per_s",
+                "open_rate_per_s",
+                "bpf_ns_per_failure",
+                "ready_ms",
+            ]
+            .iter()
+            .find_map(|k| {
+                run.metrics
+                    .get(*k)
+                    .map(|v| format!("{k}={}", stats::human(*v)))
+            })
+            .unwrap_or_default();
+            ctx.say(&format!(
+                "[{:>5.0}s] {what}: {key}{}",
+                started.elapsed().as_secs_f64(),
+                if run.notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", run.notes.join("; "))
+                }
+            ));
+            runs.push(run);
+        }
+        Err(e) => {
+            ctx.say(&format!("{what} FAILED: {e:#}"));
+            failed.push(format!("{what}: {e:#}"));
+        }
+    };
+    let traced: Vec<Variant> = sets
+        .main
+        .iter()
+        .filter(|v| matches!(v, Variant::Traced(_)))
+        .cloned()
+        .collect();
+    if wanted(ScenarioArg::Start) {
+        for i in 0..plan.ready_starts {
+            for v in rotated(&traced, i as usize) {
+                record(format!("start {} #{i}", v.name()), start_run(ctx, &v, i));
+            }
+        }
+    }
+    for rep in 0..plan.reps {
+        if wanted(ScenarioArg::Churn) && plan.churn_secs > 0.0 {
+            for v in rotated(&sets.main, rep as usize) {
+                record(
+                    format!("churn {} #{rep}", v.name()),
+                    churn_run(ctx, &v, rep),
+                );
+            }
+        }
+        if wanted(ScenarioArg::Storm) && plan.storm_failures > 0 {
+            for v in rotated(&sets.storm, rep as usize + 1) {
+                record(
+                    format!("storm {} #{rep}", v.name()),
+                    storm_run(ctx, &v, rep, 1, plan.storm_failures),
+                );
+            }
+        }
+        if wanted(ScenarioArg::Storm2) && plan.storm2_failures_each > 0 {
+            for v in rotated(&sets.main, rep as usize + 2) {
+                record(
+                    format!("storm2 {} #{rep}", v.name()),
+                    storm_run(ctx, &v, rep, 2, plan.storm2_failures_each),
+                );
+            }
+        }
+    }
+    if wanted(ScenarioArg::Scale) {
+        for rep in 0..plan.scale_reps {
+            for &n in &plan.scale_sizes {
+                for v in rotated(&sets.scale, rep as usize) {
+                    record(
+                        format!("scale {n} {} #{rep}", v.name()),
+                        scale_run(ctx, &v, rep, n),
+                    );
+                }
+            }
+        }
+    }
+    if wanted(ScenarioArg::Profile) && plan.profile_failures > 0 {
+        for v in &traced {
+            record(
+                format!("profile {}", v.name()),
+                profile_run(ctx, v, plan.profile_failures),
+            );
+        }
+    }
+    (runs, failed)
+}
+
+/// Where a run's files go: (BENCHMARKS.md, the JSON file).
+fn out_paths(args: &BenchArgs, file: &str) -> (PathBuf, PathBuf) {
     let root = workspace_root();
-    if let Some(json) = &args.render {
-        let text =
-            std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
-        let mut results: Results = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a results file of this version", json.display()))?;
-        // Summaries and verdicts are recomputed from the runs, so that a change in how they
-        // are computed applies to earlier measurements too.
-        results.summary = report::summarise(&results.runs);
-        results.targets = report::targets(&results.summary, &results.runs, &results.variants);
-        let out = match &args.out_dir {
-            Some(d) => d.join("BENCHMARKS.md"),
-            None => root.join("BENCHMARKS.md"),
-        };
-        let analysis = std::fs::read_to_string(root.join("bench/analysis.md")).ok();
-        std::fs::write(&out, report::markdown(&results, analysis.as_deref()))
-            .with_context(|| format!("writing {}", out.display()))?;
-        eprintln!(
-            "xtask: bench: rendered {} from {}",
-            out.display(),
-            json.display()
-        );
-        return Ok(());
+    match (&args.out_dir, args.quick) {
+        (Some(d), _) => (d.join("BENCHMARKS.md"), d.join(file)),
+        (None, true) => {
+            let d = root.join("target/bench-quick");
+            (d.join("BENCHMARKS.md"), d.join(file))
+        }
+        (None, false) => (root.join("BENCHMARKS.md"), root.join("bench").join(file)),
     }
-    if !is_root() {
-        bail!(
-            "the benchmarks need root (they load eBPF programs and create network namespaces): \
-             run `sudo -E cargo xtask bench`"
-        );
+}
+
+const RESULTS_FILE: &str = "results.json";
+const VM_RESULTS_FILE: &str = "vm-results.json";
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a results file of this version", path.display()))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Write BENCHMARKS.md from whichever of results.json and vm-results.json there are in
+/// `dir` (with `host` / `vm` taking their place when given).
+fn render_markdown(
+    out_md: &Path,
+    dir: &Path,
+    host: Option<Results>,
+    vm: Option<vm::VmResults>,
+) -> Result<()> {
+    let sibling = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+    let host = match host {
+        Some(h) => Some(h),
+        None => match sibling(RESULTS_FILE) {
+            Some(p) => Some(read_json::<Results>(&p)?),
+            None => None,
+        },
+    };
+    let vm = match vm {
+        Some(v) => Some(v),
+        None => match sibling(VM_RESULTS_FILE) {
+            Some(p) => Some(read_json::<vm::VmResults>(&p)?),
+            None => None,
+        },
+    };
+    let mut host = host;
+    if let Some(h) = host.as_mut() {
+        h.recompute();
+    }
+    let mut vm = vm;
+    if let Some(v) = vm.as_mut() {
+        v.recompute();
+    }
+    let analysis = std::fs::read_to_string(workspace_root().join("bench/analysis.md")).ok();
+    let text = report::markdown(host.as_ref(), vm.as_ref(), analysis.as_deref());
+    if let Some(d) = out_md.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    std::fs::write(out_md, text).with_context(|| format!("writing {}", out_md.display()))
+}
+
+/// `--render FILE`: either kind of results file; its partner in the same folder joins in.
+fn render_only(args: &BenchArgs, json: &Path) -> Result<()> {
+    let dir = json
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
+    let (host, vm) = if value.get("kernels").is_some() {
+        (None, Some(read_json::<vm::VmResults>(json)?))
+    } else {
+        (Some(read_json::<Results>(json)?), None)
+    };
+    let out = match &args.out_dir {
+        Some(d) => d.join("BENCHMARKS.md"),
+        None => workspace_root().join("BENCHMARKS.md"),
+    };
+    render_markdown(&out, &dir, host, vm)?;
+    eprintln!(
+        "xtask: bench: rendered {} from {}",
+        out.display(),
+        json.display()
+    );
+    Ok(())
+}
+
+/// Build the release binaries the bench runs (unless --no-build) and return their paths:
+/// (portexhaust, pxh-loadgen).
+fn binaries(args: &BenchArgs) -> Result<(PathBuf, PathBuf)> {
+    let root = workspace_root();
     if !args.no_build {
         setup()?;
         eprintln!("xtask: building portexhaust and pxh-loadgen (release)");
@@ -757,200 +1243,104 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             "pxh-loadgen",
         ]))?;
     }
-    let ctx = Ctx {
-        portexhaust: root.join("target/release/portexhaust"),
-        loadgen: root.join("target/release/pxh-loadgen"),
-        plan: Plan::new(args.quick, args.reps),
-    };
-    for b in [&ctx.portexhaust, &ctx.loadgen] {
+    let bins = (
+        root.join("target/release/portexhaust"),
+        root.join("target/release/pxh-loadgen"),
+    );
+    for b in [&bins.0, &bins.1] {
         if !b.exists() {
             bail!("{} is missing: run without --no-build", b.display());
         }
     }
-    let (out_md, out_json) = match (&args.out_dir, args.quick) {
-        (Some(d), _) => (d.join("BENCHMARKS.md"), d.join("results.json")),
-        (None, true) => {
-            let d = root.join("target/bench-quick");
-            (d.join("BENCHMARKS.md"), d.join("results.json"))
-        }
-        (None, false) => (root.join("BENCHMARKS.md"), root.join("bench/results.json")),
+    Ok(bins)
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    if let Some(json) = &args.render {
+        return render_only(args, json);
+    }
+    if !args.vm.is_empty() {
+        return vm::bench_vm(args);
+    }
+    let root = workspace_root();
+    if !is_root() {
+        bail!(
+            "the benchmarks need root (they load eBPF programs and create network namespaces): \
+             run `sudo -E cargo xtask bench`"
+        );
+    }
+    let (portexhaust, loadgen) = binaries(args)?;
+    let ctx = Ctx {
+        portexhaust,
+        loadgen,
+        plan: Plan::new(args.quick, args.reps),
+        ready_timeout: READY_TIMEOUT,
+        log: None,
     };
+    let (out_md, out_json) = out_paths(args, RESULTS_FILE);
     let wanted = |s: ScenarioArg| args.only.is_empty() || args.only.contains(&s);
 
     let started = Instant::now();
     let loadavg_start = sys::loadavg();
     let date = now_rfc3339();
-    let (backends_ran, backends_skipped) = detect_backends(&ctx.portexhaust);
-    for (b, why) in &backends_skipped {
-        eprintln!("xtask: bench: backend {b} skipped: {why}");
+    let offer = discover(&ctx.portexhaust)?;
+    for (b, why) in &offer.backends_skipped {
+        ctx.say(&format!("backend {b} skipped: {why}"));
     }
-    if backends_ran.is_empty() {
-        bail!("no portexhaust backend runs on this kernel: {backends_skipped:?}");
+    if offer.backends_ran.is_empty() {
+        bail!(
+            "no portexhaust backend runs on this kernel: {:?}",
+            offer.backends_skipped
+        );
     }
     let bpftrace = command_line("bpftrace", &["--version"]);
-    let mut variants = vec![Variant::Untraced];
-    variants.extend(backends_ran.iter().map(|b| {
-        Variant::Traced(TracerKind::Portexhaust {
-            backend: b.clone(),
-            filtered: false,
-            lean: false,
-        })
-    }));
-    // The same tracer with `--no-blame`: failures only, what the blame machinery costs.
-    variants.extend(backends_ran.iter().map(|b| {
-        Variant::Traced(TracerKind::Portexhaust {
-            backend: b.clone(),
-            filtered: false,
-            lean: true,
-        })
-    }));
-    match &bpftrace {
-        Some(_) => variants.push(Variant::Traced(TracerKind::Bpftrace)),
+    let bpftrace_skipped = match &bpftrace {
+        Some(_) => None,
         None => {
-            eprintln!("xtask: bench: bpftrace is not installed: `cargo xtask setup` installs it")
-        }
-    }
-    // Diagnostic for the one-process storm: every program attached, nothing reported.
-    let mut storm_variants = variants.clone();
-    storm_variants.extend(backends_ran.iter().map(|b| {
-        Variant::Traced(TracerKind::Portexhaust {
-            backend: b.clone(),
-            filtered: true,
-            lean: false,
-        })
-    }));
-    // bpftrace has no ownership tracking: at scale only the untraced system is compared.
-    let scale_variants: Vec<Variant> = variants
-        .iter()
-        .filter(|v| !matches!(v, Variant::Traced(TracerKind::Bpftrace)))
-        .cloned()
-        .collect();
-
-    let plan = ctx.plan.clone();
-    let mut runs: Vec<Run> = Vec::new();
-    let mut failed: Vec<String> = Vec::new();
-    let mut record = |what: String, r: Result<Run>| match r {
-        Ok(run) => {
-            let key = [
-                "failures_per_s",
-                "connects_per_s",
-                "open_rate_per_s",
-                "bpf_ns_per_failure",
-            ]
-            .iter()
-            .find_map(|k| {
-                run.metrics
-                    .get(*k)
-                    .map(|v| format!("{k}={}", stats::human(*v)))
-            })
-            .unwrap_or_default();
-            eprintln!(
-                "xtask: bench: [{:>5.0}s] {what}: {key}{}",
-                started.elapsed().as_secs_f64(),
-                if run.notes.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", run.notes.join("; "))
-                }
-            );
-            runs.push(run);
-        }
-        Err(e) => {
-            eprintln!("xtask: bench: {what} FAILED: {e:#}");
-            failed.push(format!("{what}: {e:#}"));
+            ctx.say("bpftrace is not installed: `cargo xtask setup` installs it");
+            Some("bpftrace is not installed (`cargo xtask setup` installs it)".to_string())
         }
     };
-    for rep in 0..plan.reps {
-        for v in rotated(&variants, rep as usize) {
-            if wanted(ScenarioArg::Churn) {
-                record(
-                    format!("churn {} #{rep}", v.name()),
-                    churn_run(&ctx, &v, rep),
-                );
-            }
-        }
-        for v in rotated(&storm_variants, rep as usize + 1) {
-            if wanted(ScenarioArg::Storm) {
-                record(
-                    format!("storm {} #{rep}", v.name()),
-                    storm_run(&ctx, &v, rep, 1, plan.storm_failures),
-                );
-            }
-        }
-        for v in rotated(&variants, rep as usize + 2) {
-            if wanted(ScenarioArg::Storm2) {
-                record(
-                    format!("storm2 {} #{rep}", v.name()),
-                    storm_run(&ctx, &v, rep, 2, plan.storm2_failures_each),
-                );
-            }
-        }
-    }
-    if wanted(ScenarioArg::Scale) {
-        for rep in 0..plan.scale_reps {
-            for &n in &plan.scale_sizes {
-                for v in rotated(&scale_variants, rep as usize) {
-                    record(
-                        format!("scale {n} {} #{rep}", v.name()),
-                        scale_run(&ctx, &v, rep, n),
-                    );
-                }
-            }
-        }
-    }
+    let sets = Sets::new(&offer, bpftrace.is_some(), true);
+    let (runs, failed) = run_plan(&ctx, &sets, &wanted, started);
 
-    if wanted(ScenarioArg::Profile) {
-        for v in variants.iter().filter(|v| matches!(v, Variant::Traced(_))) {
-            record(
-                format!("profile {}", v.name()),
-                profile_run(&ctx, v, plan.profile_failures),
-            );
-        }
-    }
-
-    let summary = report::summarise(&runs);
-    let variant_names: Vec<String> = storm_variants.iter().map(Variant::name).collect();
-    let targets = report::targets(&summary, &runs, &variant_names);
-    let results = Results {
-        schema: 1,
+    let mut results = Results {
+        schema: 2,
         date,
         machine: sys::machine(),
         git: git_revision(&root),
         bpftrace,
-        plan,
-        backends_ran,
-        backends_skipped,
-        variants: variant_names,
+        bpftrace_skipped,
+        plan: ctx.plan.clone(),
+        backends_ran: offer.backends_ran,
+        backends_skipped: offer.backends_skipped,
+        default_backend: offer.default_backend,
+        catch_offered: offer.catch,
+        variants: sets.storm.iter().map(Variant::name).collect(),
         loadavg_start,
         loadavg_end: sys::loadavg(),
         elapsed_s: started.elapsed().as_secs_f64(),
-        summary,
-        targets,
+        summary: Vec::new(),
+        targets: Vec::new(),
         failed_runs: failed,
         runs,
     };
-    let analysis = std::fs::read_to_string(root.join("bench/analysis.md")).ok();
-    for p in [&out_md, &out_json] {
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
-    }
-    std::fs::write(&out_json, serde_json::to_string_pretty(&results)? + "\n")
-        .with_context(|| format!("writing {}", out_json.display()))?;
-    std::fs::write(&out_md, report::markdown(&results, analysis.as_deref()))
-        .with_context(|| format!("writing {}", out_md.display()))?;
+    results.recompute();
+    write_json(&out_json, &results)?;
     println!("{}", report::targets_table(&results.targets));
+    let (elapsed, failed_runs) = (results.elapsed_s, results.failed_runs.clone());
+    let dir = out_json.parent().unwrap_or(Path::new(".")).to_path_buf();
+    render_markdown(&out_md, &dir, Some(results), None)?;
     eprintln!(
-        "xtask: bench: wrote {} and {} in {:.0} s",
+        "xtask: bench: wrote {} and {} in {elapsed:.0} s",
         out_md.display(),
         out_json.display(),
-        results.elapsed_s
     );
-    if !results.failed_runs.is_empty() {
+    if !failed_runs.is_empty() {
         bail!(
             "{} run(s) failed (listed in the results): {}",
-            results.failed_runs.len(),
-            results.failed_runs.join("; ")
+            failed_runs.len(),
+            failed_runs.join("; ")
         );
     }
     Ok(())
@@ -991,11 +1381,48 @@ mod tests {
     }
 
     #[test]
+    fn backend_values_come_from_either_help_format() {
+        let long = "Options:\n      --json\n          NDJSON\n\n      --backend <BACKEND>\n          Probe backend\n\n          Possible values:\n          - auto:       fentry, then kprobe\n          - fentry:     fentry/fexit on x\n          - tp-btf:     BTF raw tracepoint\n          - tracepoint: syscalls\n          \n          [default: auto]\n\n      --record <FILE>\n          - not: a value\n";
+        assert_eq!(
+            parse_backend_values(long),
+            vec!["fentry", "tp-btf", "tracepoint"]
+        );
+        let short = "      --backend <BACKEND>  Probe backend [default: auto] [possible values: auto, fentry, kprobe, raw-tp]\n      --record <FILE>  x\n";
+        assert_eq!(
+            parse_backend_values(short),
+            vec!["fentry", "kprobe", "raw-tp"]
+        );
+        assert!(parse_backend_values("--pid <PID>\n").is_empty());
+        assert!(offers_catch("      --catch <WHAT>  bind,udp"));
+        assert!(!offers_catch(short));
+    }
+
+    #[test]
+    fn the_ready_line_names_the_backend() {
+        let err = "portexhaust: ready: tracing port-exhaustion failures with the tracepoint backend for 0.2s\nportexhaust: census: 3 TCP sockets\n";
+        assert_eq!(parse_ready_backend(err).as_deref(), Some("tracepoint"));
+        assert_eq!(parse_ready_backend("portexhaust: error: x\n"), None);
+    }
+
+    #[test]
     fn plans_differ_in_size_only() {
         let q = Plan::new(true, None);
         let f = Plan::new(false, None);
         assert!(q.reps < f.reps && q.storm_failures < f.storm_failures);
         assert_eq!(q.scale_sizes, f.scale_sizes);
         assert_eq!(Plan::new(false, Some(9)).reps, 9);
+        assert_eq!(f.ready_starts, 15);
+        // A guest runs the churn and the one-process storm only.
+        let vm = Plan::vm(false, None);
+        assert!(vm.storm_failures > 0 && vm.churn_secs > 0.0);
+        assert_eq!(
+            (
+                vm.storm2_failures_each,
+                vm.profile_failures,
+                vm.ready_starts
+            ),
+            (0, 0, 0)
+        );
+        assert!(vm.scale_sizes.is_empty());
     }
 }

@@ -5,6 +5,7 @@
 mod bench;
 mod setup;
 mod test;
+mod vm;
 mod vmtest;
 
 use anyhow::Result;
@@ -40,6 +41,9 @@ enum Cmd {
     /// Measure cost and exactness against the untraced kernel and bpftrace; writes
     /// BENCHMARKS.md and bench/results.json (as root).
     Bench(bench::BenchArgs),
+    /// Inside a `bench --vm` guest: run the plan the host wrote (started by the guest's /init).
+    #[command(hide = true)]
+    BenchGuest(bench::GuestArgs),
 }
 
 fn main() -> Result<()> {
@@ -52,5 +56,6 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test::test(&args),
         Cmd::Vmtest(args) => vmtest::vmtest(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::BenchGuest(args) => bench::bench_guest(&args),
     }
 }

@@ -9,9 +9,6 @@
 //!
 //! Files: vm/kernels.rs (fetch and cache kernels), vm/initramfs.rs + vm/cpio.rs + vm/init.sh
 //! (the guest), vm/qemu.rs (one boot), vm/protocol.rs (guest records and their judgement).
-#[path = "vm/mod.rs"]
-mod vm;
-
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -21,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use vm::{
+use crate::vm::{
     initramfs::{self, GuestConfig, Payload},
     kernels::{self, ArchiveSource, FetchOptions, Kernel, KernelSpec},
     protocol::{self, Cell, Expect, GuestReport, Status},
@@ -184,7 +181,7 @@ fn log(msg: impl AsRef<str>) {
     eprintln!("vmtest: {}", msg.as_ref());
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))
@@ -192,7 +189,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 /// What the run needs from the host, said all at once rather than failing half-way.
-fn check_host_tools(offline: bool) -> Result<PathBuf> {
+pub fn check_host_tools(offline: bool) -> Result<PathBuf> {
     let mut missing = Vec::new();
     if find_in_path("qemu-system-x86_64").is_none() {
         missing.push("qemu-system-x86_64 (Debian package qemu-system-x86)");
@@ -466,12 +463,15 @@ impl Run<'_> {
             workload_ports: WORKLOAD_PORTS,
             workload_failures: WORKLOAD_FAILURES,
             exec: args.exec.clone(),
+            bench_plan: None,
+            bench_timeout_secs: 0,
         };
         let size = initramfs::build(
             &Payload {
                 busybox: &self.busybox,
                 portexhaust: binary,
                 modules: &kernel.modules,
+                programs: &[],
             },
             &guest,
             &image,
@@ -493,6 +493,8 @@ impl Run<'_> {
                 memory_mb: args.memory_mb,
                 smp: args.smp,
                 timeout: Duration::from_secs(args.timeout_secs),
+                append: "",
+                qemu_args: &[],
             },
             |line, at| {
                 if line.contains("@@PXH-BOOTED") {

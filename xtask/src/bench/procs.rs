@@ -149,16 +149,46 @@ impl Load {
 // ---------------------------------------------------------------------------------------------
 // Tracers.
 
+/// Which `portexhaust trace` a variant runs, beyond its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// Plain `trace` (blame on): what the targets are about.
+    Default,
+    /// `trace --no-blame`: failures only, no ownership tracking or latency histograms
+    /// (a diagnostic variant).
+    NoBlame,
+    /// `trace --pid 1`: every program runs but no failure passes the filter: what tracking
+    /// costs without reporting (a diagnostic variant).
+    HooksOnly,
+    /// `trace --catch bind,udp`: bind(0) EADDRINUSE and UDP EAGAIN coverage switched on, so
+    /// that its extra cost shows on its own (only for a binary whose help offers `--catch`).
+    Catch,
+}
+
+impl Flavor {
+    /// The variant name's prefix: `portexhaust/fentry`, `no-blame/fentry`, ...
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Default => "portexhaust",
+            Self::NoBlame => "no-blame",
+            Self::HooksOnly => "hooks-only",
+            Self::Catch => "catch",
+        }
+    }
+
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            Self::Default => &[],
+            Self::NoBlame => &["--no-blame"],
+            Self::HooksOnly => &["--pid", "1"],
+            Self::Catch => &["--catch", "bind,udp"],
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TracerKind {
-    /// `filtered`: run with `--pid 1`, so every program runs but no failure passes the
-    /// filter: what tracking costs without reporting (a diagnostic variant).
-    Portexhaust {
-        backend: String,
-        filtered: bool,
-        /// `trace --no-blame`: failures only, no ownership tracking or latency histograms.
-        lean: bool,
-    },
+    Portexhaust { backend: String, flavor: Flavor },
     Bpftrace,
 }
 
@@ -172,6 +202,8 @@ const BPFTRACE_ATTACHED: &str = "__BPFTRACE_NOTIFY_PROBES_ATTACHED";
 enum Marker {
     Attaching,
     Ready,
+    /// portexhaust's `census:` line (after ready: its count of the sockets already open).
+    Census,
 }
 
 /// What a tracer wrote on stdout: a count of lines and the last one (portexhaust streams one
@@ -232,6 +264,9 @@ pub struct Tracer {
     /// bpftrace only: from spawn to its "Attaching N probes..." line.
     pub attaching_after: Option<Duration>,
     out: Option<JoinHandle<Tally>>,
+    /// Markers that come after ready (the census line), read when the tracer is stopped.
+    markers: Receiver<(Marker, Instant)>,
+    t0: Instant,
     /// Where portexhaust's stdout goes (removed when the tracer is dropped).
     out_file: Option<PathBuf>,
     err: Option<JoinHandle<String>>,
@@ -273,24 +308,17 @@ pub struct Stopped {
     pub exit: Exit,
     pub out: Tally,
     pub stderr: String,
+    /// From spawn to portexhaust's `census:` line, if it printed one.
+    pub census_after: Option<Duration>,
 }
 
 impl Tracer {
     pub fn start(kind: TracerKind, portexhaust: &Path, ready_timeout: Duration) -> Result<Self> {
         let mut cmd = match &kind {
-            TracerKind::Portexhaust {
-                backend,
-                filtered,
-                lean,
-            } => {
+            TracerKind::Portexhaust { backend, flavor } => {
                 let mut c = Command::new(portexhaust);
-                c.args(["trace", "--json", "--backend", backend]);
-                if *filtered {
-                    c.args(["--pid", "1"]);
-                }
-                if *lean {
-                    c.arg("--no-blame");
-                }
+                c.args(["trace", "--json", "--backend", backend])
+                    .args(flavor.args());
                 c
             }
             TracerKind::Bpftrace => {
@@ -331,6 +359,8 @@ impl Tracer {
                     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                         if line.contains("ready:") {
                             let _ = tx.send((Marker::Ready, Instant::now()));
+                        } else if line.starts_with("portexhaust: census:") {
+                            let _ = tx.send((Marker::Census, Instant::now()));
                         }
                         all.push_str(&line);
                         all.push('\n');
@@ -382,14 +412,20 @@ impl Tracer {
             ready_after: Duration::ZERO,
             attaching_after: None,
             out,
+            markers: rx,
+            t0,
             out_file,
             err: Some(err),
             reaped: false,
         };
         let deadline = t0 + ready_timeout;
         loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            let got = tracer
+                .markers
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            match got {
                 Ok((Marker::Attaching, at)) => tracer.attaching_after = Some(at - t0),
+                Ok((Marker::Census, _)) => {}
                 Ok((Marker::Ready, at)) => {
                     tracer.ready_after = at - t0;
                     return Ok(tracer);
@@ -410,7 +446,7 @@ impl Tracer {
     /// SIGINT (both tracers print their results on it), then reap with wait4 for its rusage.
     pub fn stop(mut self) -> Result<Stopped> {
         sys::signal(self.pid, libc::SIGINT);
-        let exit = match sys::wait4_timeout(self.pid, Duration::from_secs(60)) {
+        let exit = match self.wait_after_sigint(Duration::from_secs(60)) {
             Some(e) => e,
             None => {
                 sys::signal(self.pid, libc::SIGKILL);
@@ -429,7 +465,41 @@ impl Tracer {
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
-        Ok(Stopped { exit, out, stderr })
+        // The stderr reader has ended (joined above): every marker it sent is here.
+        let census_after = self
+            .markers
+            .try_iter()
+            .find_map(|(m, at)| matches!(m, Marker::Census).then(|| at - self.t0));
+        Ok(Stopped {
+            exit,
+            out,
+            stderr,
+            census_after,
+        })
+    }
+}
+
+impl Tracer {
+    /// Wait for the tracer to exit after SIGINT. bpftrace (0.17) only notices SIGINT when it
+    /// interrupts its epoll_wait: one that arrives between the attached notice and the first
+    /// epoll_wait sets its flag and is then never looked at again, and bpftrace runs until
+    /// killed (and loses its counts). So bpftrace gets SIGINT again every half second until
+    /// it has gone; portexhaust handles the first one.
+    fn wait_after_sigint(&self, timeout: Duration) -> Option<sys::Exit> {
+        if !matches!(self.kind, TracerKind::Bpftrace) {
+            return sys::wait4_timeout(self.pid, timeout);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(e) = sys::wait4_timeout(self.pid, left.min(Duration::from_millis(500))) {
+                return Some(e);
+            }
+            if left.is_zero() || !sys::is_our_child(self.pid) {
+                return None;
+            }
+            sys::signal(self.pid, libc::SIGINT);
+        }
     }
 }
 

@@ -246,6 +246,22 @@ pub fn wait4_timeout(pid: u32, timeout: Duration) -> Option<Exit> {
     }
 }
 
+/// Whether `pid` is still a child of ours that has not been reaped (running or a zombie), so
+/// that a signal to it cannot reach some other process that reused the number.
+pub fn is_our_child(pid: u32) -> bool {
+    // SAFETY: waitid with WNOWAIT only looks; it writes the siginfo it is given.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    r == 0
+}
+
 pub fn signal(pid: u32, sig: i32) {
     // SAFETY: signalling a child of ours by pid.
     unsafe { libc::kill(pid as i32, sig) };

@@ -2,7 +2,7 @@
 # PID 1 of the vmtest guest (busybox sh). Built into the initramfs by xtask/src/vm/initramfs.rs.
 #
 # It runs `portexhaust selftest` and a short `trace --json` session over a real exhaustion for
-# each backend in $PXH_BACKENDS, and reports on a serial port of its own (ttyS1) so that kernel
+# each backend in $PXH_BACKENDS (or, with PXH_MODE=bench, the benchmarks), and reports on a serial port of its own (ttyS1) so that kernel
 # messages on the console (ttyS0) never interleave with the records. The record format is
 # parsed by xtask/src/vm/protocol.rs: keep the two in step.
 #
@@ -100,6 +100,35 @@ step_begin() {
     say "@@PXH-BEGIN backend=$1 step=$2@@"
     echo "vmtest: $1 $2"
 }
+
+# `cargo xtask bench --vm`: instead of the checks, the bench harness (the host's own xtask
+# binary) runs the plan in /vmtest/bench-plan.json; it reports progress on $R itself as
+# @@PXH-LOG lines, and its results travel back as a file.
+if [ "$PXH_MODE" = bench ]; then
+    # --vm-exec: the developer's own commands first (for digging into a result).
+    for f in /vmtest/exec/*; do
+        [ -f "$f" ] || continue
+        n=$(basename "$f")
+        step_begin exec "$n"
+        t0=$(now)
+        timeout -s KILL "$PXH_BENCH_TIMEOUT" sh "$f" > /tmp/exec.$n.out 2>&1 < /dev/null
+        rc=$?
+        t1=$(now)
+        send_file "exec.$n.out" /tmp/exec.$n.out
+        say "@@PXH-STEP backend=exec step=$n exit=$rc secs=$((t1 - t0))@@"
+    done
+    step_begin bench run
+    t0=$(now)
+    timeout -s KILL "$PXH_BENCH_TIMEOUT" pxh-xtask bench-guest \
+        --plan /vmtest/bench-plan.json --out /tmp/bench.json --log $R \
+        > /tmp/bench.out 2> /tmp/bench.err < /dev/null
+    rc=$?
+    t1=$(now)
+    send_file bench.json /tmp/bench.json
+    send_file bench.err /tmp/bench.err
+    say "@@PXH-STEP backend=bench step=run exit=$rc secs=$((t1 - t0))@@"
+    finish
+fi
 
 run_selftest() {
     b=$1

@@ -25,6 +25,11 @@ pub struct GuestConfig {
     pub workload_failures: u32,
     /// Shell commands run after the checks (`--exec`), in order.
     pub exec: Vec<String>,
+    /// `cargo xtask bench --vm`: the guest runs `pxh-xtask bench-guest` with this plan (JSON)
+    /// instead of the checks.
+    pub bench_plan: Option<String>,
+    /// Inside the guest, kill the bench after this long.
+    pub bench_timeout_secs: u64,
 }
 
 impl GuestConfig {
@@ -32,14 +37,20 @@ impl GuestConfig {
         // Values are plain words (checked by the CLI), so no quoting beyond "..." is needed.
         format!(
             "PXH_KERNEL=\"{}\"\nPXH_MODE=\"{}\"\nPXH_BACKENDS=\"{}\"\nPXH_STEP_TIMEOUT=\"{}\"\n\
-             PXH_TRACE_SECS=\"{}\"\nPXH_WORKLOAD_PORTS=\"{}\"\nPXH_WORKLOAD_FAILURES=\"{}\"\n",
+             PXH_TRACE_SECS=\"{}\"\nPXH_WORKLOAD_PORTS=\"{}\"\nPXH_WORKLOAD_FAILURES=\"{}\"\n\
+             PXH_BENCH_TIMEOUT=\"{}\"\n",
             self.kernel_label,
-            if self.boot_only { "boot" } else { "full" },
+            match (self.boot_only, &self.bench_plan) {
+                (true, _) => "boot",
+                (false, Some(_)) => "bench",
+                (false, None) => "full",
+            },
             self.backends.join(" "),
             self.step_timeout_secs,
             self.trace_secs,
             self.workload_ports,
             self.workload_failures,
+            self.bench_timeout_secs,
         )
     }
 }
@@ -102,6 +113,8 @@ pub struct Payload<'a> {
     /// None for a boot-only run.
     pub portexhaust: Option<&'a Path>,
     pub modules: &'a [PathBuf],
+    /// More programs, each with the libraries it links: (host path, guest path).
+    pub programs: &'a [(PathBuf, String)],
 }
 
 /// Assemble the image and write it to `dest`; returns its size in bytes.
@@ -133,6 +146,10 @@ pub fn build(payload: &Payload, guest: &GuestConfig, dest: &Path) -> Result<u64>
         a.copy_from_host(bin, "/usr/bin/portexhaust")?;
         programs.push(bin);
     }
+    for (host, guest_path) in payload.programs {
+        a.copy_from_host(host, guest_path)?;
+        programs.push(host);
+    }
     for prog in programs {
         for lib in shared_libraries(prog)? {
             let guest_path = lib.to_string_lossy().into_owned();
@@ -150,6 +167,9 @@ pub fn build(payload: &Payload, guest: &GuestConfig, dest: &Path) -> Result<u64>
             0o644,
             format!("{cmd}\n").into_bytes(),
         )?;
+    }
+    if let Some(plan) = &guest.bench_plan {
+        a.file("/vmtest/bench-plan.json", 0o644, plan.clone().into_bytes())?;
     }
     a.dir("/vmtest/modules")?;
     for m in payload.modules {
@@ -192,9 +212,16 @@ mod tests {
             workload_ports: 10,
             workload_failures: 20,
             exec: Vec::new(),
+            bench_plan: None,
+            bench_timeout_secs: 0,
         };
         let env = g.env_file();
         assert!(env.contains("PXH_BACKENDS=\"fentry kprobe\"\n"));
         assert!(env.contains("PXH_MODE=\"full\"\n"));
+        let bench = GuestConfig {
+            bench_plan: Some("{}".into()),
+            ..g
+        };
+        assert!(bench.env_file().contains("PXH_MODE=\"bench\"\n"));
     }
 }

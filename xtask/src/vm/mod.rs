@@ -1,4 +1,5 @@
-//! Pieces of `cargo xtask vmtest` (see ../vmtest.rs for the command itself).
+//! Booting Debian kernels under QEMU with a busybox initramfs: the machinery of `cargo xtask
+//! vmtest` (../vmtest.rs) and of `cargo xtask bench --vm` (../bench/vm.rs).
 pub mod cpio;
 pub mod initramfs;
 pub mod kernels;

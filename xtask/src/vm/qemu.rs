@@ -19,6 +19,10 @@ pub struct BootConfig<'a> {
     pub memory_mb: u32,
     pub smp: u32,
     pub timeout: Duration,
+    /// More kernel command-line words (appended after the console settings).
+    pub append: &'a str,
+    /// More QEMU options, after the others.
+    pub qemu_args: &'a [&'a str],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +84,14 @@ pub fn boot(cfg: &BootConfig, mut on_results: impl FnMut(&str, Duration)) -> Res
         // makes the console tail of a failed boot worth reading; earlyprintk covers a kernel
         // that dies before its console driver starts (seen with too little memory).
         // panic=-1: a panic reboots at once, and -no-reboot turns that into QEMU exiting.
-        .args(["-append", "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1"])
+        .arg("-append")
+        .arg(
+            format!(
+                "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 {}",
+                cfg.append
+            )
+            .trim_end(),
+        )
         .arg("-no-reboot")
         .args([
             "-chardev",
@@ -92,6 +103,7 @@ pub fn boot(cfg: &BootConfig, mut on_results: impl FnMut(&str, Duration)) -> Res
             "-serial",
             "chardev:res",
         ])
+        .args(cfg.qemu_args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log_file))
         .stderr(Stdio::from(log_err));
