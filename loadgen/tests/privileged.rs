@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use portexhaust::loader::{BackendRequest, Filters, Tracer};
+use portexhaust::kernel::loader::{BackendRequest, Filters, Tracer};
 use pxh_loadgen::report::{ChurnReport, HoldReport, Ready, StormReport};
 use serde::de::DeserializeOwned;
 

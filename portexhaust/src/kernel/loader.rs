@@ -741,16 +741,16 @@ mod tests {
                 .get(p.name)
                 .unwrap_or_else(|| panic!("{} is not in the object", p.name));
             use aya_obj::ProgramSection as S;
-            let ok = match (&p.hook, &prog.section) {
-                (Hook::TracePoint { .. }, S::TracePoint) => true,
-                (Hook::BtfTracePoint(_), S::BtfTracePoint) => true,
-                (Hook::RawTracePoint(_), S::RawTracePoint) => true,
-                (Hook::FEntry(_), S::FEntry { .. }) => true,
-                (Hook::FExit(_), S::FExit { .. }) => true,
-                (Hook::KProbe(_), S::KProbe) => true,
-                (Hook::KRetProbe(_), S::KRetProbe) => true,
-                _ => false,
-            };
+            let ok = matches!(
+                (&p.hook, &prog.section),
+                (Hook::TracePoint { .. }, S::TracePoint)
+                    | (Hook::BtfTracePoint(_), S::BtfTracePoint)
+                    | (Hook::RawTracePoint(_), S::RawTracePoint)
+                    | (Hook::FEntry(_), S::FEntry { .. })
+                    | (Hook::FExit(_), S::FExit { .. })
+                    | (Hook::KProbe(_), S::KProbe)
+                    | (Hook::KRetProbe(_), S::KRetProbe)
+            );
             assert!(
                 ok,
                 "{}: table says {:?}, object has {:?}",
