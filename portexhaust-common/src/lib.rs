@@ -38,6 +38,7 @@ pub mod names {
     pub const OWNERS: &str = "OWNERS";
     pub const PROCS: &str = "PROCS";
     pub const DEST_STATS: &str = "DEST_STATS";
+    pub const CONN_MEMO: &str = "CONN_MEMO";
 
     /// Global: which backend the object was loaded for ([`super::Backend`] code, `u32`).
     pub const GLOBAL_BACKEND: &str = "BACKEND";
@@ -45,6 +46,9 @@ pub mod names {
     pub const GLOBAL_FILTER_FLAGS: &str = "FILTER_FLAGS";
     /// Global: ownership tracking and latency histograms on (1) or off (0), `u32`.
     pub const GLOBAL_TRACK_BLAME: &str = "TRACK_BLAME";
+    /// Global: failure events each CPU may stream per second (`u32`; 0: no limit). Beyond it a
+    /// storm's failures are counted exactly and tallied, not streamed one by one.
+    pub const GLOBAL_EVENTS_PER_CPU: &str = "EVENTS_PER_CPU";
     /// Global: which failure kinds the syscall tracepoints report (`KIND_*` bits, `u32`).
     pub const GLOBAL_SYSCALL_KINDS: &str = "SYSCALL_KINDS";
     /// Global: the kernel struct offsets of [`super::Offsets`], one `u32` global each, named
@@ -75,5 +79,7 @@ pub mod stat {
     pub const PENDING_DELETES: u32 = 6;
     /// A kernel read through a BTF offset failed (the offsets do not fit this kernel).
     pub const READ_ERRORS: u32 = 7;
-    pub const LEN: u32 = 8;
+    /// Failures over the per-second event budget: counted, not streamed.
+    pub const SUPPRESSED: u32 = 8;
+    pub const LEN: u32 = 9;
 }

@@ -73,9 +73,13 @@ pub struct CountValue {
     pub last_ns: u64,
     /// The command name seen at the first failure of this key.
     pub comm: [u8; COMM_LEN],
+    /// Of `count`, failures that were not streamed as events: over the per-second event budget
+    /// of a storm, or refused by a full ring buffer. User space turns its increase into exact
+    /// `tally` lines, so every failure is either an event or in a tally, never both.
+    pub unstreamed: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<CountValue>() == 40);
+const _: () = assert!(core::mem::size_of::<CountValue>() == 48);
 
 /// `Inflight::kind`.
 pub const INFLIGHT_CONNECT: u8 = 1;
@@ -124,11 +128,10 @@ const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
 /// The socket left through FIN_WAIT1/FIN_WAIT2/CLOSING -> CLOSE: its tuple is in TIME_WAIT
 /// from `at_ns` (60 s, TCP_TIMEWAIT_LEN).
 pub const OWNER_TIME_WAIT: u32 = 2;
-/// The socket was bound to a local port before connect().
-pub const OWNER_BOUND: u32 = 8;
 
-/// The process that opened an outgoing TCP connection (captured at CLOSE -> SYN_SENT, in the
-/// connecting task's own context). Its command and cgroup are in `PROCS`, once per process.
+/// The process that closed a connection actively (captured at ESTABLISHED -> FIN_WAIT1, in the
+/// closing task's own context): it leaves the TIME_WAIT socket behind. Its command and cgroup
+/// are in `PROCS`, once per process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -137,9 +140,9 @@ pub struct Owner {
     /// Start time of the process (`group_leader->start_boottime`, ns since boot): with the pid
     /// it identifies the process even after the pid is reused. 0 when unknown.
     pub start_ns: u64,
-    /// `bpf_ktime_get_ns()` of CLOSE -> SYN_SENT while the connection is open, of its CLOSE
-    /// (when its TIME_WAIT began) once `OWNER_TIME_WAIT` is set. One field for both: the map
-    /// holds 100k+ of these, and no reader needs the two at once.
+    /// `bpf_ktime_get_ns()` of the active close, then of its CLOSE (when its TIME_WAIT began)
+    /// once `OWNER_TIME_WAIT` is set. One field for both: the map holds 100k+ of these, and no
+    /// reader needs the two at once.
     pub at_ns: u64,
 }
 
@@ -204,19 +207,32 @@ const _: () = assert!(core::mem::size_of::<DestKey>() == 24);
 pub const LATENCY_BUCKETS: usize = 32;
 
 /// connect() statistics per destination, updated with atomic adds (one entry per destination
-/// whatever the number of CPUs, unlike a per-CPU map).
+/// whatever the number of CPUs, unlike a per-CPU map). Failures are not counted here: `COUNTS`
+/// has them exactly per process and destination, and the failure path stays short.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DestStats {
-    /// TCP connects that reached port selection and have an outcome (established or failed).
+    /// TCP connects that were established (new connections holding a port). Per-CPU runs of
+    /// connects to one destination are added here when the CPU moves on (`ConnMemo`).
     pub connects: u64,
-    /// Of those, failed in port selection.
-    pub failures: u64,
-    /// Latency from CLOSE -> SYN_SENT to ESTABLISHED (or to the failure).
+    /// Their latency, from CLOSE -> SYN_SENT (port selection starts) to ESTABLISHED, for a
+    /// sample: per CPU, the first connect of each jiffy and the first after a change of
+    /// destination (every connect of a quiet host; a few hundred a second per CPU in a storm).
     pub hist: [u64; LATENCY_BUCKETS],
 }
 
-const _: () = assert!(core::mem::size_of::<DestStats>() == 272);
+/// Per CPU: the destination this CPU's last established connects went to, and how many are
+/// not yet in `DEST_STATS`. User space adds `pending` when it reads the counts.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnMemo {
+    pub key: DestKey,
+    pub pending: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ConnMemo>() == 32);
+
+const _: () = assert!(core::mem::size_of::<DestStats>() == 264);
 
 /// Kernel struct offsets, resolved from the running kernel's BTF at load time (Rust eBPF emits
 /// no CO-RE relocations) and handed to the programs as one `u32` global each.
@@ -243,11 +259,14 @@ pub struct Offsets {
     pub tcp_write_seq: u32,
     // struct socket
     pub socket_type: u32,
+    // net->ipv4.ip_local_ports.range, and whether it is one packed u32 (else int[2])
+    pub net_port_range: u32,
+    pub port_range_packed: u32,
 }
 
 impl Offsets {
     /// Global names, in field order (see [`Offsets::values`]).
-    pub const GLOBALS: [&'static str; 18] = [
+    pub const GLOBALS: [&'static str; 20] = [
         "OFF_TASK_NSPROXY",
         "OFF_NSPROXY_NET",
         "OFF_NET_INUM",
@@ -266,9 +285,11 @@ impl Offsets {
         "OFF_INET_SPORT",
         "OFF_TCP_WRITE_SEQ",
         "OFF_SOCKET_TYPE",
+        "OFF_NET_PORT_RANGE",
+        "PORT_RANGE_PACKED",
     ];
 
-    pub const fn values(&self) -> [u32; 18] {
+    pub const fn values(&self) -> [u32; 20] {
         [
             self.task_nsproxy,
             self.nsproxy_net_ns,
@@ -288,6 +309,8 @@ impl Offsets {
             self.inet_sport,
             self.tcp_write_seq,
             self.socket_type,
+            self.net_port_range,
+            self.port_range_packed,
         ]
     }
 }
@@ -313,4 +336,5 @@ mod pod {
     unsafe impl aya::Pod for super::ProcInfo {}
     unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::DestStats {}
+    unsafe impl aya::Pod for super::ConnMemo {}
 }

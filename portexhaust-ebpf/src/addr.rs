@@ -25,6 +25,19 @@ pub fn v4_mapped(a: Addr) -> Addr {
     [0, 0xffff_0000 | ((a[0] & 0xffff_ffff) << 32)]
 }
 
+/// 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104: a connect to these completes (or fails) inside
+/// the connect() call, in the connecting task (loopback delivers in the sender's softirq, and
+/// the handshake's reply waits in the socket's backlog until connect() releases it).
+#[inline(always)]
+pub fn is_loopback(family: u16, a: Addr) -> bool {
+    if family == portexhaust_common::AF_INET {
+        return a[0] & 0xff == 127;
+    }
+    // Memory order, little-endian words: ::1 is [0, 1 << 56]; ::ffff:127.x is
+    // [0, 0xffff_0000 | 127 << 32 | ...].
+    a[0] == 0 && (a[1] == 1 << 56 || a[1] & 0xff_ffff_ffff == 0x7f_ffff_0000)
+}
+
 #[inline(always)]
 pub fn is_zero(a: Addr) -> bool {
     a[0] | a[1] == 0

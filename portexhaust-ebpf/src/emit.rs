@@ -13,7 +13,7 @@ use portexhaust_common::{
 use crate::{
     addr::{Addr, bytes},
     globals,
-    maps::{COUNTS, EVENTS, FILTER_COMMS, FILTER_DPORTS, FILTER_PIDS, LAST_WAKEUP, STATS},
+    maps::{BUDGET, COUNTS, EVENTS, FILTER_COMMS, FILTER_DPORTS, FILTER_PIDS, LAST_WAKEUP, STATS},
 };
 
 #[inline(always)]
@@ -108,6 +108,50 @@ pub struct Failure {
     pub flags: u8,
 }
 
+/// Over the budget, the clock is read once per this many failures.
+const CLOCK_EVERY: u64 = 64;
+
+/// Whether this CPU may stream one more event in the current second, and the time to count
+/// the failure at. Over the budget a storm's failures are still counted exactly (and tallied
+/// by user space from `unstreamed`), but skip the ring buffer, the event's helpers, the
+/// reader's formatting, and all but one clock read in 64 (a TSC read under virtualisation
+/// costs more than the rest of a suppressed failure's accounting): their count's last time
+/// lags by at most 63 failures, and the budget's second by as many.
+#[inline(always)]
+fn budget() -> (bool, u64) {
+    let budget = globals::events_per_cpu();
+    if budget == 0 {
+        return (true, now_ns());
+    }
+    let Some(b) = BUDGET.get_ptr_mut(0) else {
+        return (true, now_ns());
+    };
+    // SAFETY: per-CPU slot, only this CPU touches it while the program runs.
+    unsafe {
+        if (*b)[1] < budget {
+            let now = now_ns();
+            if now.wrapping_sub((*b)[0]) >= 1_000_000_000 {
+                (*b)[0] = now;
+                (*b)[1] = 0;
+            }
+            (*b)[1] += 1;
+            (*b)[3] = now;
+            return (true, now);
+        }
+        (*b)[2] += 1;
+        if (*b)[2] % CLOCK_EVERY == 0 {
+            let now = now_ns();
+            (*b)[3] = now;
+            if now.wrapping_sub((*b)[0]) >= 1_000_000_000 {
+                (*b)[0] = now;
+                (*b)[1] = 1;
+                return (true, now);
+            }
+        }
+        (false, (*b)[3])
+    }
+}
+
 /// Count a failure exactly and send its event. Failures are rare compared with connect() calls,
 /// so everything costly (comm, cgroup, map updates) happens here and not on the entry path.
 /// Always runs in the failing task's context, so `current` is the process to blame.
@@ -116,12 +160,30 @@ pub struct Failure {
 pub fn report(f: &Failure) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    // The command only where something needs it: a comm filter, a new count key, an event.
+    let comm_filter = globals::filter_flags() & FILTER_COMM != 0;
+    let mut comm = [0u8; COMM_LEN];
+    let mut have_comm = comm_filter;
+    if comm_filter {
+        comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    }
     if !passes_filters(pid, &comm, f.dport) {
         return;
     }
-    let now = now_ns();
     bump(stat::FAILURES);
+    // Reserve first: whether the failure is streamed decides its count's `unstreamed` part.
+    let (streamed, now) = budget();
+    let mut entry = if streamed {
+        let e = EVENTS.reserve::<FailureEvent>(0);
+        if e.is_none() {
+            bump(stat::RINGBUF_DROPS);
+        }
+        e
+    } else {
+        bump(stat::SUPPRESSED);
+        None
+    };
+    let unstreamed = u64::from(entry.is_none());
 
     let key = CountKey {
         pid,
@@ -134,37 +196,38 @@ pub fn report(f: &Failure) {
         daddr: bytes(f.daddr),
     };
     match COUNTS.get_ptr_mut(key) {
-        Some(v) => {
-            // SAFETY: `v` points into the map value; the count is updated atomically because
-            // several CPUs may fail towards the same key at once.
-            unsafe {
-                atomic_add(&raw mut (*v).count, 1);
-                (*v).last_ns = now;
-            }
-        }
+        // SAFETY (both arms): `v` points into the map value; counts are updated atomically
+        // because several CPUs may fail towards the same key at once.
+        Some(v) => unsafe { count_into(v, now, unstreamed) },
         None => {
+            if !have_comm {
+                comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+                have_comm = true;
+            }
             let fresh = CountValue {
                 count: 1,
                 first_ns: now,
                 last_ns: now,
                 comm,
+                unstreamed,
             };
             // BPF_NOEXIST: if another CPU inserted the key meanwhile, add to its value instead.
             if COUNTS.insert(key, fresh, 1).is_err() {
                 match COUNTS.get_ptr_mut(key) {
-                    // SAFETY: as above.
-                    Some(v) => unsafe { atomic_add(&raw mut (*v).count, 1) },
+                    Some(v) => unsafe { count_into(v, now, unstreamed) },
                     None => bump(stat::COUNT_MAP_FULL),
                 }
             }
         }
     }
 
-    let Some(mut entry) = EVENTS.reserve::<FailureEvent>(0) else {
-        bump(stat::RINGBUF_DROPS);
+    let Some(e) = entry.as_mut() else {
         return;
     };
-    entry.write(FailureEvent {
+    if !have_comm {
+        comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    }
+    e.write(FailureEvent {
         ts_ns: now,
         // SAFETY: helper without arguments, available to tracing programs since 4.18.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -185,5 +248,22 @@ pub fn report(f: &Failure) {
         cause: f.cause as u8,
         _pad: [0; 3],
     });
-    entry.submit(wakeup_flags(now));
+    if let Some(e) = entry {
+        e.submit(wakeup_flags(now));
+    }
+}
+
+/// One more failure in an existing count.
+///
+/// # Safety
+/// `v` must point into a live `COUNTS` value.
+#[inline(always)]
+unsafe fn count_into(v: *mut CountValue, now: u64, unstreamed: u64) {
+    unsafe {
+        atomic_add(&raw mut (*v).count, 1);
+        if unstreamed != 0 {
+            atomic_add(&raw mut (*v).unstreamed, 1);
+        }
+        (*v).last_ns = now;
+    }
 }

@@ -17,6 +17,10 @@ static FILTER_FLAGS: u32 = 0;
 #[unsafe(no_mangle)]
 static TRACK_BLAME: u32 = 1;
 
+/// Failure events each CPU may stream per second; 0: every one (see emit.rs).
+#[unsafe(no_mangle)]
+static EVENTS_PER_CPU: u32 = 0;
+
 /// Which failure kinds the syscall tracepoints report (`KIND_*` bits); 0 when they are not
 /// attached. `inet_sock_set_state` marks the in-flight connect() only when this is non-zero.
 #[unsafe(no_mangle)]
@@ -65,6 +69,11 @@ static OFF_INET_SPORT: u32 = 0;
 static OFF_TCP_WRITE_SEQ: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SOCKET_TYPE: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NET_PORT_RANGE: u32 = 0;
+/// 1: `net.ipv4.ip_local_ports.range` is one u32 (lo | hi << 16, 6.7+); 0: `int range[2]`.
+#[unsafe(no_mangle)]
+static PORT_RANGE_PACKED: u32 = 0;
 
 #[inline(always)]
 fn get(v: &'static u32) -> u32 {
@@ -93,6 +102,11 @@ pub fn filter_flags() -> u32 {
 #[inline(always)]
 pub fn blame() -> bool {
     get(&TRACK_BLAME) != 0
+}
+
+#[inline(always)]
+pub fn events_per_cpu() -> u64 {
+    u64::from(get(&EVENTS_PER_CPU))
 }
 
 #[inline(always)]
@@ -144,5 +158,11 @@ pub mod off {
         inet_sport => OFF_INET_SPORT,
         tcp_write_seq => OFF_TCP_WRITE_SEQ,
         socket_type => OFF_SOCKET_TYPE,
+        net_port_range => OFF_NET_PORT_RANGE,
+    }
+
+    #[inline(always)]
+    pub fn port_range_packed() -> bool {
+        get(&PORT_RANGE_PACKED) != 0
     }
 }

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use portexhaust_common::{
-    COMM_LEN, CountKey, CountValue, DestKey, DestStats, Inflight, Owner, ProcInfo, ProcKey,
-    TupleKey, stat,
+    COMM_LEN, ConnMemo, CountKey, CountValue, DestKey, DestStats, Inflight, Owner, ProcInfo,
+    ProcKey, TupleKey, stat,
 };
 
 /// Failure events for user space. 2 MiB holds ~20k events, ~130 ms of the fastest storm
@@ -27,6 +27,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0)
 /// Per CPU: when this CPU last asked for a ring-buffer wakeup (`bpf_ktime_get_ns`).
 #[map]
 pub static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU: the event budget's window start, events streamed in it, failures over it since
+/// the clock was last read, and that clock reading (see emit.rs).
+#[map]
+pub static BUDGET: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
@@ -57,15 +62,27 @@ pub static SOCK_TYPES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536,
 
 /// Connects between CLOSE -> SYN_SENT and their outcome, by kernel socket address. Only the
 /// handshakes in flight live here, so it is small; from ESTABLISHED the owner moves to `OWNERS`
-/// (never both at once).
+/// (never both at once). Loopback connects, whose outcome comes inside the connect() itself,
+/// wait in `PENDING_SLOT` instead (see state.rs).
 #[map]
-pub static PENDING: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(4096, 0);
+pub static PENDING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
-/// Owners by (netns, 4-tuple), from ESTABLISHED through TIME_WAIT: TIME_WAIT sockets have no
-/// owner in the kernel, this map remembers who created them. User space removes entries whose
-/// TIME_WAIT is over; the kernel removes those that close without TIME_WAIT.
+/// Owners by (netns, 4-tuple) of sockets closed actively, from the close through TIME_WAIT:
+/// TIME_WAIT sockets have no owner in the kernel, this map remembers the process that closed
+/// them (live sockets are named by the process holding their file). Only sockets whose local
+/// port is in their namespace's ephemeral range: those are the ones that exhaust it. User
+/// space removes entries whose TIME_WAIT is over.
 #[map]
 pub static OWNERS: LruHashMap<TupleKey, Owner> = LruHashMap::with_max_entries(131072, 0);
+
+/// Per CPU: the loopback connect in flight on this CPU, as (socket address, start time).
+#[map]
+pub static PENDING_SLOT: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU: the last connecting task (its `task_struct` address), its pid and start time,
+/// whose `PROCS` entry is known to exist.
+#[map]
+pub static LAST_PROC: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Command and cgroup of each connecting process, once per process rather than per socket.
 #[map]
@@ -74,6 +91,14 @@ pub static PROCS: LruHashMap<ProcKey, ProcInfo> = LruHashMap::with_max_entries(8
 /// connect() count and latency histogram per destination.
 #[map]
 pub static DEST_STATS: LruHashMap<DestKey, DestStats> = LruHashMap::with_max_entries(4096, 0);
+
+/// Per CPU: the run of established connects to one destination not yet in `DEST_STATS`.
+#[map]
+pub static CONN_MEMO: PerCpuArray<ConnMemo> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per CPU: the jiffy and destination signature of the last connect whose latency was timed.
+#[map]
+pub static SAMPLED: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// One all-zero DestStats to insert from: 272 bytes would crowd the 512-byte BPF stack.
 #[map]

@@ -71,6 +71,18 @@ impl Sock for PerfSock {
     }
 
     #[inline(always)]
+    fn dest(&self) -> Option<(u16, u16, Addr)> {
+        let family: u16 = self.rec(28);
+        let dport: u16 = self.rec(26);
+        let daddr = if family == AF_INET {
+            addr::v4(self.rec(36))
+        } else {
+            self.addr16(56)
+        };
+        Some((family, dport, daddr))
+    }
+
+    #[inline(always)]
     fn num(&self) -> Option<u16> {
         if !globals::have_sock_offsets() {
             return None;
@@ -100,5 +112,13 @@ impl Sock for PerfSock {
             return 0;
         }
         self.sk.netns()
+    }
+
+    #[inline(always)]
+    fn port_range(&self) -> Option<(u16, u16)> {
+        if !globals::have_sock_offsets() {
+            return None;
+        }
+        self.sk.port_range()
     }
 }

@@ -35,6 +35,8 @@ pub trait Sock {
     fn addr(&self) -> u64;
     fn is_tcp(&self) -> bool;
     fn conn(&self) -> Option<Conn>;
+    /// Family, destination port (host order) and address only (cheaper than `conn`).
+    fn dest(&self) -> Option<(u16, u16, Addr)>;
     /// `inet_num`: the local port the socket holds (host order), 0 when it has none.
     fn num(&self) -> Option<u16>;
     /// `tcp_sock.write_seq`: 0 until tcp_v{4,6}_connect() got past port selection.
@@ -43,6 +45,8 @@ pub trait Sock {
     /// Network namespace inode of the socket (`sk->__sk_common.skc_net.net->ns.inum`), 0 when
     /// unknown.
     fn netns(&self) -> u32;
+    /// The socket's namespace's `ip_local_port_range` (`net->ipv4.ip_local_ports.range`).
+    fn port_range(&self) -> Option<(u16, u16)>;
 }
 
 /// Low-level field access, implemented by the two pointer kinds.
@@ -53,7 +57,7 @@ pub trait Fields {
     /// A field of `tcp_sock` (which begins with `inet_sock`, which begins with `sock`).
     fn tcp_field<T: Copy>(&self, off: usize) -> Option<T>;
     /// A field of the `struct net` a pointer field of the socket points to.
-    fn net_field(&self, ptr_off: usize, off: usize) -> Option<u32>;
+    fn net_field<T: Copy>(&self, ptr_off: usize, off: usize) -> Option<T>;
 }
 
 /// A BTF-typed `struct sock *` (see the module comment).
@@ -85,13 +89,13 @@ impl Fields for BtfSock {
     }
 
     #[inline(always)]
-    fn net_field(&self, ptr_off: usize, off: usize) -> Option<u32> {
+    fn net_field<T: Copy>(&self, ptr_off: usize, off: usize) -> Option<T> {
         // SAFETY: as `field`; the loaded pointer is typed `struct net *` by the verifier.
         let net = unsafe { core::ptr::read_volatile(self.0.add(ptr_off) as *const *const u8) };
         if net.is_null() {
             return None;
         }
-        Some(unsafe { core::ptr::read_volatile(net.add(off) as *const u32) })
+        Some(unsafe { core::ptr::read_volatile(net.add(off) as *const T) })
     }
 }
 
@@ -122,13 +126,13 @@ impl Fields for ProbeSock {
     }
 
     #[inline(always)]
-    fn net_field(&self, ptr_off: usize, off: usize) -> Option<u32> {
+    fn net_field<T: Copy>(&self, ptr_off: usize, off: usize) -> Option<T> {
         let net: u64 = self.field(ptr_off)?;
         if net == 0 {
             return None;
         }
         // SAFETY: as `field`.
-        unsafe { bpf_probe_read_kernel((net as *const u8).add(off) as *const u32) }.ok()
+        unsafe { bpf_probe_read_kernel((net as *const u8).add(off) as *const T) }.ok()
     }
 }
 
@@ -180,6 +184,18 @@ impl<F: Fields> Sock for F {
     }
 
     #[inline(always)]
+    fn dest(&self) -> Option<(u16, u16, Addr)> {
+        let family: u16 = self.field(off::skc_family())?;
+        let dport = u16::from_be(self.field(off::skc_dport())?);
+        let daddr = if family == AF_INET {
+            addr4(self, off::skc_daddr())?
+        } else {
+            addr16(self, off::skc_v6_daddr())?
+        };
+        Some((family, dport, daddr))
+    }
+
+    #[inline(always)]
     fn num(&self) -> Option<u16> {
         self.field(off::skc_num())
     }
@@ -196,6 +212,19 @@ impl<F: Fields> Sock for F {
 
     #[inline(always)]
     fn netns(&self) -> u32 {
-        self.net_field(off::skc_net(), off::net_inum()).unwrap_or(0)
+        self.net_field::<u32>(off::skc_net(), off::net_inum())
+            .unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn port_range(&self) -> Option<(u16, u16)> {
+        if off::port_range_packed() {
+            let v: u32 = self.net_field(off::skc_net(), off::net_port_range())?;
+            Some((v as u16, (v >> 16) as u16))
+        } else {
+            let lo: u32 = self.net_field(off::skc_net(), off::net_port_range())?;
+            let hi: u32 = self.net_field(off::skc_net(), off::net_port_range() + 4)?;
+            Some((lo as u16, hi as u16))
+        }
     }
 }

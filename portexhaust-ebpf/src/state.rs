@@ -18,22 +18,26 @@
 //!   TIME_WAIT mini-socket with the same 4-tuple; from other states the port is free again.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_get_current_cgroup_id,
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_jiffies64},
     },
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use portexhaust_common::{
     AF_INET, COMM_LEN, Cause, DestKey, DestStats, EADDRNOTAVAIL, EVENT_BOUND, EVENT_SADDR_KNOWN,
-    INFLIGHT_SYN_SENT, IPPROTO_TCP, LATENCY_BUCKETS, OWNER_BOUND, OWNER_TIME_WAIT, Owner, ProcInfo,
-    ProcKey, Site, TcpState, TupleKey, stat,
+    INFLIGHT_SYN_SENT, IPPROTO_TCP, LATENCY_BUCKETS, OWNER_TIME_WAIT, Owner, ProcInfo, ProcKey,
+    Site, TcpState, TupleKey, stat,
 };
 
 use crate::{
     addr::{self, bytes},
     emit::{Failure, atomic_add, bump, now_ns, report},
     globals,
-    maps::{DEST_STATS, OWNERS, PENDING, PROCS, SYSCALL_INFLIGHT, ZERO_STATS},
+    maps::{
+        CONN_MEMO, DEST_STATS, LAST_PROC, OWNERS, PENDING, PENDING_SLOT, PROCS, SAMPLED,
+        SYSCALL_INFLIGHT, ZERO_STATS,
+    },
     sock::{BtfSock, Conn, ProbeSock, Sock},
     task::{current_netns, current_start_ns},
 };
@@ -41,6 +45,7 @@ use crate::{
 const CLOSE: i32 = TcpState::Close as i32;
 const SYN_SENT: i32 = TcpState::SynSent as i32;
 const ESTABLISHED: i32 = TcpState::Established as i32;
+const FIN_WAIT1: i32 = TcpState::FinWait1 as i32;
 
 /// Dispatch one transition. Most transitions on a busy host (both ends of every connection,
 /// ~10 per connection) are none of these and return before any memory access.
@@ -54,12 +59,17 @@ pub fn on_state(s: &impl Sock, old: i32, new: i32) {
         } else if new == ESTABLISHED {
             connect_established(s);
         }
-    } else if new == CLOSE && globals::blame() {
-        socket_closed(s, old);
+    } else if !globals::blame() {
+    } else if old == ESTABLISHED && new == FIN_WAIT1 {
+        active_close(s);
+    } else if new == CLOSE && TcpState::from_u8(old as u8).is_some_and(TcpState::ends_in_time_wait)
+    {
+        time_wait_begins(s);
     }
 }
 
-/// CLOSE -> SYN_SENT, in the connecting task: remember who opens the connection.
+/// CLOSE -> SYN_SENT, in the connecting task: note when port selection starts, for the
+/// connect latency of the destination.
 // Out of line: each transition gets its own 512-byte BPF stack frame.
 #[inline(never)]
 fn connect_start(s: &impl Sock) {
@@ -77,22 +87,76 @@ fn connect_start(s: &impl Sock) {
     if !globals::blame() {
         return;
     }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let start_ns = current_start_ns();
-    let bound = s.num().is_some_and(|n| n != 0);
-    let owner = Owner {
-        pid,
-        flags: if bound { OWNER_BOUND } else { 0 },
-        start_ns,
-        at_ns: now_ns(),
+    // Latency is sampled: at most one connect per CPU and jiffy is timed (every connect of a
+    // quiet host; a few hundred a second per CPU in a storm), so the others read no clock.
+    let Some((family, dport, daddr)) = s.dest() else {
+        return;
     };
+    if !sample_now(daddr[0] ^ daddr[1] ^ u64::from(dport)) {
+        return;
+    }
+    let at = now_ns();
+    // A loopback connect has its outcome before connect() returns, in this task: it waits in
+    // this CPU's slot, which costs no map update (one left there by a task that moved to
+    // another CPU inside connect(), rare, is overwritten: one sample lost). Every other
+    // connect's outcome comes later, maybe on another CPU, so it waits in the shared map.
+    if addr::is_loopback(family, daddr) {
+        if let Some(slot) = PENDING_SLOT.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
+            unsafe { *slot = [s.addr(), at] };
+        }
+        return;
+    }
+    pend(s.addr(), at);
+}
+
+/// Whether this CPU's connect now is timed: the first of each jiffy, and the first after a
+/// change of destination (`dest`: a signature of it), so that a quiet destination next to a
+/// busy one still gets its samples.
+#[inline(always)]
+fn sample_now(dest: u64) -> bool {
+    // SAFETY: helper without arguments (5.5+): a plain read of jiffies, no clock source.
+    let j = unsafe { bpf_jiffies64() };
+    let Some(last) = SAMPLED.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot.
+    unsafe {
+        if (*last)[0] == j && (*last)[1] == dest {
+            return false;
+        }
+        *last = [j, dest];
+    }
+    true
+}
+
+#[inline(always)]
+fn pend(sk: u64, at: u64) {
     // BPF_NOEXIST first, to count only new keys (the eviction count is derived from this).
-    if PENDING.insert(s.addr(), owner, 1).is_ok() {
+    if PENDING.insert(sk, at, 1).is_ok() {
         bump(stat::PENDING_INSERTS);
     } else {
-        let _ = PENDING.insert(s.addr(), owner, 0);
+        let _ = PENDING.insert(sk, at, 0);
     }
-    // The command and cgroup once per process, so that exited owners are still named.
+}
+
+/// The start time of the current process, making sure `PROCS` names it (command and cgroup,
+/// once per process, so that exited owners are still named). Remembered per CPU for the last
+/// task seen: a process that closes in a loop pays for it once, not per close.
+#[inline(always)]
+fn known_process(pid: u32) -> u64 {
+    // SAFETY: helper without arguments; the address only identifies the task.
+    let task = unsafe { bpf_get_current_task() };
+    let last = LAST_PROC.get_ptr_mut(0);
+    if let Some(l) = last {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            if (*l)[0] == task && (*l)[1] == u64::from(pid) {
+                return (*l)[2];
+            }
+        }
+    }
+    let start_ns = current_start_ns();
     let key = ProcKey {
         pid,
         _pad: 0,
@@ -106,34 +170,42 @@ fn connect_start(s: &impl Sock) {
         };
         let _ = PROCS.insert(key, info, 0);
     }
+    if let Some(l) = last {
+        // SAFETY: this CPU's slot.
+        unsafe { *l = [task, u64::from(pid), start_ns] };
+    }
+    start_ns
 }
 
-const NO_OWNER: Owner = Owner {
-    pid: 0,
-    flags: 0,
-    start_ns: 0,
-    at_ns: 0,
-};
-
-/// Take the socket's pending connect into `out`, if it was seen starting.
-///
-/// An out-parameter the caller zeroes, not an `Option<Owner>`: LLVM may load a field of the
-/// `None` variant speculatively, and verifiers before 6.3 refuse any read of an uninitialised
-/// stack slot, even one whose value is never used.
+/// Take the socket's pending connect start, 0 if it was not timed. A loopback connect's is
+/// in this CPU's slot, any other's in the map.
 #[inline(always)]
-fn take_pending(s: &impl Sock, out: &mut Owner) -> bool {
+fn take_pending(s: &impl Sock, loopback: bool) -> u64 {
     if !globals::blame() {
-        return false;
+        return 0;
+    }
+    if loopback {
+        let Some(slot) = PENDING_SLOT.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: this CPU's slot.
+        unsafe {
+            if (*slot)[0] == s.addr() {
+                (*slot)[0] = 0;
+                return (*slot)[1];
+            }
+        }
+        return 0;
     }
     let Some(p) = PENDING.get_ptr(s.addr()) else {
-        return false;
+        return 0;
     };
     // SAFETY: the pointer is into the map value, copied out at once.
-    *out = unsafe { *p };
+    let at = unsafe { *p };
     if PENDING.remove(s.addr()).is_ok() {
         bump(stat::PENDING_DELETES);
     }
-    true
+    at
 }
 
 /// Why a SYN_SENT -> CLOSE happened inside connect(), if port selection is what failed.
@@ -158,18 +230,15 @@ fn connect_closed(s: &impl Sock) {
     if !s.is_tcp() {
         return;
     }
-    let mut pending = NO_OWNER;
-    let seen = take_pending(s, &mut pending);
     let Some(c) = s.conn() else {
         return;
     };
+    // The failure path needs no start time (its latency is not a connect's): only clear it.
+    take_pending(s, addr::is_loopback(c.family, c.daddr));
     let Some(cause) = port_selection_failure(s, &c) else {
         return;
     };
     let netns = s.netns();
-    if seen {
-        dest_outcome(netns, &c, true, pending.at_ns);
-    }
     if !globals::state_reports() {
         return; // the fentry/kprobe backends report from their own hooks
     }
@@ -213,20 +282,86 @@ fn tuple_of(netns: u32, c: &Conn) -> TupleKey {
     }
 }
 
-/// SYN_SENT -> ESTABLISHED: the owner moves from the socket address to the 4-tuple.
+/// SYN_SENT -> ESTABLISHED: count the new connection and, if it was timed, its latency.
 // Out of line: each transition gets its own 512-byte BPF stack frame.
 #[inline(never)]
 fn connect_established(s: &impl Sock) {
-    let mut owner = NO_OWNER;
-    if !take_pending(s, &mut owner) {
+    if !globals::blame() {
         return;
     }
-    let Some(c) = s.conn() else {
+    let Some((family, dport, daddr)) = s.dest() else {
         return;
     };
-    let netns = s.netns();
-    dest_outcome(netns, &c, false, owner.at_ns);
-    let key = tuple_of(netns, &c);
+    let at = take_pending(s, addr::is_loopback(family, daddr));
+    let key = DestKey {
+        netns: s.netns(),
+        family,
+        dport,
+        daddr: bytes(daddr),
+    };
+    let Some(m) = CONN_MEMO.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; compared field by field (words for the address: byte-array
+    // comparisons become calls or byte spills in BPF code).
+    unsafe {
+        let same = (*m).key.netns == key.netns
+            && (*m).key.family == key.family
+            && (*m).key.dport == key.dport
+            && addr::words(&(*m).key.daddr) == daddr;
+        if same && at == 0 {
+            (*m).pending += 1;
+            return;
+        }
+        if !same {
+            if (*m).pending > 0 {
+                dest_add(&(*m).key, (*m).pending, 0);
+            }
+            (*m).key = key;
+            (*m).pending = 0;
+        }
+        if at == 0 {
+            (*m).pending += 1;
+        } else {
+            dest_add(&key, 1, at);
+        }
+    }
+}
+
+/// The connection and whether its local port is in its namespace's ephemeral range: only
+/// those sockets use up the range (the server side of a connection keeps its listening port).
+#[inline(always)]
+fn ephemeral(s: &impl Sock) -> Option<Conn> {
+    if !s.is_tcp() {
+        return None;
+    }
+    // `inet_num` is the local port: one load decides before the whole tuple is read.
+    let num = s.num()?;
+    if let Some((lo, hi)) = s.port_range()
+        && (num < lo || num > hi)
+    {
+        return None;
+    }
+    s.conn()
+}
+
+/// ESTABLISHED -> FIN_WAIT1: the active close, in the closing task's context (close(),
+/// shutdown() or the process's exit): this process will leave the TIME_WAIT socket behind.
+// Out of line: each transition gets its own 512-byte BPF stack frame.
+#[inline(never)]
+fn active_close(s: &impl Sock) {
+    let Some(c) = ephemeral(s) else {
+        return;
+    };
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let owner = Owner {
+        pid,
+        flags: 0,
+        start_ns: known_process(pid),
+        at_ns: now_ns(),
+    };
+    let key = tuple_of(s.netns(), &c);
+    // BPF_NOEXIST first, to count only new keys (the eviction count is derived from this).
     if OWNERS.insert(key, owner, 1).is_ok() {
         bump(stat::OWNER_INSERTS);
     } else {
@@ -235,28 +370,20 @@ fn connect_established(s: &impl Sock) {
     }
 }
 
-/// X -> CLOSE after ESTABLISHED: TIME_WAIT follows an active close; otherwise forget the owner.
+/// FIN_WAIT1/FIN_WAIT2/CLOSING -> CLOSE: `tcp_time_wait()` replaced the socket with a
+/// TIME_WAIT mini-socket of the same 4-tuple (softirq or timer: `current` is not the owner).
 // Out of line: each transition gets its own 512-byte BPF stack frame.
 #[inline(never)]
-fn socket_closed(s: &impl Sock, old: i32) {
-    if !s.is_tcp() {
-        return;
-    }
-    let Some(c) = s.conn() else {
+fn time_wait_begins(s: &impl Sock) {
+    let Some(c) = ephemeral(s) else {
         return;
     };
-    let key = tuple_of(s.netns(), &c);
-    let time_wait = TcpState::from_u8(old as u8).is_some_and(TcpState::ends_in_time_wait);
-    if time_wait {
-        if let Some(p) = OWNERS.get_ptr_mut(key) {
-            // SAFETY: pointer into the map value.
-            unsafe {
-                (*p).at_ns = now_ns();
-                (*p).flags |= OWNER_TIME_WAIT;
-            }
+    if let Some(p) = OWNERS.get_ptr_mut(tuple_of(s.netns(), &c)) {
+        // SAFETY: pointer into the map value.
+        unsafe {
+            (*p).at_ns = now_ns();
+            (*p).flags |= OWNER_TIME_WAIT;
         }
-    } else if OWNERS.remove(key).is_ok() {
-        bump(stat::OWNER_DELETES);
     }
 }
 
@@ -274,16 +401,11 @@ fn latency_bucket(ns: u64) -> usize {
     }
 }
 
-/// Count a connect's outcome and its latency (from CLOSE -> SYN_SENT) per destination.
+/// Add `n` established connects to a destination, and the latency of one started at
+/// `connect_ns` (0: none timed).
 // Out of line: its key and scratch pointer get their own stack frame.
 #[inline(never)]
-fn dest_outcome(netns: u32, c: &Conn, failed: bool, connect_ns: u64) {
-    let key = DestKey {
-        netns,
-        family: c.family,
-        dport: c.dport,
-        daddr: bytes(c.daddr),
-    };
+fn dest_add(key: &DestKey, n: u64, connect_ns: u64) {
     let mut p = DEST_STATS.get_ptr_mut(key);
     if p.is_none() {
         let Some(zero) = ZERO_STATS.get_ptr(0) else {
@@ -298,16 +420,15 @@ fn dest_outcome(netns: u32, c: &Conn, failed: bool, connect_ns: u64) {
     let Some(p): Option<*mut DestStats> = p else {
         return;
     };
-    let bucket = latency_bucket(now_ns().saturating_sub(connect_ns));
     // SAFETY: pointer into the map value; atomic adds because one destination's connects
     // complete on several CPUs at once.
     unsafe {
-        atomic_add(&raw mut (*p).connects, 1);
-        if failed {
-            atomic_add(&raw mut (*p).failures, 1);
-        }
-        if let Some(h) = (*p).hist.get_mut(bucket) {
-            atomic_add(h, 1);
+        atomic_add(&raw mut (*p).connects, n);
+        if connect_ns != 0 {
+            let bucket = latency_bucket(now_ns().saturating_sub(connect_ns));
+            if let Some(h) = (*p).hist.get_mut(bucket) {
+                atomic_add(h, 1);
+            }
         }
     }
 }

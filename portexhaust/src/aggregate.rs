@@ -135,6 +135,7 @@ mod tests {
             first_ns: first,
             last_ns: last,
             comm: comm_bytes(comm),
+            unstreamed: 0,
         }
     }
 

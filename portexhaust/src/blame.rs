@@ -6,7 +6,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use portexhaust_common::{CountKey, CountValue, LATENCY_BUCKETS, OWNER_TIME_WAIT, TupleKey};
+use portexhaust_common::{
+    CountKey, CountValue, LATENCY_BUCKETS, OWNER_TIME_WAIT, TcpState, TupleKey,
+};
 use serde::Serialize;
 
 use crate::{
@@ -92,11 +94,12 @@ pub fn tuple_key(netns: u64, row: &SockRow) -> TupleKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attribution {
-    /// The kernel saw this process open the connection while tracing.
+    /// The kernel saw this process close the connection actively while tracing: it left the
+    /// TIME_WAIT socket behind (which no file, and nothing else in the kernel, names).
     Traced,
-    /// Opened before tracing started; the process holding its file now.
-    BeforeStart,
-    /// Opened before tracing started and no file refers to it (TIME_WAIT, orphan): unknown.
+    /// A live socket: the process holding its file now.
+    Fd,
+    /// Closed before tracing started (TIME_WAIT) or held by no file (an orphan): unknown.
     Unknown,
 }
 
@@ -210,13 +213,26 @@ pub fn usage(
             let owner = owners
                 .get(&tk)
                 .or_else(|| owners.get(&TupleKey { netns: 0, ..tk }));
-            let (hk, alive) = match (owner, fd_owners.get(&row.inode)) {
-                (Some(o), _) => ((Some(o.pid), o.comm.clone(), Attribution::Traced), o.alive),
-                (None, Some(f)) if row.inode != 0 => (
-                    (Some(f.pid), f.comm.clone(), Attribution::BeforeStart),
-                    true,
-                ),
-                _ => (
+            // A closing or TIME_WAIT socket is its active closer's (the kernel remembered it);
+            // a live one the process holding its file, even if an old TIME_WAIT of the same
+            // tuple (reused) is still remembered.
+            let closing = matches!(
+                TcpState::from_u8(row.state),
+                Some(
+                    TcpState::TimeWait
+                        | TcpState::FinWait1
+                        | TcpState::FinWait2
+                        | TcpState::Closing
+                )
+            );
+            let fd = fd_owners.get(&row.inode).filter(|_| row.inode != 0);
+            let (hk, alive) = match (owner, fd) {
+                (Some(o), _) if closing => {
+                    ((Some(o.pid), o.comm.clone(), Attribution::Traced), o.alive)
+                }
+                (_, Some(f)) => ((Some(f.pid), f.comm.clone(), Attribution::Fd), true),
+                (Some(o), None) => ((Some(o.pid), o.comm.clone(), Attribution::Traced), o.alive),
+                (None, None) => (
                     (None, "(before start)".to_string(), Attribution::Unknown),
                     false,
                 ),
@@ -254,7 +270,7 @@ pub fn usage(
 }
 
 /// Owner-map entries whose TIME_WAIT is over (TCP_TIMEWAIT_LEN = 60 s, fixed in the kernel;
-/// a few seconds of margin for the timer wheel).
+/// a few seconds of margin for the timer wheel), or that never got there.
 pub fn expired_owners(
     owners: &[(TupleKey, portexhaust_common::Owner)],
     now_ns: u64,
@@ -262,11 +278,21 @@ pub fn expired_owners(
     owners
         .iter()
         .filter(|(_, o)| {
-            o.flags & OWNER_TIME_WAIT != 0 && now_ns.saturating_sub(o.at_ns) > 65_000_000_000
+            let age = now_ns.saturating_sub(o.at_ns);
+            if o.flags & OWNER_TIME_WAIT != 0 {
+                age > 65_000_000_000
+            } else {
+                // Closed actively but never seen reaching CLOSE (a FIN_WAIT2 that the peer
+                // never answered lasts tcp_fin_timeout, 60 s by default): long gone.
+                age > STUCK_CLOSING_NS
+            }
         })
         .map(|(k, _)| *k)
         .collect()
 }
+
+/// How long an actively closed socket may stay short of CLOSE before its owner is forgotten.
+const STUCK_CLOSING_NS: u64 = 15 * 60 * 1_000_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // Rates and forecast.
@@ -634,7 +660,7 @@ mod tests {
             .iter()
             .find(|h| h.pid == Some(300))
             .expect("fd owner");
-        assert_eq!(old.attribution, Attribution::BeforeStart);
+        assert_eq!(old.attribution, Attribution::Fd);
         assert!(old.alive);
     }
 
@@ -728,6 +754,7 @@ mod tests {
                 first_ns: 0,
                 last_ns: 0,
                 comm: comm_bytes("failer"),
+                unstreamed: 0,
             },
         )];
         let mut sc = HashMap::new();
@@ -766,7 +793,9 @@ mod tests {
         let k = tuple_key(1, &row(TCP_TIME_WAIT, 40000, 80, 0, 0));
         assert_eq!(expired_owners(&[(k, o)], 70_000_000_000), vec![k]);
         assert!(expired_owners(&[(k, o)], 30_000_000_000).is_empty());
+        // Still closing: kept for up to 15 minutes.
         o.flags = 0;
         assert!(expired_owners(&[(k, o)], 700_000_000_000).is_empty());
+        assert_eq!(expired_owners(&[(k, o)], 1_000_000_000_000), vec![k]);
     }
 }

@@ -160,6 +160,12 @@ enum Cmd {
         /// the machine a little. TCP connect exhaustion is always watched.
         #[arg(long, value_name = "KINDS", value_parser = parse_catch)]
         catch: Option<u32>,
+        /// Stream at most this many failure events a second (0: every one). In a storm the
+        /// rest are counted exactly in the kernel and reported as `tally` lines (per process,
+        /// destination and errno, about once a second), so the stream stays readable and
+        /// cheap while nothing is lost.
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        events_per_s: u32,
         /// Count failures only: no socket-ownership tracking, no connect() latency histograms
         /// and no "who holds the ports" in the summary. The cheapest mode for long storms.
         #[arg(long)]
@@ -297,6 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics_addr,
             no_container_labels,
             catch,
+            events_per_s,
         } => {
             let opts = trace::TraceOptions {
                 max_tracked: max_tracked_sockets,
@@ -318,6 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_addr,
                 container_labels: !no_container_labels,
                 catch: catch.unwrap_or(0),
+                events_per_s,
             };
             runtime()?.block_on(trace::run(opts))?;
             Ok(ExitCode::SUCCESS)

@@ -771,6 +771,7 @@ mod tests {
             first_ns: 0,
             last_ns: 0,
             comm: comm_bytes(comm),
+            unstreamed: 0,
         }
     }
 

@@ -408,6 +408,41 @@ impl Recorder {
         }
     }
 
+    /// Failures the kernel counted but did not stream (a storm over the events-per-second
+    /// budget): they join the record's own tallies, exactly.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tally(
+        &mut self,
+        pid: u32,
+        netns: Option<u64>,
+        comm: &str,
+        dst: std::net::SocketAddr,
+        errno: u32,
+        count: u64,
+        last_ts: &str,
+    ) {
+        let ts = micros(parse_rfc3339(last_ts).unwrap_or_else(now_unix_ns));
+        let counted = self.snap_last.get(&pid).is_some_and(|last| ts <= *last);
+        let t = self
+            .tallies
+            .entry(TallyKey {
+                pid,
+                dst,
+                errno,
+                counted,
+            })
+            .or_insert_with(|| Tally {
+                comm: comm.to_string(),
+                netns,
+                count: 0,
+                first_ns: ts,
+                last_ns: ts,
+            });
+        t.count += count;
+        t.first_ns = t.first_ns.min(ts);
+        t.last_ns = t.last_ns.max(ts);
+    }
+
     /// Write the tallied failures as one `suppressed` line.
     fn write_tallies(&mut self) {
         if self.tallies.is_empty() {

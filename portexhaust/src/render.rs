@@ -119,6 +119,52 @@ pub fn json_line(f: &Failure) -> String {
     serde_json::to_string(&j).unwrap_or_default()
 }
 
+/// Failures of one (process, destination, errno, cause) that were counted but not streamed as
+/// events: over `--events-per-s` in a storm, or refused by a full ring buffer. With the
+/// events, the tallies account for every failure exactly once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub ts: String,
+    pub pid: u32,
+    pub comm: String,
+    pub netns: Option<u64>,
+    pub proto: &'static str,
+    pub dst: String,
+    pub errno: u32,
+    pub errname: &'static str,
+    pub cause: &'static str,
+    /// Failures this line accounts for (since the previous tally of the same key).
+    pub count: u64,
+    /// The newest failure of the key when the tally was taken.
+    pub last_ts: String,
+}
+
+pub fn json_tally(t: &Tally) -> String {
+    serde_json::to_string(t).unwrap_or_default()
+}
+
+pub fn human_tally(t: &Tally) -> String {
+    format!(
+        "{:<12} {:>7} {:>7} {:>6} {:<15} +{} more {} to {} not shown (over --events-per-s or the \
+         ring buffer was full; all counted)",
+        hms_of(&t.last_ts),
+        t.pid,
+        "-",
+        "-",
+        t.comm,
+        t.count,
+        t.errname,
+        t.dst
+    )
+}
+
+/// `HH:MM:SS.mmm` of an RFC 3339 time as this module writes them.
+fn hms_of(rfc: &str) -> &str {
+    rfc.get(11..23).unwrap_or("?")
+}
+
 #[derive(Serialize)]
 struct JsonOffender<'a> {
     pid: u32,

@@ -460,6 +460,7 @@ mod tests {
                 first_ns: 0,
                 last_ns: 0,
                 comm: comm_bytes(SELFTEST_COMM),
+                unstreamed: 0,
             },
         )
     }

@@ -232,6 +232,9 @@ pub fn run(o: TopOptions) -> Result<()> {
         &Filters::default(),
         Tracking {
             catch: 0,
+            // top shows counts, not events: one event a second per CPU keeps the ring buffer
+            // (which it drains unread) out of a storm's way.
+            events_per_s: 1,
             max_tracked: o.max_tracked,
             blame: true,
         },

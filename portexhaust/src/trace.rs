@@ -25,7 +25,7 @@ use crate::{
     model::failure_from_event,
     procinfo::NetnsCache,
     record::{RecordOptions, Recorder},
-    render,
+    render::{self, Tally},
     view::{Collector, Scope},
 };
 
@@ -46,6 +46,9 @@ pub struct TraceOptions {
     pub record: Option<RecordOptions>,
     /// `--catch`: extra failure kinds to watch even with syscall tracepoints (`KIND_*` bits).
     pub catch: u32,
+    /// `--events-per-s`: failure events streamed per second at most (0: all); the rest are
+    /// counted and tallied.
+    pub events_per_s: u32,
 }
 
 /// Longest an event can wait in the ring buffer for the reader (events after the first of a
@@ -135,6 +138,10 @@ struct Session {
     tracer: Tracer,
     writer: EventWriter,
     memo: Memo,
+    /// Per count key, the unstreamed failures already tallied.
+    tallied: std::collections::HashMap<portexhaust_common::CountKey, u64>,
+    /// Suppressed plus dropped failures accounted for by the tallies so far.
+    unstreamed_seen: u64,
     clock: Clock,
     netns: NetnsCache,
     containers: Resolver,
@@ -156,6 +163,8 @@ impl Session {
             tracer,
             writer,
             memo,
+            tallied: _,
+            unstreamed_seen: _,
             clock,
             netns,
             containers,
@@ -240,11 +249,73 @@ impl Session {
         }
     }
 
+    /// Tally lines for the failures counted but not streamed since the last tally: exact, from
+    /// the kernel's per-key `unstreamed` counts, so that events and tallies together account
+    /// for every failure once. Cheap when nothing was suppressed (two counters are read).
+    fn tally(&mut self) -> Result<()> {
+        let total = self.tracer.suppressed()? + self.tracer.dropped_events()?;
+        if total == self.unstreamed_seen {
+            return Ok(());
+        }
+        let counts = self.tracer.counts()?;
+        let mut in_counts = 0;
+        let mut lines = Vec::new();
+        for (k, v) in &counts {
+            in_counts += v.unstreamed;
+            let seen = self.tallied.entry(*k).or_insert(0);
+            if v.unstreamed <= *seen {
+                continue;
+            }
+            let n = v.unstreamed - *seen;
+            *seen = v.unstreamed;
+            let dst = crate::aggregate::dst_string(k);
+            let last = self.clock.to_unix_ns(v.last_ns);
+            lines.push(Tally {
+                kind: "tally",
+                ts: crate::clock::rfc3339(last),
+                pid: k.pid,
+                comm: crate::model::comm_str(&v.comm),
+                netns: self.collector.netns_of_pid.get(&k.pid).copied(),
+                proto: if k.proto == portexhaust_common::IPPROTO_UDP {
+                    "udp"
+                } else {
+                    "tcp"
+                },
+                dst,
+                errno: u32::from(k.errno),
+                errname: portexhaust_common::errno_name(u32::from(k.errno)).unwrap_or("UNKNOWN"),
+                cause: portexhaust_common::Cause::from_u8(k.cause)
+                    .map_or("unknown", portexhaust_common::Cause::name),
+                count: n,
+                last_ts: crate::clock::rfc3339(last),
+            });
+        }
+        // A failure is counted in the statistics a moment before its key: if the keys do not
+        // hold all of it yet, look again next time.
+        self.unstreamed_seen = total.min(in_counts);
+        for t in &lines {
+            let text = if self.json {
+                render::json_tally(t)
+            } else {
+                render::human_tally(t)
+            };
+            self.out.line(&text);
+            if let Some(r) = self.recorder.as_mut()
+                && let Ok(dst) = t.dst.parse()
+            {
+                r.tally(t.pid, t.netns, &t.comm, dst, t.errno, t.count, &t.last_ts);
+            }
+        }
+        self.out.flush();
+        Ok(())
+    }
+
     /// Periodic record upkeep: a snapshot of the exact counts when one is due (after draining,
     /// so the lines before it are what the counts had seen), and the flush-every-second rule.
     fn record_tick(&mut self, elapsed: Duration) -> Result<()> {
         if self.recorder.as_ref().is_some_and(Recorder::snapshot_due) {
             self.drain();
+            self.tally()?;
             let summary = render::json_summary(&self.summary(elapsed)?);
             if let Some(r) = self.recorder.as_mut() {
                 r.snapshot(&summary);
@@ -330,6 +401,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
             max_tracked: opts.max_tracked,
             blame: opts.blame,
             catch: opts.catch,
+            events_per_s: opts.events_per_s,
         },
     )?;
     announce(&opened.tracer, &opened.skipped);
@@ -345,6 +417,8 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
         tracer: opened.tracer,
         writer: EventWriter::new(),
         memo: Memo::default(),
+        tallied: std::collections::HashMap::new(),
+        unstreamed_seen: 0,
         clock: Clock::new(),
         netns: NetnsCache::default(),
         containers: Resolver::new(),
@@ -438,6 +512,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
             }
             _ = tick.tick() => {
                 s.drain();
+                s.tally()?;
                 ticks += 1;
                 // Drops mean the reader fell behind; the counts stay exact, but say so now.
                 if let Ok(d) = s.tracer.dropped_events()
@@ -476,6 +551,7 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     }
     // Events submitted before the stop request are still in the buffer.
     s.drain();
+    s.tally()?;
     let summary = s.summary(started.elapsed())?;
     let text = if s.json {
         render::json_summary(&summary)

@@ -151,8 +151,8 @@ fn census_counts_sockets_from_before_the_start_like_ss() {
     let holders = d["holders"].as_array().expect("holders");
     let fd = holders
         .iter()
-        .find(|h| h["attribution"] == "before_start")
-        .expect("fd holder");
+        .find(|h| h["attribution"] == "fd")
+        .unwrap_or_else(|| panic!("fd holder: {holders:?}"));
     assert_eq!(fd["pid"], wpid);
     assert_eq!(fd["comm"], "pxh-t-hold");
     assert_eq!(fd["sockets"], 6);
@@ -210,11 +210,20 @@ fn latency_histogram_shows_a_nearly_full_range_slowing_down() {
     let full = row("127.0.0.1:5000");
     let empty = row("127.0.0.1:5001");
     let p90 = |d: &Value| d["latency_us"]["p90"].as_f64().expect("p90");
-    assert_eq!(
-        empty["latency_us"]["count"], 100,
-        "every timed connect counted"
+    // Latency is sampled (at most one connect per CPU and jiffy is timed): the 100 fast
+    // connects to the empty range give a few samples; the slow ones to the nearly full range
+    // (each scans thousands of ports) are mostly timed.
+    let samples = |d: &Value| {
+        d["latency_us"]["count"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("latency of {}: {d}", d["dst"]))
+    };
+    assert!(
+        (1..=100).contains(&samples(&empty)),
+        "{}",
+        empty["latency_us"]
     );
-    assert!(full["latency_us"]["count"].as_u64().expect("count") >= 11_880);
+    assert!(samples(&full) >= 100, "{}", full["latency_us"]);
     assert!(
         p90(&full) >= 4.0 * p90(&empty),
         "nearly full p90 {} us vs empty p90 {} us (client medians: {})",

@@ -63,6 +63,26 @@ enum Type {
     Alias {
         ty: u32,
     },
+    Int {
+        size: u32,
+    },
+    Array {
+        elem: u32,
+        len: u32,
+    },
+    Other,
+}
+
+/// What a member is, as far as reading it from eBPF needs to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// An integer of this many bytes.
+    Int(u32),
+    /// An array of `len` integers of `size` bytes each.
+    IntArray {
+        size: u32,
+        len: u32,
+    },
     Other,
 }
 
@@ -152,13 +172,20 @@ impl Btf {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     Type::Alias { ty: size_or_type }
                 }
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
+                KIND_INT => {
+                    off += 4;
+                    Type::Int { size: size_or_type }
+                }
+                KIND_VAR | KIND_DECL_TAG => {
                     off += 4;
                     Type::Other
                 }
                 KIND_ARRAY => {
+                    // struct btf_array { type, index_type, nelems }
+                    let elem = u32_at(types_b, off)?;
+                    let len = u32_at(types_b, off + 8)?;
                     off += 12;
-                    Type::Other
+                    Type::Array { elem, len }
                 }
                 KIND_ENUM | KIND_FUNC_PROTO => {
                     off += vlen * 8;
@@ -216,6 +243,25 @@ impl Btf {
 
     /// Byte offset of a member path inside a struct, e.g. `("net", "ns.inum")`.
     pub fn member_offset(&self, ty: &str, path: &str) -> Result<u32, BtfError> {
+        self.member(ty, path).map(|(off, _)| off)
+    }
+
+    fn shape_of(&self, id: u32) -> Shape {
+        match self.types.get(self.resolve(id) as usize) {
+            Some(Type::Int { size }) => Shape::Int(*size),
+            Some(Type::Array { elem, len }) => match self.types.get(self.resolve(*elem) as usize) {
+                Some(Type::Int { size }) => Shape::IntArray {
+                    size: *size,
+                    len: *len,
+                },
+                _ => Shape::Other,
+            },
+            _ => Shape::Other,
+        }
+    }
+
+    /// Byte offset and shape of a member path inside a struct.
+    pub fn member(&self, ty: &str, path: &str) -> Result<(u32, Shape), BtfError> {
         let mut id = *self
             .structs
             .get(ty)
@@ -239,7 +285,7 @@ impl Btf {
         if !total_bits.is_multiple_of(8) {
             return Err(BtfError::Bitfield(path.to_string()));
         }
-        Ok(total_bits / 8)
+        Ok((total_bits / 8, self.shape_of(id)))
     }
 }
 
@@ -291,6 +337,20 @@ impl Resolved {
             o.inet_sport = btf.member_offset("inet_sock", "inet_sport")?;
             o.tcp_write_seq = btf.member_offset("tcp_sock", "write_seq")?;
             o.socket_type = btf.member_offset("socket", "type")?;
+            // The namespace's ip_local_port_range: `u32 range` (lo | hi << 16) since 6.7,
+            // `int range[2]` before (include/net/netns/ipv4.h, struct local_ports).
+            let (off, shape) = btf.member("net", "ipv4.ip_local_ports.range")?;
+            o.net_port_range = off;
+            o.port_range_packed = match shape {
+                Shape::Int(4) => 1,
+                Shape::IntArray { size: 4, len: 2 } => 0,
+                _ => {
+                    return Err(BtfError::NoMember {
+                        ty: "net".into(),
+                        member: "ipv4.ip_local_ports.range (neither u32 nor int[2])".into(),
+                    });
+                }
+            };
             Ok(())
         })();
         if let Err(e) = &task {

@@ -11,8 +11,9 @@ use aya::{
 };
 use log::{debug, info};
 use portexhaust_common::{
-    Backend, CountKey, CountValue, DestKey, DestStats, FILTER_COMM, FILTER_DPORT, FILTER_PID,
-    KIND_CONNECT, LATENCY_BUCKETS, Offsets, Owner, ProcInfo, ProcKey, TupleKey, kind_name, names,
+    Backend, ConnMemo, CountKey, CountValue, DestKey, DestStats, FILTER_COMM, FILTER_DPORT,
+    FILTER_PID, KIND_CONNECT, LATENCY_BUCKETS, Offsets, Owner, ProcInfo, ProcKey, TupleKey,
+    kind_name, names,
     programs::{self, Hook, Program, Set},
     stat,
 };
@@ -98,6 +99,9 @@ pub struct Tracking {
     pub blame: bool,
     /// `KIND_*` bits to watch even where that takes syscall tracepoints (`--catch`).
     pub catch: u32,
+    /// Failure events streamed per second at most (0: every one). The kernel splits it between
+    /// the CPUs; failures beyond it are counted exactly and tallied, not streamed one by one.
+    pub events_per_s: u32,
 }
 
 impl Default for Tracking {
@@ -106,8 +110,17 @@ impl Default for Tracking {
             max_tracked: DEFAULT_MAX_TRACKED,
             blame: true,
             catch: 0,
+            events_per_s: 0,
         }
     }
+}
+
+/// The per-CPU share of an events-per-second budget (rounded up; 0 stays "no limit").
+pub fn per_cpu_budget(events_per_s: u32, cpus: u32) -> u32 {
+    if events_per_s == 0 {
+        return 0;
+    }
+    events_per_s.div_ceil(cpus.max(1))
 }
 
 /// One failure kind and the hook watching it, or why nothing does.
@@ -141,8 +154,8 @@ pub struct Tracer {
 /// connect() statistics of one destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DestTotals {
+    /// Established connections.
     pub connects: u64,
-    pub failures: u64,
     pub hist: [u64; LATENCY_BUCKETS],
 }
 
@@ -351,6 +364,9 @@ fn load_object(
     let flags = filters.flags();
     let blame = u32::from(tracking.blame);
     let syscall_kinds = plan.syscall_kinds();
+    let cpus = aya::util::online_cpus().map_or(1, |c| c.len() as u32);
+    let events_per_cpu = per_cpu_budget(tracking.events_per_s, cpus);
+
     let resolved = btf.resolved.unwrap_or_default();
     let have_task = u32::from(resolved.task);
     let have_sock = u32::from(resolved.sock);
@@ -362,6 +378,7 @@ fn load_object(
         .override_global(names::GLOBAL_FILTER_FLAGS, &flags, true)
         .override_global(names::GLOBAL_TRACK_BLAME, &blame, true)
         .override_global(names::GLOBAL_SYSCALL_KINDS, &syscall_kinds, true)
+        .override_global(names::GLOBAL_EVENTS_PER_CPU, &events_per_cpu, true)
         .override_global(names::GLOBAL_HAVE_TASK_OFFSETS, &have_task, true)
         .override_global(names::GLOBAL_HAVE_SOCK_OFFSETS, &have_sock, true);
     for (name, v) in Offsets::GLOBALS.iter().zip(values.iter()) {
@@ -641,8 +658,8 @@ impl Tracer {
         Ok(v.iter().sum())
     }
 
-    /// Every remembered socket owner by (netns, 4-tuple): ESTABLISHED and TIME_WAIT sockets
-    /// opened while tracing.
+    /// Every remembered socket owner by (netns, 4-tuple): sockets closed actively while tracing,
+    /// through their TIME_WAIT.
     pub fn owners(&self) -> Result<Vec<(TupleKey, Owner)>> {
         self.hash(names::OWNERS)
     }
@@ -653,15 +670,15 @@ impl Tracer {
     }
 
     /// Keys of a map, counted without reading their values (one syscall per key).
-    fn count_keys<K: aya::Pod>(&self, name: &'static str) -> Result<u64> {
-        let m: HashMap<&MapData, K, Owner> = HashMap::try_from(self.map_ref(name)?)
+    fn count_keys<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<u64> {
+        let m: HashMap<&MapData, K, V> = HashMap::try_from(self.map_ref(name)?)
             .map_err(|source| Error::Map { map: name, source })?;
         Ok(m.keys().filter(|k| k.is_ok()).count() as u64)
     }
 
-    /// Sockets whose opener is remembered by 4-tuple (ESTABLISHED through TIME_WAIT).
+    /// Sockets whose active closer is remembered by 4-tuple (closing and TIME_WAIT).
     pub fn tracked_sockets(&self) -> Result<u64> {
-        self.count_keys::<TupleKey>(names::OWNERS)
+        self.count_keys::<TupleKey, Owner>(names::OWNERS)
     }
 
     /// Forget owners whose TIME_WAIT is over (60 s, TCP_TIMEWAIT_LEN, fixed in the kernel).
@@ -685,7 +702,7 @@ impl Tracer {
     /// kernel insertions minus deletions minus what is still there.
     pub fn lru_evictions(&self) -> Result<u64> {
         let owners = self.tracked_sockets()?;
-        let pending = self.count_keys::<u64>(names::PENDING)?;
+        let pending = self.count_keys::<u64, u64>(names::PENDING)?;
         let ins = self.stat(stat::OWNER_INSERTS)? + self.stat(stat::PENDING_INSERTS)?;
         let del = self.stat(stat::OWNER_DELETES)?
             + self.stat(stat::PENDING_DELETES)?
@@ -693,9 +710,10 @@ impl Tracer {
         Ok(ins.saturating_sub(del + owners + pending))
     }
 
-    /// connect() counts and latency histograms per destination.
+    /// connect() counts and latency histograms per destination: the map, plus each CPU's run
+    /// of connects not yet added to it (`ConnMemo`).
     pub fn dest_stats(&self) -> Result<Vec<(DestKey, DestTotals)>> {
-        Ok(self
+        let mut out: Vec<(DestKey, DestTotals)> = self
             .hash::<DestKey, DestStats>(names::DEST_STATS)?
             .into_iter()
             .map(|(k, v)| {
@@ -703,12 +721,30 @@ impl Tracer {
                     k,
                     DestTotals {
                         connects: v.connects,
-                        failures: v.failures,
                         hist: v.hist,
                     },
                 )
             })
-            .collect())
+            .collect();
+        let name = names::CONN_MEMO;
+        let memo: PerCpuArray<&MapData, ConnMemo> = PerCpuArray::try_from(self.map_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })?;
+        let per_cpu = memo
+            .get(&0, 0)
+            .map_err(|source| Error::Map { map: name, source })?;
+        for m in per_cpu.iter().filter(|m| m.pending > 0) {
+            match out.iter_mut().find(|(k, _)| *k == m.key) {
+                Some((_, t)) => t.connects += m.pending,
+                None => out.push((
+                    m.key,
+                    DestTotals {
+                        connects: m.pending,
+                        hist: [0; LATENCY_BUCKETS],
+                    },
+                )),
+            }
+        }
+        Ok(out)
     }
 
     pub fn failures_total(&self) -> Result<u64> {
@@ -719,6 +755,10 @@ impl Tracer {
     }
     pub fn uncounted_keys(&self) -> Result<u64> {
         self.stat(stat::COUNT_MAP_FULL)
+    }
+    /// Failures over the events-per-second budget (counted, tallied, not streamed).
+    pub fn suppressed(&self) -> Result<u64> {
+        self.stat(stat::SUPPRESSED)
     }
     /// Kernel reads through BTF offsets that failed (offsets that do not fit this kernel).
     pub fn read_errors(&self) -> Result<u64> {
@@ -763,6 +803,15 @@ mod tests {
                 "{name} is in the object but not in the program table"
             );
         }
+    }
+
+    #[test]
+    fn budgets_split_between_cpus() {
+        assert_eq!(per_cpu_budget(0, 8), 0);
+        assert_eq!(per_cpu_budget(1000, 2), 500);
+        assert_eq!(per_cpu_budget(1000, 3), 334);
+        assert_eq!(per_cpu_budget(1, 64), 1);
+        assert_eq!(per_cpu_budget(5, 0), 5);
     }
 
     #[test]
