@@ -545,8 +545,12 @@ fn the_units_capabilities_are_enough_and_each_is_needed() {
         // the process is still alive: its namespace is looked up in /proc/PID then, and cached.
         let mut w = Workload::start("v4", 2000, "pxh-caps", &[]);
         let pid = w.pid.to_string();
-        let t = Tracer::spawn(trace_with_caps(caps, &bin, &["--json", "--pid", &pid]))
-            .map_err(|(err, code)| format!("exit {code:?}: {err}"))?;
+        let t = Tracer::spawn(trace_with_caps(
+            caps,
+            &bin,
+            &["--json", "--events-per-s", "0", "--pid", &pid],
+        ))
+        .map_err(|(err, code)| format!("exit {code:?}: {err}"))?;
         w.go();
         let (_, n) = finished(w);
         let (out, err, code) = t.stop();
