@@ -1,5 +1,6 @@
 //! Socket holder for the ownership-at-scale benchmark: open many established connections over
-//! several destinations, churn some of them, report, and keep them open until released.
+//! several destinations, churn some of them, report, and keep them open until released; then
+//! close every client side first, so that each leaves a TIME_WAIT socket behind.
 //!
 //! One process cannot hold 100k connections here: each takes two fds (the client's and the
 //! accepted one), and RLIMIT_NOFILE cannot be raised past its hard limit without
@@ -188,7 +189,12 @@ pub fn worker(o: &HoldOptions) -> Result<HoldReport, LoadError> {
     if o.wait {
         wait_for_release();
     }
-    drop(held);
+    // Released: every client side closes first and leaves a TIME_WAIT socket (60 s) behind,
+    // the sockets a tracer must remember the owner of (nothing in the kernel names it).
+    let (clients, servers): (Vec<Socket>, Vec<Socket>) = held.into_iter().unzip();
+    drop(clients);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(servers);
     Ok(report)
 }
 
@@ -217,8 +223,16 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // Closing stdin releases a worker that is waiting; kill covers one that is not.
+        // Closing stdin releases a worker that is waiting: it closes its connections (client
+        // sides first) and exits. Kill covers one that does not within 30 s.
         drop(self.stdin.take());
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -690,14 +690,23 @@ fn scale_run(ctx: &Ctx, v: &Variant, rep: u32, n: u64) -> Result<Run> {
             }
         }
         run.detail["census_starts"] = serde_json::to_value(&samples)?;
+        // Released, the holders close every connection client side first: the N TIME_WAIT
+        // sockets they leave are what the tracer must remember (the kernel names no owner for
+        // them; live sockets are named by their files). Their TIME_WAIT lasts 60 s, long after
+        // the tracer is stopped.
+        let pids = load.pids.clone();
+        load.finish(Duration::from_secs(120))?;
+        std::thread::sleep(Duration::from_secs(2));
         let (kind, stopped) = finish_tracer(&mut run, t, cpu0)?;
-        let rep = reported(&kind, &stopped, &load.pids, HOLD_COMM);
+        let rep = reported(&kind, &stopped, &pids, HOLD_COMM);
         match rep.summary.as_ref().and_then(tracked_sockets) {
             Some(x) => run.set("tracked_sockets", x as f64),
             None => run
                 .notes
                 .push("ownership tracking not yet in this build (no tracked-socket count)".into()),
         }
+        run.detail["loads"] = serde_json::to_value(&reports)?;
+        return Ok(run);
     }
     run.detail["loads"] = serde_json::to_value(&reports)?;
     load.finish(Duration::from_secs(120))?;

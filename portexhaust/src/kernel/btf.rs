@@ -46,33 +46,6 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Clone, Debug)]
-struct Member {
-    name: String,
-    ty: u32,
-    /// Offset in bits; `None` for a bitfield (its bit offset is not byte addressable).
-    bit_offset: Option<u32>,
-}
-
-#[derive(Clone, Debug)]
-enum Type {
-    Composite {
-        members: Vec<Member>,
-    },
-    /// typedef / const / volatile / restrict / type_tag: look through to `ty`.
-    Alias {
-        ty: u32,
-    },
-    Int {
-        size: u32,
-    },
-    Array {
-        elem: u32,
-        len: u32,
-    },
-    Other,
-}
-
 /// What a member is, as far as reading it from eBPF needs to know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shape {
@@ -86,8 +59,14 @@ pub enum Shape {
     Other,
 }
 
+/// The kernel's BTF, walked once for where each type's record starts; a record is decoded
+/// only when a lookup needs it (vmlinux has ~130k types, the programs need a dozen structs:
+/// decoding every member name cost 20 ms of start-up).
 pub struct Btf {
-    types: Vec<Type>, // index = type id; 0 is void
+    types: Vec<u8>,
+    strings: Vec<u8>,
+    /// Record offset in `types` of each type id; index 0 is void.
+    offs: Vec<u32>,
     structs: HashMap<String, u32>,
 }
 
@@ -97,13 +76,22 @@ fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
         .ok_or(BtfError::Truncated)
 }
 
-fn str_at(strings: &[u8], off: u32) -> String {
+fn str_at(strings: &[u8], off: u32) -> &str {
     let start = off as usize;
     let Some(rest) = strings.get(start..) else {
-        return String::new();
+        return "";
     };
     let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
-    String::from_utf8_lossy(&rest[..end]).into_owned()
+    std::str::from_utf8(&rest[..end]).unwrap_or("")
+}
+
+/// A decoded record header: kind, vlen, kind_flag, size_or_type, where its extra data starts.
+struct Rec {
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    size_or_type: u32,
+    extra: usize,
 }
 
 impl Btf {
@@ -129,110 +117,120 @@ impl Btf {
             .get(hdr_len + str_off..hdr_len + str_off + str_len)
             .ok_or(BtfError::Truncated)?;
 
-        let mut types = vec![Type::Other];
+        let mut offs = vec![0u32];
         let mut structs = HashMap::new();
         let mut off = 0usize;
         while off < types_b.len() {
             let name_off = u32_at(types_b, off)?;
             let info = u32_at(types_b, off + 4)?;
-            let size_or_type = u32_at(types_b, off + 8)?;
-            off += 12;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let id = types.len() as u32;
-            let ty = match kind {
+            let id = offs.len() as u32;
+            offs.push(off as u32);
+            let extra = match kind {
                 KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let m = off + i * 12;
-                        let raw_off = u32_at(types_b, m + 8)?;
-                        // With kind_flag the top 8 bits hold a bitfield size (0 = not one).
-                        let (bit_offset, bitfield) = if kind_flag {
-                            (raw_off & 0xff_ffff, raw_off >> 24 != 0)
-                        } else {
-                            (raw_off, false)
-                        };
-                        members.push(Member {
-                            name: str_at(strings, u32_at(types_b, m)?),
-                            ty: u32_at(types_b, m + 4)?,
-                            bit_offset: (!bitfield).then_some(bit_offset),
-                        });
-                    }
-                    off += vlen * 12;
-                    if kind == KIND_STRUCT {
+                    // The first definition with members wins (vmlinux has one per name).
+                    if kind == KIND_STRUCT && vlen > 0 {
                         let name = str_at(strings, name_off);
-                        // The first definition with members wins (vmlinux has one per name).
-                        if !name.is_empty() && !members.is_empty() {
-                            structs.entry(name).or_insert(id);
+                        if !name.is_empty() && !structs.contains_key(name) {
+                            structs.insert(name.to_string(), id);
                         }
                     }
-                    Type::Composite { members }
+                    vlen * 12
                 }
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias { ty: size_or_type }
-                }
-                KIND_INT => {
-                    off += 4;
-                    Type::Int { size: size_or_type }
-                }
-                KIND_VAR | KIND_DECL_TAG => {
-                    off += 4;
-                    Type::Other
-                }
-                KIND_ARRAY => {
-                    // struct btf_array { type, index_type, nelems }
-                    let elem = u32_at(types_b, off)?;
-                    let len = u32_at(types_b, off + 8)?;
-                    off += 12;
-                    Type::Array { elem, len }
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => {
-                    off += vlen * 8;
-                    Type::Other
-                }
-                KIND_DATASEC | KIND_ENUM64 => {
-                    off += vlen * 12;
-                    Type::Other
-                }
-                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT | KIND_TYPEDEF | KIND_VOLATILE
+                | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => 0,
                 k => return Err(BtfError::UnknownKind(k)),
             };
+            off += 12 + extra;
             if off > types_b.len() {
                 return Err(BtfError::Truncated);
             }
-            types.push(ty);
         }
-        Ok(Self { types, structs })
+        Ok(Self {
+            types: types_b.to_vec(),
+            strings: strings.to_vec(),
+            offs,
+            structs,
+        })
+    }
+
+    fn rec(&self, id: u32) -> Option<Rec> {
+        let off = *self.offs.get(id as usize)? as usize;
+        if id == 0 {
+            return None;
+        }
+        let info = u32_at(&self.types, off + 4).ok()?;
+        Some(Rec {
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+            size_or_type: u32_at(&self.types, off + 8).ok()?,
+            extra: off + 12,
+        })
     }
 
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
-            match self.types.get(id as usize) {
-                Some(Type::Alias { ty }) => id = *ty,
+            match self.rec(id) {
+                Some(r)
+                    if matches!(
+                        r.kind,
+                        KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+                    ) =>
+                {
+                    id = r.size_or_type
+                }
                 _ => break,
             }
         }
         id
     }
 
+    /// Members of composite type `id`: (name, type, bit offset or None for a bitfield).
+    fn members(&self, id: u32) -> Option<Vec<(&str, u32, Option<u32>)>> {
+        let r = self.rec(self.resolve(id))?;
+        if r.kind != KIND_STRUCT && r.kind != KIND_UNION {
+            return None;
+        }
+        let mut out = Vec::with_capacity(r.vlen);
+        for i in 0..r.vlen {
+            let m = r.extra + i * 12;
+            let raw_off = u32_at(&self.types, m + 8).ok()?;
+            // With kind_flag the top 8 bits hold a bitfield size (0 = not one).
+            let (bit_offset, bitfield) = if r.kind_flag {
+                (raw_off & 0xff_ffff, raw_off >> 24 != 0)
+            } else {
+                (raw_off, false)
+            };
+            out.push((
+                str_at(&self.strings, u32_at(&self.types, m).ok()?),
+                u32_at(&self.types, m + 4).ok()?,
+                (!bitfield).then_some(bit_offset),
+            ));
+        }
+        Some(out)
+    }
+
     /// Find `name` among the members of composite type `id`, looking into anonymous
     /// struct/union members as C does. Returns the bit offset and member type.
     fn find(&self, id: u32, name: &str, depth: u32) -> Option<Result<(u32, u32), ()>> {
-        let Type::Composite { members } = self.types.get(self.resolve(id) as usize)? else {
-            return None;
-        };
-        for m in members {
-            if m.name == name {
-                return Some(m.bit_offset.map(|b| (b, m.ty)).ok_or(()));
+        let members = self.members(id)?;
+        for (n, ty, bit) in &members {
+            if *n == name {
+                return Some(bit.map(|b| (b, *ty)).ok_or(()));
             }
         }
         if depth > 8 {
             return None;
         }
-        for m in members.iter().filter(|m| m.name.is_empty()) {
-            if let Some(found) = self.find(m.ty, name, depth + 1) {
-                return Some(match (found, m.bit_offset) {
+        for (_, ty, bit) in members.iter().filter(|m| m.0.is_empty()) {
+            if let Some(found) = self.find(*ty, name, depth + 1) {
+                return Some(match (found, bit) {
                     (Ok((b, t)), Some(base)) => Ok((base + b, t)),
                     _ => Err(()),
                 });
@@ -247,15 +245,27 @@ impl Btf {
     }
 
     fn shape_of(&self, id: u32) -> Shape {
-        match self.types.get(self.resolve(id) as usize) {
-            Some(Type::Int { size }) => Shape::Int(*size),
-            Some(Type::Array { elem, len }) => match self.types.get(self.resolve(*elem) as usize) {
-                Some(Type::Int { size }) => Shape::IntArray {
-                    size: *size,
-                    len: *len,
-                },
-                _ => Shape::Other,
-            },
+        let Some(r) = self.rec(self.resolve(id)) else {
+            return Shape::Other;
+        };
+        match r.kind {
+            KIND_INT => Shape::Int(r.size_or_type),
+            KIND_ARRAY => {
+                // struct btf_array { type, index_type, nelems }
+                let (Ok(elem), Ok(len)) = (
+                    u32_at(&self.types, r.extra),
+                    u32_at(&self.types, r.extra + 8),
+                ) else {
+                    return Shape::Other;
+                };
+                match self.rec(self.resolve(elem)) {
+                    Some(e) if e.kind == KIND_INT => Shape::IntArray {
+                        size: e.size_or_type,
+                        len,
+                    },
+                    _ => Shape::Other,
+                }
+            }
             _ => Shape::Other,
         }
     }

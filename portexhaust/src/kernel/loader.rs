@@ -167,22 +167,37 @@ pub struct Opened {
 
 /// The kernel's BTF and the offsets resolved from it, read once per start.
 struct KernelBtf {
-    aya: Option<Btf>,
+    /// aya's parse of the kernel BTF (for tp_btf and fentry loads), made on another thread
+    /// while this one resolves offsets and creates maps: each full parse costs ~20 ms.
+    aya: AyaBtf,
     resolved: Option<Resolved>,
+    /// An `EbpfLoader`, made on another thread too: `EbpfLoader::new()` parses the kernel BTF
+    /// itself (aya 0.14 offers no constructor that does not).
+    loader: Option<std::thread::JoinHandle<EbpfLoader<'static>>>,
+}
+
+enum AyaBtf {
+    Parsing(std::thread::JoinHandle<Option<Btf>>),
+    Done(Option<Btf>),
 }
 
 impl KernelBtf {
     fn read(caps: &Caps) -> Self {
+        let loader = Some(std::thread::spawn(EbpfLoader::new));
         if let Err(why) = &caps.btf {
             info!("{why}: network namespaces come from /proc");
             return Self {
-                aya: None,
+                aya: AyaBtf::Done(None),
                 resolved: None,
+                loader,
             };
         }
-        let aya = Btf::from_sys_fs()
-            .map_err(|e| info!("kernel BTF unreadable by aya: {}", one_line(&e)))
-            .ok();
+        let aya = AyaBtf::Parsing(std::thread::spawn(|| {
+            Btf::from_sys_fs()
+                .map_err(|e| info!("kernel BTF unreadable by aya: {}", one_line(&e)))
+                .ok()
+        }));
+        let t = std::time::Instant::now();
         let resolved = match super::btf::Btf::from_sys_fs() {
             Ok(Ok(btf)) => {
                 let (r, errors) = Resolved::resolve(&btf);
@@ -200,7 +215,34 @@ impl KernelBtf {
                 None
             }
         };
-        Self { aya, resolved }
+        debug!("start-up: offsets from BTF took {:?}", t.elapsed());
+        Self {
+            aya,
+            resolved,
+            loader,
+        }
+    }
+
+    /// aya's BTF, once its thread is done.
+    fn aya(&mut self) -> Option<&Btf> {
+        if let AyaBtf::Parsing(_) = self.aya {
+            let AyaBtf::Parsing(h) = std::mem::replace(&mut self.aya, AyaBtf::Done(None)) else {
+                return None;
+            };
+            self.aya = AyaBtf::Done(h.join().ok().flatten());
+        }
+        match &self.aya {
+            AyaBtf::Done(b) => b.as_ref(),
+            AyaBtf::Parsing(_) => None,
+        }
+    }
+
+    /// The loader made ahead of time for the first attempt, a new one for the others.
+    fn loader(&mut self) -> EbpfLoader<'static> {
+        self.loader
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_else(EbpfLoader::new)
     }
 
     fn sock_offsets(&self) -> bool {
@@ -218,7 +260,7 @@ fn static_unavailability(b: Backend, caps: &Caps, btf: &KernelBtf) -> Option<Str
     match b {
         Backend::TpBtf => match &caps.btf {
             Err(why) => Some(why.clone()),
-            Ok(()) if !btf.sock_offsets() || btf.aya.is_none() => Some(no_sock()),
+            Ok(()) if !btf.sock_offsets() => Some(no_sock()),
             Ok(()) => None,
         },
         Backend::RawTp => (!btf.sock_offsets()).then(no_sock),
@@ -358,7 +400,7 @@ fn load_object(
     plan: &Plan,
     filters: &Filters,
     tracking: Tracking,
-    btf: &KernelBtf,
+    btf: &mut KernelBtf,
 ) -> Result<Ebpf, String> {
     let backend_code = plan.backend as u32;
     let flags = filters.flags();
@@ -371,9 +413,11 @@ fn load_object(
     let have_task = u32::from(resolved.task);
     let have_sock = u32::from(resolved.sock);
     let values = resolved.offsets.values();
-    let mut loader = EbpfLoader::new();
+    let mut loader = btf.loader();
+    // No kernel BTF for the object: it carries no CO-RE relocations (Rust eBPF emits none);
+    // the offsets it needs come in as globals.
     loader
-        .btf(btf.aya.as_ref())
+        .btf(None)
         .override_global(names::GLOBAL_BACKEND, &backend_code, true)
         .override_global(names::GLOBAL_FILTER_FLAGS, &flags, true)
         .override_global(names::GLOBAL_TRACK_BLAME, &blame, true)
@@ -519,10 +563,12 @@ impl Tracer {
 
     /// As `open`, choosing what is tracked besides failures.
     pub fn open_with(req: BackendRequest, filters: &Filters, tracking: Tracking) -> Result<Opened> {
+        let t0 = std::time::Instant::now();
         preflight::check_privileges()?;
         preflight::raise_memlock();
         let caps = Caps::probe();
-        let btf = KernelBtf::read(&caps);
+        let mut btf = KernelBtf::read(&caps);
+        debug!("start-up: capabilities and BTF after {:?}", t0.elapsed());
         let offer = Offer {
             fentry: caps.fentry.clone(),
             kprobe: caps.kprobe.clone(),
@@ -533,11 +579,17 @@ impl Tracer {
                 Some(reason) => Err(reason),
                 None => {
                     let plan = Plan::new(backend, &offer, tracking.catch);
-                    load_object(&plan, filters, tracking, &btf).and_then(|mut ebpf| {
-                        attach_plan(&mut ebpf, &plan, btf.aya.as_ref()).map(|a| (ebpf, a))
+                    load_object(&plan, filters, tracking, &mut btf).and_then(|mut ebpf| {
+                        debug!("start-up: object loaded after {:?}", t0.elapsed());
+                        attach_plan(&mut ebpf, &plan, btf.aya()).map(|a| (ebpf, a))
                     })
                 }
             };
+            debug!(
+                "start-up: backend {} tried after {:?}",
+                backend.name(),
+                t0.elapsed()
+            );
             match attempt {
                 Ok((mut ebpf, (attached, coverage))) => {
                     let map = ebpf.take_map(names::EVENTS).ok_or(Error::MissingObject {
