@@ -27,17 +27,17 @@ pub enum BtfError {
 }
 
 const KIND_INT: u32 = 1;
-const KIND_PTR: u32 = 2;
+pub const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
 const KIND_FWD: u32 = 7;
-const KIND_TYPEDEF: u32 = 8;
+pub const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
-const KIND_FUNC: u32 = 12;
+pub const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -63,11 +63,27 @@ pub enum Shape {
 /// only when a lookup needs it (vmlinux has ~130k types, the programs need a dozen structs:
 /// decoding every member name cost 20 ms of start-up).
 pub struct Btf {
-    types: Vec<u8>,
-    strings: Vec<u8>,
+    /// The whole blob; `types` and `strings` are ranges of it.
+    data: Vec<u8>,
+    types: std::ops::Range<usize>,
+    strings: std::ops::Range<usize>,
     /// Record offset in `types` of each type id; index 0 is void.
     offs: Vec<u32>,
-    structs: HashMap<String, u32>,
+    /// Structs with members by a hash of their name (the name is checked on lookup).
+    structs: HashMap<u64, u32>,
+}
+
+fn name_hash(name: &[u8]) -> u64 {
+    // FNV-1a: a few nanoseconds per name, ~12k names.
+    name.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn cstr_at(strings: &[u8], off: u32) -> &[u8] {
+    let rest = strings.get(off as usize..).unwrap_or(&[]);
+    let end = rest.iter().position(|&c| c == 0).unwrap_or(rest.len());
+    &rest[..end]
 }
 
 fn u32_at(b: &[u8], off: usize) -> Result<u32, BtfError> {
@@ -87,6 +103,7 @@ fn str_at(strings: &[u8], off: u32) -> &str {
 
 /// A decoded record header: kind, vlen, kind_flag, size_or_type, where its extra data starts.
 struct Rec {
+    name_off: u32,
     kind: u32,
     vlen: usize,
     kind_flag: bool,
@@ -97,25 +114,27 @@ struct Rec {
 impl Btf {
     pub fn from_sys_fs() -> std::io::Result<Result<Self, BtfError>> {
         let data = std::fs::read("/sys/kernel/btf/vmlinux")?;
-        Ok(Self::parse(&data))
+        Ok(Self::parse_owned(data))
     }
 
     /// Parse little-endian BTF (the only byte order of the machines we load on).
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        Self::parse_owned(data.to_vec())
+    }
+
+    fn parse_owned(data: Vec<u8>) -> Result<Self, BtfError> {
         if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
             return Err(BtfError::BadHeader);
         }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
-        let types_b = data
-            .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or(BtfError::Truncated)?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Truncated)?;
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let type_off = u32_at(&data, 8)? as usize;
+        let type_len = u32_at(&data, 12)? as usize;
+        let str_off = u32_at(&data, 16)? as usize;
+        let str_len = u32_at(&data, 20)? as usize;
+        let types_r = hdr_len + type_off..hdr_len + type_off + type_len;
+        let strings_r = hdr_len + str_off..hdr_len + str_off + str_len;
+        let types_b = data.get(types_r.clone()).ok_or(BtfError::Truncated)?;
+        let strings = data.get(strings_r.clone()).ok_or(BtfError::Truncated)?;
 
         let mut offs = vec![0u32];
         let mut structs = HashMap::new();
@@ -131,9 +150,9 @@ impl Btf {
                 KIND_STRUCT | KIND_UNION => {
                     // The first definition with members wins (vmlinux has one per name).
                     if kind == KIND_STRUCT && vlen > 0 {
-                        let name = str_at(strings, name_off);
-                        if !name.is_empty() && !structs.contains_key(name) {
-                            structs.insert(name.to_string(), id);
+                        let name = cstr_at(strings, name_off);
+                        if !name.is_empty() {
+                            structs.entry(name_hash(name)).or_insert(id);
                         }
                     }
                     vlen * 12
@@ -152,10 +171,34 @@ impl Btf {
             }
         }
         Ok(Self {
-            types: types_b.to_vec(),
-            strings: strings.to_vec(),
+            data,
+            types: types_r,
+            strings: strings_r,
             offs,
             structs,
+        })
+    }
+
+    fn types(&self) -> &[u8] {
+        &self.data[self.types.clone()]
+    }
+
+    fn strings(&self) -> &[u8] {
+        &self.data[self.strings.clone()]
+    }
+
+    /// The struct with members of this name.
+    fn struct_id(&self, name: &str) -> Option<u32> {
+        let id = *self.structs.get(&name_hash(name.as_bytes()))?;
+        let r = self.rec(id)?;
+        if str_at(self.strings(), r.name_off) == name {
+            return Some(id);
+        }
+        // A hash collision (none in the kernels seen): look the slow way.
+        (1..self.offs.len() as u32).find(|&i| {
+            self.rec(i).is_some_and(|r| {
+                r.kind == KIND_STRUCT && r.vlen > 0 && str_at(self.strings(), r.name_off) == name
+            })
         })
     }
 
@@ -164,12 +207,13 @@ impl Btf {
         if id == 0 {
             return None;
         }
-        let info = u32_at(&self.types, off + 4).ok()?;
+        let info = u32_at(self.types(), off + 4).ok()?;
         Some(Rec {
+            name_off: u32_at(self.types(), off).ok()?,
             kind: (info >> 24) & 0x1f,
             vlen: (info & 0xffff) as usize,
             kind_flag: info >> 31 == 1,
-            size_or_type: u32_at(&self.types, off + 8).ok()?,
+            size_or_type: u32_at(self.types(), off + 8).ok()?,
             extra: off + 12,
         })
     }
@@ -200,7 +244,7 @@ impl Btf {
         let mut out = Vec::with_capacity(r.vlen);
         for i in 0..r.vlen {
             let m = r.extra + i * 12;
-            let raw_off = u32_at(&self.types, m + 8).ok()?;
+            let raw_off = u32_at(self.types(), m + 8).ok()?;
             // With kind_flag the top 8 bits hold a bitfield size (0 = not one).
             let (bit_offset, bitfield) = if r.kind_flag {
                 (raw_off & 0xff_ffff, raw_off >> 24 != 0)
@@ -208,8 +252,8 @@ impl Btf {
                 (raw_off, false)
             };
             out.push((
-                str_at(&self.strings, u32_at(&self.types, m).ok()?),
-                u32_at(&self.types, m + 4).ok()?,
+                str_at(self.strings(), u32_at(self.types(), m).ok()?),
+                u32_at(self.types(), m + 4).ok()?,
                 (!bitfield).then_some(bit_offset),
             ));
         }
@@ -239,6 +283,71 @@ impl Btf {
         None
     }
 
+    /// The id of the type of this kind and name (`KIND_*` numbers of include/uapi/linux/btf.h:
+    /// 8 typedef, 12 func), for attaching to it.
+    pub fn id_of(&self, kind: u32, name: &str) -> Option<u32> {
+        (1..self.offs.len() as u32).find(|&id| {
+            self.rec(id)
+                .is_some_and(|r| r.kind == kind && str_at(self.strings(), r.name_off) == name)
+        })
+    }
+
+    /// A BTF blob in which each of `wanted` (kind, name) has the id it has in this BTF, and every
+    /// other id is a placeholder pointer: enough for a loader that only asks "which id has this
+    /// name" (aya's tp_btf and fentry loads), for the cost of parsing placeholders rather than
+    /// all of vmlinux's types.
+    pub fn id_skeleton(&self, wanted: &[(u32, &str)]) -> Option<Vec<u8>> {
+        // One pass over the types for all names (vmlinux has ~130k of them).
+        let mut found: Vec<(u32, u32, &str)> = Vec::new();
+        for id in 1..self.offs.len() as u32 {
+            let Some(r) = self.rec(id) else { continue };
+            if !wanted.iter().any(|w| w.0 == r.kind) {
+                continue;
+            }
+            let name = str_at(self.strings(), r.name_off);
+            if let Some(&(kind, n)) = wanted
+                .iter()
+                .find(|w| w.0 == r.kind && w.1 == name && !found.iter().any(|f| f.2 == w.1))
+            {
+                found.push((id, kind, n));
+                if found.len() == wanted.len() {
+                    break;
+                }
+            }
+        }
+        let last = found.iter().map(|f| f.0).max()?;
+        let mut strings = vec![0u8];
+        let mut types = Vec::with_capacity(last as usize * 12);
+        for id in 1..=last {
+            let (name_off, info) = match found.iter().find(|f| f.0 == id) {
+                Some(&(_, kind, name)) => {
+                    let off = strings.len() as u32;
+                    strings.extend_from_slice(name.as_bytes());
+                    strings.push(0);
+                    // A func's info carries its linkage in vlen; 0 (static) is fine here.
+                    (off, kind << 24)
+                }
+                None => (0, KIND_PTR << 24),
+            };
+            for v in [name_off, info, 0] {
+                types.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        let mut d = vec![0x9f, 0xeb, 1, 0];
+        for v in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            d.extend_from_slice(&v.to_le_bytes());
+        }
+        d.extend_from_slice(&types);
+        d.extend_from_slice(&strings);
+        Some(d)
+    }
+
     /// Byte offset of a member path inside a struct, e.g. `("net", "ns.inum")`.
     pub fn member_offset(&self, ty: &str, path: &str) -> Result<u32, BtfError> {
         self.member(ty, path).map(|(off, _)| off)
@@ -253,8 +362,8 @@ impl Btf {
             KIND_ARRAY => {
                 // struct btf_array { type, index_type, nelems }
                 let (Ok(elem), Ok(len)) = (
-                    u32_at(&self.types, r.extra),
-                    u32_at(&self.types, r.extra + 8),
+                    u32_at(self.types(), r.extra),
+                    u32_at(self.types(), r.extra + 8),
                 ) else {
                     return Shape::Other;
                 };
@@ -272,9 +381,8 @@ impl Btf {
 
     /// Byte offset and shape of a member path inside a struct.
     pub fn member(&self, ty: &str, path: &str) -> Result<(u32, Shape), BtfError> {
-        let mut id = *self
-            .structs
-            .get(ty)
+        let mut id = self
+            .struct_id(ty)
             .ok_or_else(|| BtfError::NoStruct(ty.to_string()))?;
         let mut total_bits = 0u32;
         for part in path.split('.') {
@@ -464,6 +572,33 @@ mod tests {
     }
 
     #[test]
+    fn skeleton_keeps_the_ids_of_what_is_asked() {
+        let (_, o) = blob(&["int", "f", "t"], &[]);
+        let types = vec![
+            (o[0], KIND_INT << 24, 4, 0x20u32.to_le_bytes().to_vec()),
+            (o[1], KIND_FUNC << 24, 0, vec![]),
+            (o[2], KIND_TYPEDEF << 24, 1, vec![]),
+        ];
+        let (data, _) = blob(&["int", "f", "t"], &types);
+        let btf = Btf::parse(&data).expect("parse");
+        assert_eq!(btf.id_of(KIND_FUNC, "f"), Some(2));
+        assert_eq!(btf.id_of(KIND_TYPEDEF, "t"), Some(3));
+        assert_eq!(btf.id_of(KIND_FUNC, "t"), None);
+        let sk = btf
+            .id_skeleton(&[(KIND_TYPEDEF, "t"), (KIND_FUNC, "missing")])
+            .expect("skeleton");
+        let again = Btf::parse(&sk).expect("the skeleton is valid BTF");
+        assert_eq!(again.id_of(KIND_TYPEDEF, "t"), Some(3));
+        let aya = aya::Btf::parse(&sk, aya::Endianness::default()).expect("aya reads it");
+        assert_eq!(
+            aya.id_by_type_name_kind("t", aya_obj::btf::BtfKind::Typedef)
+                .expect("found"),
+            3
+        );
+        assert!(btf.id_skeleton(&[(KIND_FUNC, "missing")]).is_none());
+    }
+
+    #[test]
     fn bitfields_are_refused() {
         let (_, o) = blob(&["int", "s", "flag"], &[]);
         let types = vec![
@@ -509,5 +644,46 @@ mod tests {
         assert_eq!(o.skc_daddr, 0);
         assert_eq!(o.skc_rcv_saddr, 4);
         assert!(o.inet_sport > o.skc_net && o.tcp_write_seq > o.inet_sport);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    #[test]
+    #[ignore = "timing probe, run by hand"]
+    fn parse_time() {
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let data = std::fs::read("/sys/kernel/btf/vmlinux").expect("read");
+            let r = t.elapsed();
+            let b = super::Btf::parse(&data).expect("parse");
+            let p = t.elapsed();
+            let (res, _) = super::Resolved::resolve(&b);
+            eprintln!(
+                "read {r:?} parse {p:?} resolve {:?} sock {}",
+                t.elapsed(),
+                res.sock
+            );
+            let t = std::time::Instant::now();
+            let sk = b
+                .id_skeleton(&[
+                    (super::KIND_TYPEDEF, "btf_trace_inet_sock_set_state"),
+                    (super::KIND_FUNC, "tcp_v4_connect"),
+                ])
+                .expect("sk");
+            let a = t.elapsed();
+            let aya = aya::Btf::parse(&sk, aya::Endianness::default()).expect("aya");
+            eprintln!(
+                "skeleton {a:?} ({} bytes) aya parse {:?}",
+                sk.len(),
+                t.elapsed()
+            );
+            let t = std::time::Instant::now();
+            let id = aya.id_by_type_name_kind(
+                "btf_trace_inet_sock_set_state",
+                aya_obj::btf::BtfKind::Typedef,
+            );
+            eprintln!("aya lookup {:?} {id:?}", t.elapsed());
+        }
     }
 }

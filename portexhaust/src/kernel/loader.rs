@@ -167,18 +167,16 @@ pub struct Opened {
 
 /// The kernel's BTF and the offsets resolved from it, read once per start.
 struct KernelBtf {
-    /// aya's parse of the kernel BTF (for tp_btf and fentry loads), made on another thread
-    /// while this one resolves offsets and creates maps: each full parse costs ~20 ms.
-    aya: AyaBtf,
+    /// The kernel BTF as our own reader has it (offsets; the ids attach points need).
+    ours: Option<super::btf::Btf>,
+    /// What aya's tp_btf and fentry loads need of the kernel BTF: the ids of their attach
+    /// targets. A skeleton with just those (see `btf::Btf::id_skeleton`), made when first
+    /// needed: a full parse by aya costs ~20 ms and ~15 MB of start-up.
+    aya: Option<Option<Btf>>,
     resolved: Option<Resolved>,
     /// An `EbpfLoader`, made on another thread too: `EbpfLoader::new()` parses the kernel BTF
     /// itself (aya 0.14 offers no constructor that does not).
     loader: Option<std::thread::JoinHandle<EbpfLoader<'static>>>,
-}
-
-enum AyaBtf {
-    Parsing(std::thread::JoinHandle<Option<Btf>>),
-    Done(Option<Btf>),
 }
 
 impl KernelBtf {
@@ -187,25 +185,15 @@ impl KernelBtf {
         if let Err(why) = &caps.btf {
             info!("{why}: network namespaces come from /proc");
             return Self {
-                aya: AyaBtf::Done(None),
+                ours: None,
+                aya: Some(None),
                 resolved: None,
                 loader,
             };
         }
-        let aya = AyaBtf::Parsing(std::thread::spawn(|| {
-            Btf::from_sys_fs()
-                .map_err(|e| info!("kernel BTF unreadable by aya: {}", one_line(&e)))
-                .ok()
-        }));
         let t = std::time::Instant::now();
-        let resolved = match super::btf::Btf::from_sys_fs() {
-            Ok(Ok(btf)) => {
-                let (r, errors) = Resolved::resolve(&btf);
-                for e in errors {
-                    info!("kernel BTF lacks a field portexhaust reads: {e}");
-                }
-                Some(r)
-            }
+        let ours = match super::btf::Btf::from_sys_fs() {
+            Ok(Ok(btf)) => Some(btf),
             Ok(Err(e)) => {
                 info!("kernel BTF unreadable ({e})");
                 None
@@ -215,26 +203,56 @@ impl KernelBtf {
                 None
             }
         };
+        let resolved = ours.as_ref().map(|btf| {
+            let (r, errors) = Resolved::resolve(btf);
+            for e in errors {
+                info!("kernel BTF lacks a field portexhaust reads: {e}");
+            }
+            r
+        });
         debug!("start-up: offsets from BTF took {:?}", t.elapsed());
         Self {
-            aya,
+            ours,
+            aya: None,
             resolved,
             loader,
         }
     }
 
-    /// aya's BTF, once its thread is done.
-    fn aya(&mut self) -> Option<&Btf> {
-        if let AyaBtf::Parsing(_) = self.aya {
-            let AyaBtf::Parsing(h) = std::mem::replace(&mut self.aya, AyaBtf::Done(None)) else {
-                return None;
-            };
-            self.aya = AyaBtf::Done(h.join().ok().flatten());
+    /// The ids of the tp_btf and fentry/fexit targets `plan` may attach, in a BTF aya can read
+    /// (only those: the skeleton reaches up to the highest id, and parsing it costs ~0.1 us an
+    /// id).
+    fn aya(&mut self, plan: &Plan) -> Option<&Btf> {
+        if self.aya.is_none() {
+            let t = std::time::Instant::now();
+            let sets = plan.all_sets();
+            let targets: Vec<(u32, String)> = programs::PROGRAMS
+                .iter()
+                .filter(|p| sets.contains(&p.set))
+                .filter_map(|p| match p.hook {
+                    Hook::BtfTracePoint(t) => {
+                        Some((super::btf::KIND_TYPEDEF, format!("btf_trace_{t}")))
+                    }
+                    Hook::FEntry(f) | Hook::FExit(f) => {
+                        Some((super::btf::KIND_FUNC, f.to_string()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let wanted: Vec<(u32, &str)> = targets.iter().map(|(k, n)| (*k, n.as_str())).collect();
+            let parsed = self
+                .ours
+                .as_ref()
+                .and_then(|b| b.id_skeleton(&wanted))
+                .and_then(|blob| {
+                    Btf::parse(&blob, aya::Endianness::default())
+                        .map_err(|e| info!("attach ids for aya: {}", one_line(&e)))
+                        .ok()
+                });
+            self.aya = Some(parsed);
+            debug!("start-up: attach ids for aya in {:?}", t.elapsed());
         }
-        match &self.aya {
-            AyaBtf::Done(b) => b.as_ref(),
-            AyaBtf::Parsing(_) => None,
-        }
+        self.aya.as_ref().and_then(Option::as_ref)
     }
 
     /// The loader made ahead of time for the first attempt, a new one for the others.
@@ -575,13 +593,14 @@ impl Tracer {
         };
         let mut skipped = Vec::new();
         for backend in req.candidates() {
+            btf.aya = None;
             let attempt = match static_unavailability(backend, &caps, &btf) {
                 Some(reason) => Err(reason),
                 None => {
                     let plan = Plan::new(backend, &offer, tracking.catch);
                     load_object(&plan, filters, tracking, &mut btf).and_then(|mut ebpf| {
                         debug!("start-up: object loaded after {:?}", t0.elapsed());
-                        attach_plan(&mut ebpf, &plan, btf.aya()).map(|a| (ebpf, a))
+                        attach_plan(&mut ebpf, &plan, btf.aya(&plan)).map(|a| (ebpf, a))
                     })
                 }
             };

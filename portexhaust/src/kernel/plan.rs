@@ -124,6 +124,19 @@ impl Plan {
         v
     }
 
+    /// Every set this plan may try to attach.
+    pub fn all_sets(&self) -> Vec<Set> {
+        let mut v = self.state.clone();
+        v.extend(self.connect);
+        for (_, w) in self.kinds() {
+            if let Watch::Functions(sets) = w {
+                v.extend(sets.iter().copied());
+            }
+        }
+        v.extend(self.syscall_sets());
+        v
+    }
+
     /// Whether any function hook keeps per-thread state between entry and return.
     pub fn uses_kfunc_inflight(&self) -> bool {
         self.connect.is_some()
