@@ -260,7 +260,7 @@ impl KernelBtf {
         self.loader
             .take()
             .and_then(|h| h.join().ok())
-            .unwrap_or_else(EbpfLoader::new)
+            .unwrap_or_default()
     }
 
     fn sock_offsets(&self) -> bool {
