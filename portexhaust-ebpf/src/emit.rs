@@ -171,19 +171,7 @@ pub fn report(f: &Failure) {
         return;
     }
     bump(stat::FAILURES);
-    // Reserve first: whether the failure is streamed decides its count's `unstreamed` part.
     let (streamed, now) = budget();
-    let mut entry = if streamed {
-        let e = EVENTS.reserve::<FailureEvent>(0);
-        if e.is_none() {
-            bump(stat::RINGBUF_DROPS);
-        }
-        e
-    } else {
-        bump(stat::SUPPRESSED);
-        None
-    };
-    let unstreamed = u64::from(entry.is_none());
 
     let key = CountKey {
         pid,
@@ -195,6 +183,7 @@ pub fn report(f: &Failure) {
         _pad: [0; 4],
         daddr: bytes(f.daddr),
     };
+    let unstreamed = u64::from(!streamed);
     match COUNTS.get_ptr_mut(key) {
         // SAFETY (both arms): `v` points into the map value; counts are updated atomically
         // because several CPUs may fail towards the same key at once.
@@ -220,36 +209,48 @@ pub fn report(f: &Failure) {
             }
         }
     }
-
-    let Some(e) = entry.as_mut() else {
+    if !streamed {
+        bump(stat::SUPPRESSED);
         return;
-    };
+    }
     if !have_comm {
         comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
     }
-    e.write(FailureEvent {
-        ts_ns: now,
-        // SAFETY: helper without arguments, available to tracing programs since 4.18.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        pid,
-        tid: pid_tgid as u32,
-        uid: bpf_get_current_uid_gid() as u32,
-        errno: f.errno,
-        daddr: bytes(f.daddr),
-        saddr: bytes(f.saddr),
-        dport: f.dport,
-        family: f.family,
-        proto: f.proto,
-        site: f.site as u8,
-        backend: globals::backend() as u8,
-        flags: f.flags,
-        comm,
-        netns: f.netns,
-        cause: f.cause as u8,
-        _pad: [0; 3],
-    });
-    if let Some(e) = entry {
-        e.submit(wakeup_flags(now));
+    // Reserve, write and submit with nothing in between: verifiers before 6.3 lose track of a
+    // reservation held across other code and refuse the program.
+    match EVENTS.reserve::<FailureEvent>(0) {
+        Some(mut e) => {
+            e.write(FailureEvent {
+                ts_ns: now,
+                // SAFETY: helper without arguments, available to tracing programs since 4.18.
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                pid,
+                tid: pid_tgid as u32,
+                uid: bpf_get_current_uid_gid() as u32,
+                errno: f.errno,
+                daddr: bytes(f.daddr),
+                saddr: bytes(f.saddr),
+                dport: f.dport,
+                family: f.family,
+                proto: f.proto,
+                site: f.site as u8,
+                backend: globals::backend() as u8,
+                flags: f.flags,
+                comm,
+                netns: f.netns,
+                cause: f.cause as u8,
+                _pad: [0; 3],
+            });
+            e.submit(wakeup_flags(now));
+        }
+        None => {
+            // A full ring buffer: counted as not streamed, so that user space tallies it.
+            bump(stat::RINGBUF_DROPS);
+            if let Some(v) = COUNTS.get_ptr_mut(key) {
+                // SAFETY: as above.
+                unsafe { atomic_add(&raw mut (*v).unstreamed, 1) };
+            }
+        }
     }
 }
 
