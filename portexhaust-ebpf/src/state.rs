@@ -13,9 +13,14 @@
 //!   selection succeeds) and `sk_err` is 0 (a reset or timeout sets it first). The failing
 //!   task is `current`. The tracepoint fires after `unhash()`/`inet_put_port()`, so `inet_num`
 //!   itself cannot tell.
-//! - SYN_SENT -> ESTABLISHED: the handshake completed (softirq or the task).
+//! - SYN_SENT -> ESTABLISHED: the handshake completed (softirq or the task): a new connection,
+//!   counted per destination, with its connect latency if it was timed.
+//! - ESTABLISHED -> FIN_WAIT1: the active close, in the closing task (close(), shutdown(), the
+//!   process's exit). That process will leave a TIME_WAIT socket, which nothing in the kernel
+//!   names: it is remembered by 4-tuple (`OWNERS`), for sockets in the ephemeral range.
 //! - X -> CLOSE from FIN_WAIT1/FIN_WAIT2/CLOSING: the active closer's socket is replaced by a
-//!   TIME_WAIT mini-socket with the same 4-tuple; from other states the port is free again.
+//!   TIME_WAIT mini-socket with the same 4-tuple; its TIME_WAIT starts now. From other states
+//!   the port is free again and there is nothing to do.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
