@@ -9,17 +9,31 @@
 //! - [`net`]: kernel constants (TCP states, errnos, address families) as the kernel numbers them.
 //! - [`codes`]: the codes the programs put into events (site, cause, backend, failure kind).
 //! - [`wire`]: events, map keys and values.
+//! - With the `user` feature, the codes and TCP states (de)serialise by their names
+//!   (`"TIME_WAIT"`, `"__inet_hash_connect"`, `"tp-btf"`), as every record and JSON line
+//!   writes them.
 //! - [`programs`]: the program table: every program of the object, its hook and its role, so
 //!   the loader and the object cannot disagree on names or attach targets.
+//! - With the `std` feature (implied by `user`), `procns`: a process's network namespace, read
+//!   from /proc (`netns_of`, `parse_ns_link`, re-exported at the root).
 #![no_std]
+
+#[cfg(feature = "std")]
+extern crate std;
 
 pub mod codes;
 pub mod net;
+#[cfg(feature = "std")]
+pub mod procns;
 pub mod programs;
+#[cfg(feature = "user")]
+mod serde_names;
 pub mod wire;
 
 pub use codes::*;
 pub use net::*;
+#[cfg(feature = "std")]
+pub use procns::{netns_of, parse_ns_link};
 pub use wire::*;
 
 /// Names of maps and globals, shared so that the loader and the programs cannot drift apart.
