@@ -11,7 +11,8 @@
 //! namespace anyway, so a stray client-side TIME_WAIT can never exhaust the range.
 use std::{collections::BTreeMap, io::Read, time::Instant};
 
-use portexhaust::{procinfo::netns_of, workload::isolate};
+use portexhaust_common::netns_of;
+use portexhaust_workload::isolate;
 
 use crate::{
     common::{

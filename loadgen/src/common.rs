@@ -4,7 +4,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use portexhaust::{procinfo::netns_of, workload::WorkloadError};
+use portexhaust_common::netns_of;
+use portexhaust_workload::WorkloadError;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;

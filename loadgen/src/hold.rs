@@ -14,10 +14,8 @@ use std::{
     time::Instant,
 };
 
-use portexhaust::{
-    procinfo::netns_of,
-    workload::{count_state, isolate},
-};
+use portexhaust_common::netns_of;
+use portexhaust_workload::{count_state, isolate};
 use serde::de::DeserializeOwned;
 use socket2::Socket;
 

@@ -1,7 +1,7 @@
 //! Load generators for `cargo xtask bench`, run as the `pxh-loadgen` binary.
 //!
 //! Every generator first moves itself into a fresh network namespace
-//! ([`portexhaust::workload::isolate`]), so its port range, `tcp_tw_reuse` and all of its
+//! ([`portexhaust_workload::isolate`]), so its port range, `tcp_tw_reuse` and all of its
 //! traffic stay private to it and vanish with the process. They share one paused-start protocol,
 //! so that the harness can attach tracers after the set-up and before the measured part:
 //!

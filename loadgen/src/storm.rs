@@ -2,7 +2,8 @@
 //! of connect() calls that fail with EADDRNOTAVAIL, counting each one exactly.
 use std::{collections::BTreeMap, time::Instant};
 
-use portexhaust::{procinfo::netns_of, workload::isolate};
+use portexhaust_common::netns_of;
+use portexhaust_workload::isolate;
 use socket2::Socket;
 
 use crate::{

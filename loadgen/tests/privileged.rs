@@ -209,7 +209,7 @@ fn holder_keeps_every_connection_until_released() {
     assert!(rep.workers >= 1 && u64::from(rep.dests) == 8 * u64::from(rep.workers));
     // Still holding: the holder's namespace has them all until stdin closes.
     let tcp = std::fs::read_to_string(format!("/proc/{}/net/tcp", r.ready)).expect("net/tcp");
-    assert_eq!(portexhaust::workload::count_state(&tcp, "01"), 2 * n);
+    assert_eq!(portexhaust_workload::count_state(&tcp, "01"), 2 * n);
     g.finish();
     assert!(
         !std::path::Path::new(&format!("/proc/{}", r.ready)).exists(),
