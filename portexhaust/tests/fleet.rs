@@ -388,7 +388,8 @@ fn hex64(seed: u64) -> String {
 #[ignore = "needs root: run with cargo xtask test"]
 fn failures_are_attributed_to_the_container_of_their_cgroup() {
     require_root();
-    let root = portexhaust::container::cgroup2_root().expect("no cgroup v2 hierarchy mounted");
+    let root =
+        portexhaust::kernel::container::cgroup2_root().expect("no cgroup v2 hierarchy mounted");
     let seed = u64::from(std::process::id()) << 20
         ^ u64::from(
             SystemTime::now()

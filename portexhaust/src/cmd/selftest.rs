@@ -12,17 +12,18 @@ use portexhaust_common::{
     programs::{Hook, Set},
 };
 
+use portexhaust_workload::{Expected, WorkloadReport};
+
 use crate::{
-    aggregate::dst_string,
-    clock::Clock,
-    error::{Error, Result},
+    cmd::trace::announce,
+    engine::counts::{Counts, of_exact},
     kernel::{
-        attached,
+        Error, Result, attached,
+        clock::Clock,
+        gather::exact_counts,
         loader::{BackendRequest, Filters, Tracer, Tracking},
     },
-    model::{Failure, decode_event, errno_name},
-    trace::announce,
-    workload::{Expected, WorkloadReport},
+    schema::{Errno, Failure, event::decode_event},
 };
 
 pub const SELFTEST_COMM: &str = "pxh-selftest";
@@ -125,7 +126,7 @@ fn spawn_workload(failures: u64) -> Result<(ChildGuard, u32)> {
 pub fn compare(
     report: &WorkloadReport,
     events: &[Failure],
-    counts: &[(portexhaust_common::CountKey, portexhaust_common::CountValue)],
+    counts: &Counts,
     failures_total: u64,
     watched: u32,
 ) -> Vec<Check> {
@@ -144,7 +145,7 @@ pub fn compare(
             checks.push(Check {
                 what: format!(
                     "{proto} {dst} {} at {site} ({})",
-                    errno_name(*errno),
+                    Errno(*errno).name(),
                     kind_name(kind)
                 ),
                 expected: *count,
@@ -162,7 +163,7 @@ pub fn compare(
                 f.pid == report.pid
                     && f.comm == report.comm
                     && f.dst.to_string() == *dst
-                    && f.errno == *errno
+                    && f.errno == Errno(*errno)
                     && f.site.name() == site
                     && f.proto.name() == proto
             })
@@ -170,12 +171,12 @@ pub fn compare(
         let counted: u64 = counts
             .iter()
             .filter(|(k, _)| {
-                k.pid == report.pid && dst_string(k) == *dst && u32::from(k.errno) == *errno
+                k.pid == report.pid && k.dst.to_string() == *dst && k.errno == Errno(*errno)
             })
             .map(|(_, v)| v.count)
             .sum();
         checks.push(Check {
-            what: format!("{proto} {dst} {} at {site}", errno_name(*errno)),
+            what: format!("{proto} {dst} {} at {site}", Errno(*errno).name()),
             expected: *count,
             events: matching,
             counted,
@@ -334,7 +335,7 @@ pub fn run(backend: BackendRequest, failures: u64, catch: u32) -> Result<Selftes
     let mut events: Vec<Failure> = Vec::new();
     let mut collect = |tracer: &mut Tracer| {
         tracer.drain(|b| {
-            if let Ok((_, f)) = decode_event(b, |t| clock.to_unix_ns(t)) {
+            if let Ok((_, f)) = decode_event(b, |t| clock.ts(t)) {
                 events.push(f);
             }
         });
@@ -372,7 +373,7 @@ pub fn run(backend: BackendRequest, failures: u64, catch: u32) -> Result<Selftes
     })?;
     // Everything was submitted before the workload exited; read what is left.
     collect(&mut tracer);
-    let counts = tracer.counts()?;
+    let counts = of_exact(&exact_counts(&tracer.counts()?, &clock));
     let total = tracer.failures_total()?;
     let mut report = report;
     if !tracer.kernel_netns {
@@ -389,13 +390,13 @@ pub fn run(backend: BackendRequest, failures: u64, catch: u32) -> Result<Selftes
 
 #[cfg(test)]
 mod tests {
+    use portexhaust_common::{Backend, KIND_ALL, KIND_CONNECT};
+    use portexhaust_workload::Scenario;
+
     use super::*;
     use crate::{
-        model::{Family, Proto, comm_bytes},
-        workload::Scenario,
-    };
-    use portexhaust_common::{
-        AF_INET, Backend, CountKey, CountValue, IPPROTO_TCP, KIND_ALL, KIND_CONNECT,
+        engine::counts::{Key, KeyCount},
+        schema::{Family, Proto, Ts},
     };
 
     fn report() -> WorkloadReport {
@@ -423,7 +424,7 @@ mod tests {
 
     fn event(pid: u32) -> Failure {
         Failure {
-            ts_unix_ns: 0,
+            ts: Ts(0),
             pid,
             tid: pid,
             uid: 0,
@@ -434,66 +435,50 @@ mod tests {
             proto: Proto::Tcp,
             dst: "127.0.0.1:5000".parse().expect("addr"),
             src: None,
-            errno: 99,
+            errno: Errno::EADDRNOTAVAIL,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
             container: None,
         }
     }
 
-    fn count(n: u64) -> (CountKey, CountValue) {
-        let mut daddr = [0; 16];
-        daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        (
-            CountKey {
-                pid: 50,
-                dport: 5000,
-                family: AF_INET,
-                errno: 99,
-                proto: IPPROTO_TCP,
-                cause: 1,
-                _pad: [0; 4],
-                daddr,
-            },
-            CountValue {
-                count: n,
-                first_ns: 0,
-                last_ns: 0,
-                comm: comm_bytes(SELFTEST_COMM),
-                unstreamed: 0,
-            },
-        )
+    fn count(n: u64) -> Counts {
+        let key = Key {
+            pid: 50,
+            dst: "127.0.0.1:5000".parse().expect("addr"),
+            errno: Errno::EADDRNOTAVAIL,
+        };
+        let c = KeyCount {
+            count: n,
+            comm: SELFTEST_COMM.into(),
+            ..Default::default()
+        };
+        [(key, c)].into()
     }
 
     #[test]
     fn exact_match_passes() {
-        let checks = compare(&report(), &[event(50), event(50)], &[count(2)], 2, KIND_ALL);
+        let checks = compare(&report(), &[event(50), event(50)], &count(2), 2, KIND_ALL);
         assert!(checks.iter().all(|c| c.ok), "{checks:?}");
     }
 
     #[test]
     fn a_missing_event_a_foreign_event_or_a_wrong_count_fails() {
-        let c = compare(&report(), &[event(50)], &[count(2)], 2, KIND_ALL);
+        let c = compare(&report(), &[event(50)], &count(2), 2, KIND_ALL);
         assert!(!c[0].ok);
         let c = compare(
             &report(),
             &[event(50), event(50), event(7)],
-            &[count(2)],
+            &count(2),
             3,
             KIND_ALL,
         );
         assert!(!c[1].ok && !c[2].ok);
-        let c = compare(&report(), &[event(50), event(50)], &[count(3)], 2, KIND_ALL);
+        let c = compare(&report(), &[event(50), event(50)], &count(3), 2, KIND_ALL);
         assert!(!c[0].ok);
         let mut wrong_site = event(50);
         wrong_site.site = Site::TcpV4Connect;
-        let c = compare(
-            &report(),
-            &[event(50), wrong_site],
-            &[count(2)],
-            2,
-            KIND_ALL,
-        );
+        let c = compare(&report(), &[event(50), wrong_site], &count(2), 2, KIND_ALL);
         assert!(!c[0].ok);
     }
 
@@ -505,10 +490,10 @@ mod tests {
         a.netns = Some(5);
         let mut b = event(50);
         b.netns = Some(5);
-        let ok = compare(&r, &[a.clone(), b.clone()], &[count(2)], 2, KIND_ALL);
+        let ok = compare(&r, &[a.clone(), b.clone()], &count(2), 2, KIND_ALL);
         assert!(ok.iter().all(|c| c.ok), "{ok:?}");
         b.netns = Some(6);
-        let bad = compare(&r, &[a, b], &[count(2)], 2, KIND_ALL);
+        let bad = compare(&r, &[a, b], &count(2), 2, KIND_ALL);
         assert!(bad.iter().any(|c| !c.ok && c.what.contains("namespace")));
     }
 
@@ -522,7 +507,7 @@ mod tests {
             proto: "tcp".into(),
             count: 5,
         });
-        let c = compare(&r, &[event(50), event(50)], &[count(2)], 2, KIND_CONNECT);
+        let c = compare(&r, &[event(50), event(50)], &count(2), 2, KIND_CONNECT);
         let bind = c
             .iter()
             .find(|c| c.what.contains("bind"))
@@ -540,7 +525,7 @@ mod tests {
         assert!(res.passed());
         assert!(res.table().contains("not watched"));
         // Watched but missing is a failure, never "not watched".
-        let c = compare(&r, &[event(50), event(50)], &[count(2)], 2, KIND_ALL);
+        let c = compare(&r, &[event(50), event(50)], &count(2), 2, KIND_ALL);
         assert!(
             c.iter()
                 .any(|c| c.what.contains("bind") && !c.ok && !c.not_watched)
@@ -551,7 +536,7 @@ mod tests {
     fn zero_expected_never_passes() {
         let mut r = report();
         r.expected[0].count = 0;
-        let c = compare(&r, &[], &[], 0, KIND_ALL);
+        let c = compare(&r, &[], &Counts::new(), 0, KIND_ALL);
         assert!(!c[0].ok);
     }
 }

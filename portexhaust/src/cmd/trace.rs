@@ -1,55 +1,49 @@
 //! `portexhaust trace`: stream failures from the ring buffer, summarise on exit.
+//!
+//! The loop only moves data: events go to the output and the recorder as they come; once a
+//! second the kernel's counts become tallies and metrics; snapshots and the summary are the
+//! engine's answer to what the kernel layer gathered ([`Gatherer`]), the same answer `report`
+//! replays from the record.
 use std::{
+    collections::HashMap,
     io::{self, Write},
-    net::SocketAddr,
     os::fd::{AsRawFd, RawFd},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use log::warn;
-use portexhaust_common::FailureEvent;
+use portexhaust_common::{Cause, FailureEvent, TcpState};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
 
+use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
-    aggregate::{Summary, offenders},
-    clock::Clock,
-    container::Resolver,
-    error::{Error, Result},
-    kernel::loader::{BackendRequest, Filters, Tracer},
-    line::EventWriter,
-    metrics::{self, Metrics, MetricsOptions},
-    model::failure_from_event,
-    procinfo::NetnsCache,
-    record::{RecordOptions, Recorder},
-    render::{self, Tally},
-    view::{Collector, Scope},
+    cli::TraceArgs,
+    engine::{census::destination_rows, counts::ExactId, live},
+    kernel::{
+        Error, Result,
+        clock::Clock,
+        container::Resolver,
+        facts::{self, Namespaces},
+        gather::{Gatherer, Scope, exact_counts, run_of},
+        loader::{Tracer, Tracking},
+        netns,
+        procinfo::NetnsCache,
+    },
+    output::{
+        http,
+        human::{human_header, human_summary, human_tally},
+        line::EventWriter,
+        prometheus::{Metrics, MetricsOptions},
+    },
+    schema::{
+        ContainerInfo, Errno, Proto, RecordedFilters, Tally, Totals,
+        event::{dst_of, failure_from_event, validate},
+    },
 };
-
-#[derive(Clone, Debug)]
-pub struct TraceOptions {
-    pub json: bool,
-    pub duration: Option<Duration>,
-    pub filters: Filters,
-    pub backend: BackendRequest,
-    pub max_tracked: u32,
-    /// Ownership tracking, latency histograms and the blame summary (`--no-blame` turns off).
-    pub blame: bool,
-    /// Serve Prometheus metrics here (`--metrics-addr`).
-    pub metrics_addr: Option<SocketAddr>,
-    /// Container labels on the metrics (`--no-container-labels` turns them off).
-    pub container_labels: bool,
-    /// `--record FILE`: an incident record for `portexhaust report`.
-    pub record: Option<RecordOptions>,
-    /// `--catch`: extra failure kinds to watch even with syscall tracepoints (`KIND_*` bits).
-    pub catch: u32,
-    /// `--events-per-s`: failure events streamed per second at most (0: all); the rest are
-    /// counted and tallied.
-    pub events_per_s: u32,
-}
 
 /// Longest an event can wait in the ring buffer for the reader (events after the first of a
 /// burst are submitted without a wakeup).
@@ -131,7 +125,7 @@ impl Out {
 #[derive(Default)]
 struct Memo {
     pid: Option<u32>,
-    cgroup: Option<(u64, Option<Arc<crate::container::ContainerInfo>>)>,
+    cgroup: Option<(u64, Option<Arc<ContainerInfo>>)>,
 }
 
 struct Session {
@@ -139,7 +133,7 @@ struct Session {
     writer: EventWriter,
     memo: Memo,
     /// Per count key, the unstreamed failures already tallied.
-    tallied: std::collections::HashMap<portexhaust_common::CountKey, u64>,
+    tallied: HashMap<ExactId, u64>,
     /// Suppressed plus dropped failures accounted for by the tallies so far.
     unstreamed_seen: u64,
     clock: Clock,
@@ -149,22 +143,21 @@ struct Session {
     out: Out,
     json: bool,
     decode_errors: u64,
-    collector: Collector,
+    gatherer: Gatherer,
     recorder: Option<Recorder>,
+    namespaces: Namespaces,
     blame: bool,
 }
 
 impl Session {
-    /// Everything the ring buffer holds: each event is counted, remembered for the blame and
-    /// the record, and appended to one reused buffer that goes to stdout in one write. No
-    /// allocation or time formatting per event (see line.rs).
+    /// Everything the ring buffer holds: each event is remembered for the blame, handed to the
+    /// recorder, and appended to one reused buffer that goes to stdout in one write. No
+    /// allocation or time formatting per event (see `output::line`).
     fn drain(&mut self) {
         let Self {
             tracer,
             writer,
             memo,
-            tallied: _,
-            unstreamed_seen: _,
             clock,
             netns,
             containers,
@@ -172,9 +165,10 @@ impl Session {
             out,
             json,
             decode_errors,
-            collector,
+            gatherer,
             recorder,
-            blame: _,
+            namespaces,
+            ..
         } = self;
         let want = std::mem::size_of::<FailureEvent>();
         tracer.drain(|bytes| {
@@ -188,14 +182,14 @@ impl Session {
             // SAFETY: FailureEvent is a Pod (integers and byte arrays only) and `bytes` holds
             // at least its size; read_unaligned copes with any alignment.
             let ev: FailureEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            if let Err(e) = crate::line::validate(&ev) {
+            if let Err(e) = validate(&ev) {
                 *decode_errors += 1;
                 if *decode_errors <= 3 {
                     warn!("undecodable event: {e}");
                 }
                 return;
             }
-            let unix_ns = clock.to_unix_ns(ev.ts_ns);
+            let ts = clock.ts(ev.ts_ns);
             // 0: the kernel could not read it (no BTF offsets); learnt from /proc instead.
             let ns = if ev.netns != 0 {
                 Some(u64::from(ev.netns))
@@ -213,22 +207,31 @@ impl Session {
             if memo.pid != Some(ev.pid) {
                 memo.pid = Some(ev.pid);
                 // Remembered for the blame: the failer may be gone by the summary.
-                collector
-                    .cgroup_of_pid
-                    .entry(ev.pid)
-                    .or_insert(ev.cgroup_id);
-                if let Some(n) = ns {
-                    collector.netns_of_pid.entry(ev.pid).or_insert(n);
-                }
+                gatherer.learn(ev.pid, ns, ev.cgroup_id);
                 if let Some(m) = metrics {
                     m.observe_container(ev.pid, container.clone());
                 }
             }
             if let Some(r) = recorder.as_mut()
-                && let Some(dst) = crate::model::dst_of(&ev)
+                && let Some(dst) = dst_of(&ev)
             {
-                r.observe(ev.pid, ns, unix_ns, dst, ev.errno, || {
-                    failure_from_event(&ev, |_| unix_ns).ok().map(|mut f| {
+                if let Some(n) = ns
+                    && !namespaces.known(n)
+                    && let Some(line) = namespaces.learn(n, ev.pid)
+                {
+                    r.sysctls(&line);
+                }
+                let seen = Seen {
+                    pid: ev.pid,
+                    netns: ns,
+                    ts,
+                    dst,
+                    errno: Errno(ev.errno),
+                    proto: Proto::from_ipproto(ev.proto).unwrap_or_default(),
+                    cause: Cause::from_u8(ev.cause).unwrap_or(Cause::Unknown),
+                };
+                r.observe(seen, || {
+                    failure_from_event(&ev, |_| ts).ok().map(|mut f| {
                         f.netns = ns;
                         f.container = container.clone();
                         f
@@ -236,9 +239,9 @@ impl Session {
                 });
             }
             if *json {
-                writer.json(&ev, unix_ns, ns, container.as_ref());
+                writer.json(&ev, ts, ns, container.as_ref());
             } else {
-                writer.human(&ev, unix_ns, ns, container.as_ref());
+                writer.human(&ev, ts, ns, container.as_ref());
             }
         });
         out.bytes(writer.bytes());
@@ -257,56 +260,65 @@ impl Session {
         if total == self.unstreamed_seen {
             return Ok(());
         }
-        let counts = self.tracer.counts()?;
+        let counts = exact_counts(&self.tracer.counts()?, &self.clock);
         let mut in_counts = 0;
         let mut lines = Vec::new();
-        for (k, v) in &counts {
-            in_counts += v.unstreamed;
-            let seen = self.tallied.entry(*k).or_insert(0);
-            if v.unstreamed <= *seen {
+        for e in &counts {
+            in_counts += e.unstreamed;
+            let seen = self.tallied.entry(e.id).or_insert(0);
+            if e.unstreamed <= *seen {
                 continue;
             }
-            let n = v.unstreamed - *seen;
-            *seen = v.unstreamed;
-            let dst = crate::aggregate::dst_string(k);
-            let last = self.clock.to_unix_ns(v.last_ns);
+            let n = e.unstreamed - *seen;
+            *seen = e.unstreamed;
             lines.push(Tally {
-                kind: "tally",
-                ts: crate::clock::rfc3339(last),
-                pid: k.pid,
-                comm: crate::model::comm_str(&v.comm),
-                netns: self.collector.netns_of_pid.get(&k.pid).copied(),
-                proto: if k.proto == portexhaust_common::IPPROTO_UDP {
-                    "udp"
-                } else {
-                    "tcp"
-                },
-                dst,
-                errno: u32::from(k.errno),
-                errname: portexhaust_common::errno_name(u32::from(k.errno)).unwrap_or("UNKNOWN"),
-                cause: portexhaust_common::Cause::from_u8(k.cause)
-                    .map_or("unknown", portexhaust_common::Cause::name),
+                ts: Some(e.last),
+                pid: e.id.pid,
+                comm: e.comm.clone(),
+                netns: self.gatherer.netns_of_pid.get(&e.id.pid).copied(),
+                proto: e.id.proto,
+                dst: e.id.dst,
+                errno: e.id.errno,
+                cause: e.id.cause,
                 count: n,
-                last_ts: crate::clock::rfc3339(last),
+                first_ts: None,
+                last_ts: e.last,
+                counted_by_snapshot: false,
             });
         }
         // A failure is counted in the statistics a moment before its key: if the keys do not
         // hold all of it yet, look again next time.
         self.unstreamed_seen = total.min(in_counts);
         for t in &lines {
-            let text = if self.json {
-                render::json_tally(t)
-            } else {
-                render::human_tally(t)
-            };
+            let text = if self.json { t.line() } else { human_tally(t) };
             self.out.line(&text);
-            if let Some(r) = self.recorder.as_mut()
-                && let Ok(dst) = t.dst.parse()
-            {
-                r.tally(t.pid, t.netns, &t.comm, dst, t.errno, t.count, &t.last_ts);
+            if let Some(r) = self.recorder.as_mut() {
+                r.tally(t);
             }
         }
         self.out.flush();
+        Ok(())
+    }
+
+    /// The metrics of one second: the kernel's totals, and its exact counts when failures
+    /// happened; every fifth second the ports in use per destination (a sock_diag census of
+    /// every namespace).
+    fn metrics_tick(&mut self, ticks: u64) -> Result<()> {
+        let Some(m) = &self.metrics else {
+            return Ok(());
+        };
+        let seen = self.tracer.failures_total()?;
+        m.set_dropped(self.tracer.dropped_events()?);
+        m.set_uncounted(self.tracer.uncounted_keys()?);
+        if m.counts_changed(seen) {
+            let counts = exact_counts(&self.tracer.counts()?, &self.clock);
+            m.update_counts(&counts, |pid| self.containers.by_pid(pid));
+        }
+        m.set_failures_seen(seen);
+        if ticks % 5 == 1 {
+            m.set_destinations(&destination_rows(&netns::census(None)));
+            m.set_lru_evictions(self.tracer.lru_evictions()?);
+        }
         Ok(())
     }
 
@@ -316,9 +328,9 @@ impl Session {
         if self.recorder.as_ref().is_some_and(Recorder::snapshot_due) {
             self.drain();
             self.tally()?;
-            let summary = render::json_summary(&self.summary(elapsed)?);
+            let totals = self.totals(elapsed)?;
             if let Some(r) = self.recorder.as_mut() {
-                r.snapshot(&summary);
+                r.snapshot(&totals);
             }
         }
         if let Some(r) = self.recorder.as_mut() {
@@ -327,81 +339,27 @@ impl Session {
         Ok(())
     }
 
-    fn summary(&mut self, elapsed: Duration) -> Result<Summary> {
-        let counts = self.tracer.counts()?;
-        let blame = if counts.is_empty() || !self.blame {
-            Vec::new()
-        } else {
-            match self.collector.collect(&mut self.tracer) {
-                Ok(v) => v.blame,
-                Err(e) => {
-                    warn!("could not work out who holds the ports: {e}");
-                    Vec::new()
-                }
-            }
-        };
-        Ok(Summary {
-            backend: self.tracer.backend.name(),
-            duration_s: elapsed.as_secs_f64(),
-            failures_total: self.tracer.failures_total()?,
-            dropped_events: self.tracer.dropped_events()?,
-            uncounted_keys: self.tracer.uncounted_keys()?,
-            offenders: offenders(&counts, |t| self.clock.to_unix_ns(t)),
-            blame,
-            tracked_sockets: if self.blame {
-                self.tracer.tracked_sockets()?
-            } else {
-                0
-            },
-            lru_evictions: if self.blame {
-                self.tracer.lru_evictions()?
-            } else {
-                0
-            },
-            watched: self
-                .tracer
-                .coverage
-                .iter()
-                .filter(|c| c.watch.is_ok())
-                .map(|c| c.name())
-                .collect(),
-            not_watched: self
-                .tracer
-                .coverage
-                .iter()
-                .filter_map(|c| c.watch.as_ref().err().map(|why| (c.name(), why.clone())))
-                .collect(),
-        })
+    /// The engine's totals of what the kernel layer sees now: the summary, and each snapshot.
+    fn totals(&mut self, elapsed: Duration) -> Result<Totals> {
+        let obs = self.gatherer.observe(&mut self.tracer, self.blame)?;
+        let run = run_of(&self.tracer, elapsed.as_secs_f64(), self.blame);
+        let mut totals = live::totals(&obs, &run);
+        self.gatherer
+            .label(&mut totals.blame, &mut totals.destinations);
+        Ok(totals)
     }
 }
 
-/// Ports in use per destination in every namespace, for the metrics (no holders needed).
-fn destination_gauges() -> Vec<metrics::DestinationGauge> {
-    let census = crate::nsinfo::census(None);
-    crate::blame::usage(&census, &Default::default(), &Default::default())
-        .into_iter()
-        .map(|u| metrics::DestinationGauge {
-            netns: Some(u.netns),
-            src: Some(u.src),
-            dst: u.dst.to_string(),
-            proto: "tcp",
-            range_size: u64::from(u.range_size),
-            in_use: u.in_use,
-            utilisation: u.utilisation(),
-            time_wait: u.by_state.get("TIME_WAIT").copied().unwrap_or(0),
-        })
-        .collect()
-}
-
-pub async fn run(opts: TraceOptions) -> Result<Summary> {
+pub async fn run(args: &TraceArgs) -> Result<Totals> {
+    let filters = args.filter.filters();
     let opened = Tracer::open_with(
-        opts.backend,
-        &opts.filters,
-        crate::kernel::loader::Tracking {
-            max_tracked: opts.max_tracked,
-            blame: opts.blame,
-            catch: opts.catch,
-            events_per_s: opts.events_per_s,
+        args.backend.request(),
+        &filters,
+        Tracking {
+            max_tracked: args.tracking.max_tracked_sockets,
+            blame: !args.no_blame,
+            catch: args.catch.unwrap_or(0),
+            events_per_s: args.events_per_s,
         },
     )?;
     announce(&opened.tracer, &opened.skipped);
@@ -413,11 +371,21 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
 
+    let recorded = RecordedFilters {
+        pids: filters.pids.clone(),
+        comms: filters.comms.clone(),
+        dports: filters.dports.clone(),
+    };
+    // The header: a record starts with the settings and census of every namespace; the
+    // `--json` stream with the same header (so `report` can read it) when there is no record
+    // to carry the census, else one without it.
+    let header = (args.record.is_some() || args.json)
+        .then(|| facts::header(opened.tracer.backend, recorded));
     let mut s = Session {
         tracer: opened.tracer,
         writer: EventWriter::new(),
         memo: Memo::default(),
-        tallied: std::collections::HashMap::new(),
+        tallied: HashMap::new(),
         unstreamed_seen: 0,
         clock: Clock::new(),
         netns: NetnsCache::default(),
@@ -427,30 +395,37 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
             w: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
             closed: false,
         },
-        json: opts.json,
+        json: args.json,
         decode_errors: 0,
-        collector: Collector::new(Scope::Failers),
+        gatherer: Gatherer::new(Scope::Failers),
         recorder: None,
-        blame: opts.blame,
+        namespaces: header
+            .as_ref()
+            .map(Namespaces::from_header)
+            .unwrap_or_default(),
+        blame: !args.no_blame,
     };
-    if let Some(rec) = &opts.record {
-        s.recorder = Some(Recorder::create(
-            rec,
-            s.tracer.backend.name(),
-            &opts.filters,
-        )?);
+    if let (Some(path), Some(h)) = (&args.record, &header) {
+        let opts = RecordOptions {
+            path: path.clone(),
+            snapshot_interval: args.snapshot_interval,
+            events_per_s: args.record_events_per_s,
+        };
+        s.recorder = Some(Recorder::create(&opts, h)?);
     }
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
     // Bound before the ready line, so that a taken port fails the start instead of a scrape.
-    let _server = match opts.metrics_addr {
+    let _server = match args.metrics_addr {
         Some(addr) => {
             let m = Arc::new(Metrics::new(MetricsOptions {
-                container_labels: opts.container_labels,
+                container_labels: !args.no_container_labels,
                 ..Default::default()
             }));
             m.set_backend(s.tracer.backend.name());
-            let server = metrics::serve(addr, m.clone()).await?;
+            let server = http::serve(addr, m.clone())
+                .await
+                .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
             eprintln!(
                 "portexhaust: serving Prometheus metrics on http://{}/metrics",
                 server.addr
@@ -465,34 +440,37 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     let mut dropped_reported: u64 = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if !s.json {
-        s.out.line(&render::human_header());
-        s.out.flush();
+    match (&header, s.json) {
+        (Some(h), true) => s.out.line(&h.line()),
+        (_, false) => s.out.line(&human_header()),
+        (None, true) => {}
     }
+    s.out.flush();
     let started = Instant::now();
     // Scripts and benchmarks wait for this line: everything is attached and being read.
     eprintln!(
         "portexhaust: ready: tracing port-exhaustion failures with the {} backend{}",
         s.tracer.backend.name(),
-        match opts.duration {
+        match args.duration {
             Some(d) => format!(" for {}s", d.as_secs_f64()),
             None => "; Ctrl-C to stop".to_string(),
         }
     );
     // The start-up census: what already holds ports before the first event.
-    let census = crate::nsinfo::census(None);
+    let census = netns::census(None);
     let sockets: usize = census.iter().map(|c| c.sockets.len()).sum();
     let tw: usize = census
         .iter()
         .flat_map(|c| &c.sockets)
-        .filter(|r| r.state == crate::sockdiag::TCP_TIME_WAIT)
+        .filter(|r| r.state == TcpState::TimeWait)
         .count();
     eprintln!(
         "portexhaust: census: {sockets} TCP sockets ({tw} in TIME_WAIT) in {} network namespace(s) before tracing",
         census.len()
     );
-    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut record_tick = tokio::time::interval(crate::record::FLUSH_EVERY);
+    drop(census);
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut record_tick = tokio::time::interval(FLUSH_EVERY);
     // The eBPF side rate-limits ring-buffer wakeups in a storm (see `wakeup_flags` there): an
     // event submitted without one is picked up by this tick at the latest.
     let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
@@ -525,18 +503,8 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
                     );
                     dropped_reported = d;
                 }
-                if let Some(m) = &s.metrics {
-                    if let Err(e) = m.refresh_from_tracer(&s.tracer, &s.containers) {
-                        warn!("updating metrics: {e}");
-                    }
-                    // Port usage needs a sock_diag census of every namespace: every 5 s.
-                    if ticks % 5 == 1 {
-                        m.set_destinations(&destination_gauges());
-                        match s.tracer.lru_evictions() {
-                            Ok(n) => m.set_lru_evictions(n),
-                            Err(e) => warn!("reading LRU evictions: {e}"),
-                        }
-                    }
+                if let Err(e) = s.metrics_tick(ticks) {
+                    warn!("updating metrics: {e}");
                 }
             }
             _ = drain_tick.tick() => s.drain(),
@@ -552,16 +520,16 @@ pub async fn run(opts: TraceOptions) -> Result<Summary> {
     // Events submitted before the stop request are still in the buffer.
     s.drain();
     s.tally()?;
-    let summary = s.summary(started.elapsed())?;
+    let totals = s.totals(started.elapsed())?;
     let text = if s.json {
-        render::json_summary(&summary)
+        totals.summary_line()
     } else {
-        render::human_summary(&summary)
+        human_summary(&totals)
     };
     s.out.line(&text);
     s.out.flush();
     if let Some(r) = s.recorder.as_mut() {
-        r.finish(&render::json_summary(&summary));
+        r.finish(&totals);
     }
-    Ok(summary)
+    Ok(totals)
 }

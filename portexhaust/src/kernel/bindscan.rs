@@ -19,8 +19,7 @@ use procfs::{
 };
 use socket2::SockRef;
 
-use super::rules::BindHolder;
-use crate::sysctl::PortRange;
+use crate::{advice::BindHolder, schema::PortRange};
 
 /// `SIOCGSKNS` (linux/sockios.h, 4.9+): an fd for the network namespace of a socket.
 const SIOCGSKNS: libc::c_ulong = 0x894C;
@@ -180,7 +179,7 @@ mod tests {
 
     #[test]
     fn a_bound_unconnected_socket_is_recognised_and_a_listener_is_not() {
-        let netns = crate::procinfo::netns_of(std::process::id()).expect("netns");
+        let netns = crate::kernel::procinfo::netns_of(std::process::id()).expect("netns");
         let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
         s.bind(
             &"127.0.0.1:0"

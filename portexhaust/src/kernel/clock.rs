@@ -1,5 +1,5 @@
-//! Converting `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time, and formatting it.
-use time::{OffsetDateTime, macros::format_description};
+//! Converting `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time.
+use crate::schema::Ts;
 
 /// Offset between CLOCK_REALTIME and CLOCK_MONOTONIC, taken once at start-up. Wall-clock steps
 /// after that (NTP) are deliberately not followed: event order must stay monotonic.
@@ -37,6 +37,11 @@ impl Clock {
         mono_ns as i128 + self.offset_ns
     }
 
+    /// A kernel time as a wall-clock time.
+    pub fn ts(&self, mono_ns: u64) -> Ts {
+        Ts(self.to_unix_ns(mono_ns))
+    }
+
     pub fn now_mono_ns() -> u64 {
         now_ns(libc::CLOCK_MONOTONIC) as u64
     }
@@ -48,37 +53,9 @@ impl Default for Clock {
     }
 }
 
-/// RFC 3339 in UTC with microseconds, e.g. `2026-11-25T11:20:00.123456Z`.
-pub fn rfc3339(unix_ns: i128) -> String {
-    let fmt =
-        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
-    OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
-        .ok()
-        .and_then(|t| t.format(&fmt).ok())
-        .unwrap_or_else(|| format!("@{unix_ns}ns"))
-}
-
-/// `HH:MM:SS.mmm` (UTC) for the live human output.
-pub fn hms(unix_ns: i128) -> String {
-    let fmt = format_description!("[hour]:[minute]:[second].[subsecond digits:3]");
-    OffsetDateTime::from_unix_timestamp_nanos(unix_ns)
-        .ok()
-        .and_then(|t| t.format(&fmt).ok())
-        .unwrap_or_else(|| "??:??:??.???".to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_rfc3339_with_micros() {
-        assert_eq!(
-            rfc3339(1_764_069_600_123_456_789),
-            "2025-11-25T11:20:00.123456Z"
-        );
-        assert_eq!(hms(1_764_069_600_123_456_789), "11:20:00.123");
-    }
 
     #[test]
     fn converts_monotonic_with_offset() {

@@ -24,8 +24,9 @@ use super::{
     preflight::{self, Caps},
 };
 use crate::{
-    error::{Error, Result, one_line},
-    model::comm_bytes,
+    error::one_line,
+    kernel::error::{Error, Result},
+    schema::event::comm_bytes,
 };
 
 /// The eBPF object built by build.rs, embedded so the binary is self-contained.

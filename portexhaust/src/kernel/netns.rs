@@ -10,73 +10,31 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{
-    procinfo::parse_ns_link,
-    sockdiag::{SockRow, dump_tcp},
-    sysctl::{NetSysctls, parse_reserved},
-};
+use thiserror::Error;
 
-/// The port sysctls of one namespace as the census accounts with them: parsed once from the
-/// [`NetSysctls`] read there, with the kernel's defaults where a value could not be read.
-///
-/// Kept apart from [`NetSysctls`], which is the record and `doctor --json` format: that one
-/// keeps what was read as it was read (optional fields, the reserved list as the kernel
-/// prints it), and its serde shape must stay readable by `report`, old records included.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NsSysctls {
-    pub ip_local_port_range: (u16, u16),
-    /// `ip_local_reserved_ports` as ranges.
-    pub reserved: Vec<(u16, u16)>,
+use super::{procinfo::parse_ns_link, sockdiag::dump_tcp, sysctl};
+use crate::engine::census::{FdOwner, NsCensus, PortSpace};
+
+/// The census of the calling thread's namespace, `netns`, with its port space from `sysctls`.
+pub fn census_here(netns: u64, sysctls: &crate::schema::NetSysctls) -> io::Result<NsCensus> {
+    Ok(NsCensus {
+        netns,
+        ports: PortSpace::from(sysctls),
+        sockets: dump_tcp()?,
+    })
 }
 
-impl Default for NsSysctls {
-    fn default() -> Self {
-        // The kernel's defaults (include/net/ip.h, inet_init_net).
-        Self {
-            ip_local_port_range: (32768, 60999),
-            reserved: Vec::new(),
-        }
-    }
-}
-
-impl From<&NetSysctls> for NsSysctls {
-    fn from(s: &NetSysctls) -> Self {
-        let port = |p: u32| u16::try_from(p).ok();
-        Self {
-            ip_local_port_range: s
-                .ip_local_port_range
-                .and_then(|[lo, hi]| Some((port(lo)?, port(hi)?)))
-                .filter(|(lo, hi)| lo <= hi)
-                .unwrap_or(Self::default().ip_local_port_range),
-            reserved: s
-                .ip_local_reserved_ports
-                .as_deref()
-                .map(parse_reserved)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|(a, b)| Some((port(a)?, port(b.min(65535))?)))
-                .collect(),
-        }
-    }
-}
-
-/// Everything known about one namespace at one moment.
-#[derive(Clone, Debug)]
-pub struct NsCensus {
-    pub netns: u64,
-    pub sysctls: NsSysctls,
-    pub sockets: Vec<SockRow>,
-}
-
-impl NsCensus {
-    /// The sockets of the calling thread's namespace, `netns`, whose settings are `sysctls`.
-    pub fn here(netns: u64, sysctls: &NetSysctls) -> io::Result<Self> {
-        Ok(Self {
-            netns,
-            sysctls: NsSysctls::from(sysctls),
-            sockets: dump_tcp()?,
-        })
-    }
+/// A `--netns` argument that names no namespace.
+#[derive(Debug, Error)]
+pub enum NetnsArgError {
+    #[error("no process lives in network namespace {0}")]
+    NoProcess(u64),
+    #[error("{arg}: {source}")]
+    Path {
+        arg: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Network namespaces that have processes, each with the path of a handle to it.
@@ -107,15 +65,18 @@ pub fn namespaces() -> BTreeMap<u64, PathBuf> {
 
 /// Resolve a `--netns` argument: an inode number (of a namespace that has processes) or a path
 /// (`/run/netns/NAME`, `/proc/PID/ns/net`).
-pub fn resolve_netns(arg: &str) -> Result<(u64, PathBuf), String> {
+pub fn resolve_netns(arg: &str) -> Result<(u64, PathBuf), NetnsArgError> {
     if let Ok(ino) = arg.parse::<u64>() {
         return namespaces()
             .remove(&ino)
             .map(|p| (ino, p))
-            .ok_or_else(|| format!("no process lives in network namespace {ino}"));
+            .ok_or(NetnsArgError::NoProcess(ino));
     }
     let path = PathBuf::from(arg);
-    let meta = fs::metadata(&path).map_err(|e| format!("{arg}: {e}"))?;
+    let meta = fs::metadata(&path).map_err(|source| NetnsArgError::Path {
+        arg: arg.to_string(),
+        source,
+    })?;
     use std::os::unix::fs::MetadataExt;
     Ok((meta.ino(), path))
 }
@@ -133,7 +94,7 @@ pub fn netns_path(pid: u32) -> PathBuf {
 /// CAP_SYS_ADMIN: a tracer confined to CAP_BPF/CAP_PERFMON (deploy/portexhaust.service) still
 /// sees its own namespace.
 pub fn in_netns<T: Send>(netns: u64, path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    if crate::procinfo::netns_of(std::process::id()) == Some(netns) {
+    if crate::kernel::procinfo::netns_of(std::process::id()) == Some(netns) {
         return Ok(f());
     }
     let ns = fs::File::open(path)?;
@@ -154,9 +115,7 @@ pub fn in_netns<T: Send>(netns: u64, path: &Path, f: impl FnOnce() -> T + Send) 
 /// Read sysctls and sockets of the namespace behind `path`; `Ok(None)` when the namespace
 /// vanished (its last process exited) before it could be entered.
 pub fn census_of(netns: u64, path: &Path) -> io::Result<Option<NsCensus>> {
-    match in_netns(netns, path, || {
-        NsCensus::here(netns, &NetSysctls::read_current())
-    }) {
+    match in_netns(netns, path, || census_here(netns, &sysctl::read_current())) {
         Ok(census) => census.map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -200,13 +159,6 @@ fn census_error(ino: u64, e: &io::Error) -> String {
         _ => "",
     };
     format!("cannot list the sockets of network namespace {ino}: {e}{hint}")
-}
-
-/// A process holding a socket file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FdOwner {
-    pub pid: u32,
-    pub comm: String,
 }
 
 pub fn comm_of(pid: u32) -> Option<String> {
@@ -280,41 +232,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sysctls_as_the_census_accounts_with_them() {
-        let read = |range: &str, reserved: &str| {
-            NsSysctls::from(&NetSysctls {
-                ip_local_port_range: crate::sysctl::parse_port_range(range),
-                ip_local_reserved_ports: Some(reserved.into()),
-                ..Default::default()
-            })
-        };
-        assert_eq!(
-            read("32768\t60999\n", "").ip_local_port_range,
-            (32768, 60999)
-        );
-        assert_eq!(read("40000 40009", "").ip_local_port_range, (40000, 40009));
-        // Unreadable or inverted: the kernel's default range.
-        assert_eq!(read("5 4", "").ip_local_port_range, (32768, 60999));
-        assert_eq!(read("x", "").ip_local_port_range, (32768, 60999));
-        assert_eq!(read("1 2", "\n").reserved, vec![]);
-        assert_eq!(
-            read("1 2", "8080,9000-9010\n").reserved,
-            vec![(8080, 8080), (9000, 9010)]
-        );
-        assert_eq!(
-            NsSysctls::from(&NetSysctls::default()),
-            NsSysctls::default()
-        );
-    }
-
-    #[test]
     fn own_namespace_can_be_entered() {
         // Our own namespace is read without setns() (which needs CAP_SYS_ADMIN); a setns()
         // that fails must come back as an error rather than a panic.
         let me = std::process::id();
-        let ns = crate::procinfo::netns_of(me).expect("netns");
-        match in_netns(ns, &netns_path(me), NetSysctls::read_current) {
-            Ok(s) => assert_eq!(s, NetSysctls::read_current()),
+        let ns = crate::kernel::procinfo::netns_of(me).expect("netns");
+        match in_netns(ns, &netns_path(me), sysctl::read_current) {
+            Ok(s) => assert_eq!(s, sysctl::read_current()),
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         }
     }
@@ -332,7 +256,7 @@ mod tests {
     #[test]
     fn own_namespace_is_listed() {
         let ns = namespaces();
-        let mine = crate::procinfo::netns_of(std::process::id()).expect("netns");
+        let mine = crate::kernel::procinfo::netns_of(std::process::id()).expect("netns");
         assert!(ns.contains_key(&mine));
     }
 }

@@ -4,7 +4,7 @@ use std::{io::Read as _, path::Path};
 
 use log::{debug, info};
 
-use crate::error::{Error, Result};
+use super::{Error, Result};
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;

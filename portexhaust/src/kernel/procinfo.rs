@@ -1,15 +1,7 @@
 //! Facts about processes that the eBPF side cannot read portably, looked up in /proc.
 use std::collections::HashMap;
 
-/// Parse the target of a `/proc/<pid>/ns/net` link: `net:[4026531840]` -> 4026531840.
-pub fn parse_ns_link(link: &str) -> Option<u64> {
-    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
-}
-
-pub fn netns_of(pid: u32) -> Option<u64> {
-    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
-    parse_ns_link(link.to_str()?)
-}
+pub use portexhaust_common::{netns_of, parse_ns_link};
 
 /// Network namespace per pid, cached: a failure storm comes from few processes and must not
 /// cost a readlink per event. Reading struct net from the kernel would need per-build offsets
@@ -39,13 +31,6 @@ impl NetnsCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_namespace_links() {
-        assert_eq!(parse_ns_link("net:[4026531840]"), Some(4026531840));
-        assert_eq!(parse_ns_link("mnt:[4026531840]"), None);
-        assert_eq!(parse_ns_link("net:[x]"), None);
-    }
 
     #[test]
     fn own_namespace_is_found_and_cached() {

@@ -13,47 +13,9 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use portexhaust_common::TcpState;
 
-pub const TCP_ESTABLISHED: u8 = 1;
-pub const TCP_SYN_SENT: u8 = 2;
-pub const TCP_TIME_WAIT: u8 = 6;
-pub const TCP_CLOSE: u8 = 7;
-pub const TCP_LISTEN: u8 = 10;
-
-/// Names as `ss` prints them (upper case, as in the kernel's tcp_states.h).
-pub fn state_name(state: u8) -> &'static str {
-    match state {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
-    }
-}
-
-/// One TCP socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SockRow {
-    pub family: u16,
-    pub state: u8,
-    pub src: IpAddr,
-    pub sport: u16,
-    pub dst: IpAddr,
-    pub dport: u16,
-    /// Milliseconds left on the socket's timer (for TIME_WAIT: until it disappears).
-    pub expires_ms: u32,
-    pub uid: u32,
-    /// 0 for sockets no file refers to (TIME_WAIT, orphans).
-    pub inode: u64,
-}
+pub use crate::engine::census::SockRow;
 
 const NLMSG_HDR: usize = 16;
 const NLMSG_ERROR: u16 = 2;
@@ -72,7 +34,7 @@ fn ip(family: u8, raw: &[u8]) -> IpAddr {
     }
 }
 
-/// Decode one `inet_diag_msg`.
+/// Decode one `inet_diag_msg` (None: too short, or a state this build does not know).
 pub fn parse_inet_diag_msg(b: &[u8]) -> Option<SockRow> {
     if b.len() < INET_DIAG_MSG {
         return None;
@@ -83,7 +45,7 @@ pub fn parse_inet_diag_msg(b: &[u8]) -> Option<SockRow> {
     // inode @68.
     Some(SockRow {
         family: u16::from(b[0]),
-        state: b[1],
+        state: TcpState::from_u8(b[1])?,
         sport: u16::from_be_bytes([b[4], b[5]]),
         dport: u16::from_be_bytes([b[6], b[7]]),
         src: ip(b[0], &b[8..24]),
@@ -206,35 +168,13 @@ pub fn dump_tcp_listeners() -> std::io::Result<Vec<SockRow>> {
 }
 
 #[cfg(test)]
-impl SockRow {
-    /// A socket from `local` to `remote` in `state` (a name as [`state_name`] gives it).
-    pub fn fixture(local: &str, remote: &str, state: &str) -> Self {
-        let local: std::net::SocketAddr = local.parse().expect("local address");
-        let remote: std::net::SocketAddr = remote.parse().expect("remote address");
-        Self {
-            family: u16::from(if local.is_ipv4() { AF_INET } else { AF_INET6 }),
-            state: (0..=u8::MAX)
-                .find(|&s| state_name(s) == state)
-                .expect("state name"),
-            src: local.ip(),
-            sport: local.port(),
-            dst: remote.ip(),
-            dport: remote.port(),
-            expires_ms: 0,
-            uid: 0,
-            inode: 0,
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
-    fn msg(state: u8, sport: u16, dport: u16, expires: u32, inode: u32) -> Vec<u8> {
+    fn msg(state: TcpState, sport: u16, dport: u16, expires: u32, inode: u32) -> Vec<u8> {
         let mut m = vec![0u8; INET_DIAG_MSG];
         m[0] = AF_INET;
-        m[1] = state;
+        m[1] = state as u8;
         m[4..6].copy_from_slice(&sport.to_be_bytes());
         m[6..8].copy_from_slice(&dport.to_be_bytes());
         m[8..12].copy_from_slice(&[127, 0, 0, 1]);
@@ -259,13 +199,13 @@ mod tests {
 
     #[test]
     fn decodes_rows_and_stops_at_done() {
-        let mut buf = msg(TCP_TIME_WAIT, 40001, 5000, 59_000, 0);
-        buf.extend(msg(TCP_ESTABLISHED, 40002, 5000, 0, 777));
+        let mut buf = msg(TcpState::TimeWait, 40001, 5000, 59_000, 0);
+        buf.extend(msg(TcpState::Established, 40002, 5000, 0, 777));
         buf.extend(done());
         let mut rows = Vec::new();
         assert_eq!(parse_replies(&buf, &mut rows).ok(), Some(Chunk::Done));
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].state, TCP_TIME_WAIT);
+        assert_eq!(rows[0].state, TcpState::TimeWait);
         assert_eq!(rows[0].expires_ms, 59_000);
         assert_eq!(rows[0].sport, 40001);
         assert_eq!(rows[0].dst.to_string(), "10.0.0.9");
@@ -274,7 +214,7 @@ mod tests {
 
     #[test]
     fn bad_lengths_are_errors_not_panics() {
-        let mut buf = msg(1, 1, 2, 0, 0);
+        let mut buf = msg(TcpState::Established, 1, 2, 0, 0);
         buf[0..4].copy_from_slice(&9999u32.to_ne_bytes());
         assert!(parse_replies(&buf, &mut Vec::new()).is_err());
         buf[0..4].copy_from_slice(&3u32.to_ne_bytes());
@@ -284,12 +224,5 @@ mod tests {
             let junk: Vec<u8> = (0..n).map(|i| (i * 31 + n) as u8).collect();
             let _ = parse_replies(&junk, &mut Vec::new());
         }
-    }
-
-    #[test]
-    fn state_names_match_ss() {
-        assert_eq!(state_name(TCP_TIME_WAIT), "TIME_WAIT");
-        assert_eq!(state_name(TCP_ESTABLISHED), "ESTABLISHED");
-        assert_eq!(state_name(99), "UNKNOWN");
     }
 }

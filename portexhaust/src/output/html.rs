@@ -3,11 +3,10 @@
 //! recorded string is escaped: process names are chosen by whoever runs the process. Pure.
 use std::fmt::Write as _;
 
-use super::model::{CountSource, Report};
 use crate::{
-    clock::hms,
-    doctor::{FixKind, Severity},
-    report::parse::parse_ts,
+    advice::{FixKind, Severity},
+    engine::report::{CountSource, Report},
+    schema::Ts,
 };
 
 /// Escape text for HTML element content and attribute values.
@@ -97,7 +96,7 @@ pub fn chart(r: &Report) -> String {
         let bh = (plot_h * c as f64 / max as f64).max(1.0);
         let x = left + bw * i as f64;
         let y = top + plot_h - bh;
-        let when = t.bucket_ts(i).map(hms).unwrap_or_default();
+        let when = t.bucket_ts(i).map(Ts::hms).unwrap_or_default();
         let _ = write!(
             s,
             "<rect class=\"bar\" x=\"{x:.2}\" y=\"{y:.2}\" width=\"{:.2}\" height=\"{bh:.2}\">\
@@ -113,16 +112,16 @@ pub fn chart(r: &Report) -> String {
         left + plot_w
     );
     // Time labels: start, middle, end.
-    if let Some(start) = t.start_ns {
+    if let Some(start) = t.start_ts {
         let span = t.counts.len() as i128 * t.bucket_s as i128 * 1_000_000_000;
         for (frac, anchor) in [(0.0, "start"), (0.5, "middle"), (1.0, "end")] {
             let x = left + plot_w * frac;
-            let at = start + (span as f64 * frac) as i128;
+            let at = Ts(start.unix_ns() + (span as f64 * frac) as i128);
             let _ = write!(
                 s,
                 "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\">{}</text>",
                 top + plot_h + 16.0,
-                hms(at)
+                at.hms()
             );
         }
         let _ = write!(
@@ -146,11 +145,8 @@ fn card(out: &mut String, value: &str, label: &str) {
     );
 }
 
-fn ts_short(ts: &Option<String>) -> String {
-    ts.as_deref()
-        .and_then(parse_ts)
-        .map(hms)
-        .unwrap_or_else(|| "-".into())
+fn ts_short(ts: &Option<Ts>) -> String {
+    ts.map(Ts::hms).unwrap_or_else(|| "-".into())
 }
 
 pub fn render(r: &Report) -> String {
@@ -212,11 +208,15 @@ pub fn render(r: &Report) -> String {
     o.push_str(&chart(r));
 
     o.push_str("<h2 id=\"offenders\">Offenders: who failed</h2>");
+    for line in super::report_text::bookkeeping(r).lines() {
+        let _ = write!(o, "<p class=\"warn\">{}</p>", esc(line));
+    }
     if r.offenders.is_empty() {
         o.push_str("<p class=\"muted\">None.</p>");
     } else {
         o.push_str("<table><tr><th>Host</th><th>PID</th><th>Command</th><th>Failures</th><th>First</th><th>Last</th><th>Destinations</th></tr>");
         for f in &r.offenders {
+            let (host, f) = (&f.host, &f.item);
             let dests = f
                 .destinations
                 .iter()
@@ -224,8 +224,8 @@ pub fn render(r: &Report) -> String {
                 .map(|d| {
                     format!(
                         "{} <span class=\"muted\">{}</span> &times;{}",
-                        esc(&d.dst),
-                        d.errname,
+                        esc(&d.dst.to_string()),
+                        d.errno.name(),
                         d.failures
                     )
                 })
@@ -234,7 +234,7 @@ pub fn render(r: &Report) -> String {
             let _ = write!(
                 o,
                 "<tr><td>{}</td><td class=\"n\">{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&f.host),
+                esc(host),
                 f.pid,
                 esc(&f.comm),
                 f.failures,
@@ -255,16 +255,18 @@ pub fn render(r: &Report) -> String {
             let _ = write!(
                 o,
                 "<tr><td class=\"n\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
-                h.pid,
-                esc(&h.comm),
-                match h.alive {
-                    Some(true) => "yes",
-                    Some(false) => "exited",
-                    None => "?",
+                h.holder
+                    .pid
+                    .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                esc(&h.holder.label()),
+                match (h.holder.pid, h.holder.alive) {
+                    (None, _) => "before tracing",
+                    (Some(_), true) => "yes",
+                    (Some(_), false) => "exited",
                 },
-                esc(&h.dst),
-                h.sockets,
-                h.time_wait
+                esc(&h.dst.to_string()),
+                h.holder.sockets,
+                h.holder.time_wait
             );
         }
         o.push_str("</table>");
@@ -276,22 +278,24 @@ pub fn render(r: &Report) -> String {
     } else {
         o.push_str("<table><tr><th>Source</th><th>Destination</th><th>In use</th><th>Range</th><th>Used</th><th>States</th><th>Seen</th></tr>");
         for d in &r.destinations {
-            let u = (d.row.utilisation.clamp(0.0, 1.0) * 100.0).round();
+            let u = (d.row.utilisation.unwrap_or(0.0).clamp(0.0, 1.0) * 100.0).round();
             let states = d
                 .row
                 .by_state
                 .iter()
-                .map(|(k, v)| format!("{} {v}", esc(k)))
+                .map(|(k, v)| format!("{} {v}", k.name()))
                 .collect::<Vec<_>>()
                 .join(", ");
             let _ = write!(
                 o,
                 "<tr><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
                  <td><span class=\"util\"><i style=\"width:{u}%\"></i></span> {u}%</td><td>{}</td><td>{}</td></tr>",
-                esc(d.row.src.as_deref().unwrap_or("-")),
-                esc(&d.row.dst),
+                esc(&d.row.src.map_or_else(|| "-".to_string(), |a| a.to_string())),
+                esc(&d.row.dst.to_string()),
                 d.row.in_use,
-                d.row.range_size,
+                d.row
+                    .range_size
+                    .map_or_else(|| "?".to_string(), |n| n.to_string()),
                 states,
                 ts_short(&d.ts)
             );
@@ -371,8 +375,9 @@ pub fn render(r: &Report) -> String {
             s.header_line.map(|l| format!(":{l}")).unwrap_or_default(),
             esc(&s.host),
             esc(s.backend.as_deref().unwrap_or("?")),
-            esc(s.start_ts.as_deref().unwrap_or("?")),
-            esc(s.end_ts.as_deref().unwrap_or("?")),
+            s.start_ts
+                .map_or_else(|| "?".to_string(), |t| t.to_string()),
+            s.end_ts.map_or_else(|| "?".to_string(), |t| t.to_string()),
             s.failures,
             match s.counts_from {
                 CountSource::Summary => "summary",

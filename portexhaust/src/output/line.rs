@@ -4,34 +4,20 @@
 //! rendered once per cgroup. In a storm of 150k failures a second this is most of what the
 //! tracer itself does (`cargo xtask bench`: tracer CPU per million failures).
 //!
-//! The output is byte for byte what `render::json_line` / `render::human_line` produce (a
-//! unit test holds them together); those stay the reference for everything that is not hot.
+//! The output is byte for byte what the schema's [`Failure::line`] and
+//! [`super::human::human_line`] produce (a unit test holds them together); those stay the
+//! reference for everything that is not hot.
 use std::{collections::HashMap, fmt::Write as _, net::Ipv6Addr, sync::Arc};
 
 use bytes::{BufMut, BytesMut};
 use portexhaust_common::{
-    AF_INET, AF_INET6, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_TCP,
-    IPPROTO_UDP, Site, errno_name,
+    AF_INET, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_UDP, Site, errno_name,
 };
 
-use crate::{container::ContainerInfo, model::DecodeError};
-
-/// Check the codes of a raw event, as `model::failure_from_event` does.
-pub fn validate(ev: &FailureEvent) -> Result<(), DecodeError> {
-    if ev.family != AF_INET && ev.family != AF_INET6 {
-        return Err(DecodeError::Family(ev.family));
-    }
-    if ev.proto != IPPROTO_TCP && ev.proto != IPPROTO_UDP {
-        return Err(DecodeError::Proto(ev.proto));
-    }
-    if Site::from_u8(ev.site).is_none() {
-        return Err(DecodeError::Site(ev.site));
-    }
-    if Backend::from_u8(ev.backend).is_none() {
-        return Err(DecodeError::Backend(ev.backend));
-    }
-    Ok(())
-}
+use crate::{
+    schema::event::failure_from_event,
+    schema::{ContainerInfo, Failure, Ts},
+};
 
 /// `YYYY-MM-DDTHH:MM:SS` of one second, kept while events stay in it.
 #[derive(Default)]
@@ -399,10 +385,11 @@ impl EventWriter {
     pub fn json(
         &mut self,
         ev: &FailureEvent,
-        unix_ns: i128,
+        ts: Ts,
         netns: Option<u64>,
         container: Option<&Arc<ContainerInfo>>,
     ) {
+        let unix_ns = ts.unix_ns();
         // Times before 1970 do not occur (CLOCK_REALTIME of a running system): u64 arithmetic.
         let ns = u64::try_from(unix_ns).unwrap_or(0);
         let secs = ns / 1_000_000_000;
@@ -467,10 +454,10 @@ impl EventWriter {
         ) else {
             // A segment did not fit (only an absurdly long container label can do that): the
             // reference renderer copes.
-            if let Ok(mut f) = crate::model::failure_from_event(ev, |_| unix_ns) {
+            if let Ok(mut f) = failure_from_event(ev, |_| ts) {
                 f.netns = netns;
                 f.container = container.cloned();
-                self.buf.put_slice(crate::render::json_line(&f).as_bytes());
+                self.buf.put_slice(Failure::line(&f).as_bytes());
                 self.buf.put_u8(b'\n');
             }
             return;
@@ -488,15 +475,16 @@ impl EventWriter {
         self.buf.put_slice(wh);
     }
 
-    /// One line of the live human table (columns of `render::human_header`).
+    /// One line of the live human table (columns of [`super::human::human_header`]).
     pub fn human(
         &mut self,
         ev: &FailureEvent,
-        unix_ns: i128,
+        ts: Ts,
         netns: Option<u64>,
         container: Option<&Arc<ContainerInfo>>,
     ) {
         let short = self.label(ev.cgroup_id, container).map(|l| l.short.clone());
+        let unix_ns = ts.unix_ns();
         let secs = unix_ns.div_euclid(1_000_000_000) as i64;
         let millis = (unix_ns.rem_euclid(1_000_000_000) / 1_000_000) as u64;
         let prefix = *self.second.prefix(secs);
@@ -588,12 +576,10 @@ impl std::fmt::Display for DashOr {
 
 #[cfg(test)]
 mod tests {
+    use portexhaust_common::{AF_INET6, Cause, IPPROTO_TCP};
+
     use super::*;
-    use crate::{
-        model::failure_from_event,
-        render::{human_line, json_line},
-    };
-    use portexhaust_common::Cause;
+    use crate::{output::human::human_line, schema::Runtime, schema::event::validate};
 
     fn event(family: u16, comm: &[u8]) -> FailureEvent {
         let mut c = [0u8; COMM_LEN];
@@ -637,7 +623,7 @@ mod tests {
     #[test]
     fn matches_the_reference_renderers() {
         let container = Arc::new(ContainerInfo {
-            runtime: crate::container::Runtime::Docker,
+            runtime: Runtime::Docker,
             id: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
             pod: Some("checkout-7f9c".into()),
         });
@@ -658,6 +644,7 @@ mod tests {
                         } else {
                             0
                         };
+                        let ts = Ts(ts);
                         let mut f = failure_from_event(&ev, |_| ts).expect("decodes");
                         f.netns = netns;
                         f.container = c.cloned();
@@ -665,7 +652,7 @@ mod tests {
                         w.json(&ev, ts, netns, c);
                         assert_eq!(
                             String::from_utf8_lossy(w.bytes()),
-                            json_line(&f) + "\n",
+                            f.line() + "\n",
                             "{ts} {family} {comm:?}"
                         );
                         w.clear();
@@ -686,14 +673,22 @@ mod tests {
         let mut ev = event(AF_INET, b"x");
         assert!(validate(&ev).is_ok());
         ev.site = 99;
-        assert_eq!(validate(&ev), Err(DecodeError::Site(99)));
+        assert_eq!(
+            validate(&ev),
+            Err(crate::schema::event::DecodeError::Site(99))
+        );
         ev = event(7, b"x");
-        assert_eq!(validate(&ev), Err(DecodeError::Family(7)));
+        assert_eq!(
+            validate(&ev),
+            Err(crate::schema::event::DecodeError::Family(7))
+        );
     }
 }
 
 #[cfg(test)]
 mod speed {
+    use portexhaust_common::IPPROTO_TCP;
+
     use super::*;
 
     #[test]
@@ -708,7 +703,7 @@ mod speed {
             std::hint::black_box(&mut ev);
             w.json(
                 &ev,
-                1_764_069_600_123_456_789 + i as i128 * 5000,
+                Ts(1_764_069_600_123_456_789 + i as i128 * 5000),
                 Some(4026532177),
                 None,
             );

@@ -1,11 +1,16 @@
 //! The report as text for a terminal. Pure.
-use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
+use comfy_table::Cell;
 
-use super::model::{Report, Timeline};
+use super::{
+    doctor::findings as render_findings,
+    text::{destinations as dest_table, offenders, plural, right, table},
+};
 use crate::{
-    clock::hms,
-    doctor::{dest_table, render_findings},
-    report::parse::parse_ts,
+    engine::{
+        report::{CountSource, Report},
+        timeline::Timeline,
+    },
+    schema::Ts,
 };
 
 const SPARK: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
@@ -36,28 +41,32 @@ pub fn sparkline(cols: &[u64]) -> String {
         .collect()
 }
 
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
+fn dur(a: Option<Ts>, b: Option<Ts>) -> Option<f64> {
+    Some((b?.unix_ns() - a?.unix_ns()) as f64 / 1e9)
 }
 
-fn dur(a: &Option<String>, b: &Option<String>) -> Option<f64> {
-    let a = parse_ts(a.as_deref()?)?;
-    let b = parse_ts(b.as_deref()?)?;
-    Some((b - a) as f64 / 1e9)
+fn or_dash(t: Option<Ts>) -> String {
+    t.map_or_else(|| "-".to_string(), |t| t.to_string())
 }
 
-fn table(header: &[&str], rows: Vec<Vec<Cell>>) -> String {
-    let mut t = Table::new();
-    t.load_preset(NOTHING);
-    t.set_header(header.to_vec());
-    for r in rows {
-        t.add_row(r);
+/// What the tracers' bounded maps could not keep, as `trace` warns it at the end of a run.
+pub fn bookkeeping(r: &Report) -> String {
+    let mut out = String::new();
+    if r.uncounted_keys > 0 {
+        out.push_str(&format!(
+            "{} missing from the per-process table (the kernel's counts map was full): the \
+             total counts them, the offenders do not\n",
+            plural(r.uncounted_keys, "failure is", "failures are")
+        ));
     }
-    t.to_string()
-        .lines()
-        .map(|l| format!("  {}", l.trim_end()))
-        .collect::<Vec<_>>()
-        .join("\n")
+    if r.lru_evictions > 0 {
+        out.push_str(&format!(
+            "{} forgotten (ownership maps full): holders are incomplete; trace with a larger \
+             --max-tracked-sockets\n",
+            plural(r.lru_evictions, "socket owner was", "socket owners were")
+        ));
+    }
+    out
 }
 
 pub fn render(r: &Report) -> String {
@@ -74,8 +83,8 @@ pub fn render(r: &Report) -> String {
     if r.filter.since.is_some() || r.filter.until.is_some() || !r.filter.pids.is_empty() {
         out.push_str(&format!(
             "filter: since {} until {}{}\n",
-            r.filter.since.as_deref().unwrap_or("-"),
-            r.filter.until.as_deref().unwrap_or("-"),
+            or_dash(r.filter.since),
+            or_dash(r.filter.until),
             if r.filter.pids.is_empty() {
                 String::new()
             } else {
@@ -114,7 +123,7 @@ pub fn render(r: &Report) -> String {
     if let (Some(a), Some(b)) = (&r.first_failure_ts, &r.last_failure_ts) {
         out.push_str(&format!(
             "first at {a}, last at {b} ({:.1} s)",
-            dur(&r.first_failure_ts, &r.last_failure_ts).unwrap_or(0.0)
+            dur(r.first_failure_ts, r.last_failure_ts).unwrap_or(0.0)
         ));
         if let (Some(p), Some(t)) = (r.peak_per_s, &r.peak_ts) {
             out.push_str(&format!("; peak {p:.0}/s at {t}"));
@@ -128,14 +137,15 @@ pub fn render(r: &Report) -> String {
             r.recorded_events
         ));
     }
+    out.push_str(&bookkeeping(r));
     if let Some(o) = r.offenders.first() {
-        let d = o.destinations.first();
+        let d = o.item.destinations.first();
         out.push_str(&format!(
             "worst offender: {} (pid {}) with {}{}\n",
-            o.comm,
-            o.pid,
-            plural(o.failures, "failure", "failures"),
-            d.map(|d| format!(", mostly {} to {}", d.errname, d.dst))
+            o.item.comm,
+            o.item.pid,
+            plural(o.item.failures, "failure", "failures"),
+            d.map(|d| format!(", mostly {} to {}", d.errno.name(), d.dst))
                 .unwrap_or_default()
         ));
     }
@@ -144,13 +154,13 @@ pub fn render(r: &Report) -> String {
     if !r.timeline.counts.is_empty() {
         let (cols, secs) = rebucket(&r.timeline, SPARK_WIDTH);
         let max = cols.iter().copied().max().unwrap_or(0);
-        let start = r.timeline.start_ns.unwrap_or(0);
-        let end = start + (cols.len() as i128 * secs as i128) * 1_000_000_000;
+        let start = r.timeline.start_ts.unwrap_or_default();
+        let end = Ts(start.unix_ns() + (cols.len() as i128 * secs as i128) * 1_000_000_000);
         out.push_str(&format!(
             "\nTimeline: recorded failures, {} per column, {} to {} UTC, tallest column {}\n",
             plural(secs, "second", "seconds"),
-            hms(start),
-            hms(end),
+            start.hms(),
+            end.hms(),
             max
         ));
         out.push_str(&format!("  |{}|\n", sparkline(&cols)));
@@ -167,56 +177,16 @@ pub fn render(r: &Report) -> String {
             .collect::<std::collections::BTreeSet<_>>()
             .len()
             > 1;
-        let rows = r
-            .offenders
-            .iter()
-            .map(|o| {
-                let mut dests: Vec<String> = o
-                    .destinations
-                    .iter()
-                    .take(3)
-                    .map(|d| format!("{} {} x{}", d.dst, d.errname, d.failures))
-                    .collect();
-                if o.destinations.len() > 3 {
-                    dests.push(format!("(+{} more)", o.destinations.len() - 3));
-                }
-                vec![
-                    Cell::new(if multi_host {
-                        format!("{}/{}", o.host, o.pid)
-                    } else {
-                        o.pid.to_string()
-                    })
-                    .set_alignment(CellAlignment::Right),
-                    Cell::new(&o.comm),
-                    Cell::new(o.failures).set_alignment(CellAlignment::Right),
-                    Cell::new(
-                        o.first_ts
-                            .as_deref()
-                            .and_then(parse_ts)
-                            .map(hms)
-                            .unwrap_or_default(),
-                    ),
-                    Cell::new(
-                        o.last_ts
-                            .as_deref()
-                            .and_then(parse_ts)
-                            .map(hms)
-                            .unwrap_or_default(),
-                    ),
-                    Cell::new(dests.join(", ")),
-                ]
-            })
-            .collect();
-        out.push_str(&table(
-            &[
-                "PID",
-                "COMM",
-                "FAILURES",
-                "FIRST",
-                "LAST",
-                "TOP DESTINATIONS",
-            ],
-            rows,
+        out.push_str(&offenders(
+            r.offenders.iter().map(|o| {
+                let label = if multi_host {
+                    format!("{}/{}", o.host, o.item.pid)
+                } else {
+                    o.item.pid.to_string()
+                };
+                (label, &o.item)
+            }),
+            "  ",
         ));
         out.push('\n');
     }
@@ -232,16 +202,20 @@ pub fn render(r: &Report) -> String {
             .iter()
             .map(|h| {
                 vec![
-                    Cell::new(h.pid).set_alignment(CellAlignment::Right),
-                    Cell::new(&h.comm),
-                    Cell::new(match h.alive {
-                        Some(true) => "yes",
-                        Some(false) => "exited",
-                        None => "?",
+                    right(
+                        h.holder
+                            .pid
+                            .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                    ),
+                    Cell::new(h.holder.label()),
+                    Cell::new(match (h.holder.pid, h.holder.alive) {
+                        (None, _) => "before tracing",
+                        (Some(_), true) => "yes",
+                        (Some(_), false) => "exited",
                     }),
-                    Cell::new(&h.dst),
-                    Cell::new(h.sockets).set_alignment(CellAlignment::Right),
-                    Cell::new(h.time_wait).set_alignment(CellAlignment::Right),
+                    Cell::new(h.dst.to_string()),
+                    right(h.holder.sockets),
+                    right(h.holder.time_wait),
                 ]
             })
             .collect();
@@ -255,6 +229,7 @@ pub fn render(r: &Report) -> String {
                 "TIME_WAIT",
             ],
             rows,
+            "  ",
         ));
         out.push('\n');
     }
@@ -264,9 +239,8 @@ pub fn render(r: &Report) -> String {
         out.push_str("  none recorded\n");
     } else {
         let rows: Vec<_> = r.destinations.iter().map(|d| d.row.clone()).collect();
-        for l in dest_table(&rows).lines() {
-            out.push_str(&format!("  {l}\n"));
-        }
+        out.push_str(&dest_table(&rows, "  "));
+        out.push('\n');
     }
 
     out.push_str("\nSettings:\n");
@@ -329,13 +303,14 @@ pub fn render(r: &Report) -> String {
             s.header_line.map(|l| format!(":{l}")).unwrap_or_default(),
             s.host,
             s.backend.as_deref().unwrap_or("?"),
-            s.start_ts.as_deref().unwrap_or("?"),
-            s.end_ts.as_deref().unwrap_or("?"),
+            s.start_ts
+                .map_or_else(|| "?".to_string(), |t| t.to_string()),
+            s.end_ts.map_or_else(|| "?".to_string(), |t| t.to_string()),
             plural(s.failures, "failure", "failures"),
             match s.counts_from {
-                super::model::CountSource::Summary => "summary",
-                super::model::CountSource::SnapshotAndEvents => "last snapshot + later events",
-                super::model::CountSource::Events => "recorded events",
+                CountSource::Summary => "summary",
+                CountSource::SnapshotAndEvents => "last snapshot + later events",
+                CountSource::Events => "recorded events",
             },
             s.note
                 .as_deref()
@@ -370,8 +345,7 @@ mod tests {
     #[test]
     fn rebucket_merges_columns() {
         let t = Timeline {
-            start_ts: None,
-            start_ns: Some(0),
+            start_ts: Some(Ts(0)),
             bucket_s: 2,
             counts: (1..=10).collect(),
         };

@@ -1,11 +1,9 @@
 //! The per-network-namespace settings that decide how soon ephemeral ports run out, and the
 //! kernel counters that show how TIME_WAIT is handled.
 //!
-//! All of `net.ipv4.*` read here is per network namespace (since Linux 4.x for the TCP ones),
-//! and `/proc/sys/net` resolves against the namespace of the *calling thread*
-//! (`net_ctl_header_lookup()` uses `current->nsproxy`). So another namespace is read from
-//! inside it, through [`crate::nsinfo::in_netns`]: the rest of the process never moves.
-use std::{collections::BTreeMap, path::Path};
+//! What they mean (the usable range, the reserved ports in it) is worked out here, purely; they
+//! are read from `/proc` by `kernel::sysctl`, in the namespace concerned.
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -32,18 +30,6 @@ pub struct NetSysctls {
     pub tcp_tw_recycle: Option<i64>,
 }
 
-const SYSCTL_DIR: &str = "/proc/sys/net/ipv4";
-
-fn read_trimmed(dir: &Path, name: &str) -> Option<String> {
-    std::fs::read_to_string(dir.join(name))
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
-fn read_int(dir: &Path, name: &str) -> Option<i64> {
-    read_trimmed(dir, name)?.parse().ok()
-}
-
 /// `"32768\t60999"` -> `[32768, 60999]`.
 pub fn parse_port_range(s: &str) -> Option<[u32; 2]> {
     let mut it = s.split_whitespace().map(str::parse::<u32>);
@@ -56,26 +42,6 @@ pub fn parse_port_range(s: &str) -> Option<[u32; 2]> {
 }
 
 impl NetSysctls {
-    /// The settings of the calling thread's network namespace.
-    pub fn read_current() -> Self {
-        Self::read_from(Path::new(SYSCTL_DIR))
-    }
-
-    /// Read from a directory laid out like `/proc/sys/net/ipv4` (tests use fixtures).
-    pub fn read_from(dir: &Path) -> Self {
-        Self {
-            ip_local_port_range: read_trimmed(dir, "ip_local_port_range")
-                .as_deref()
-                .and_then(parse_port_range),
-            ip_local_reserved_ports: read_trimmed(dir, "ip_local_reserved_ports"),
-            tcp_tw_reuse: read_int(dir, "tcp_tw_reuse"),
-            tcp_fin_timeout: read_int(dir, "tcp_fin_timeout"),
-            tcp_max_tw_buckets: read_int(dir, "tcp_max_tw_buckets"),
-            tcp_timestamps: read_int(dir, "tcp_timestamps"),
-            tcp_tw_recycle: read_int(dir, "tcp_tw_recycle"),
-        }
-    }
-
     /// The ports `connect()` can pick from, or None when the range is unknown.
     pub fn range(&self) -> Option<PortRange> {
         let [lo, hi] = self.ip_local_port_range?;
@@ -204,14 +170,6 @@ impl TcpExtCounters {
             tw_overflow: all.get("TcpExt.TCPTimeWaitOverflow").copied(),
         }
     }
-
-    /// The calling thread's namespace (`/proc/thread-self/net` follows the thread, whereas
-    /// `/proc/self/net` follows the thread-group leader).
-    pub fn read_current() -> Option<Self> {
-        std::fs::read_to_string("/proc/thread-self/net/netstat")
-            .ok()
-            .map(|t| Self::from_netstat(&t))
-    }
 }
 
 #[cfg(test)]
@@ -250,16 +208,6 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.range().map(|r| r.usable), Some(28232));
-    }
-
-    #[test]
-    fn reads_a_fixture_directory() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sysctl/tiny");
-        let s = NetSysctls::read_from(&dir);
-        assert_eq!(s.ip_local_port_range, Some([40000, 40009]));
-        assert_eq!(s.tcp_tw_reuse, Some(0));
-        assert_eq!(s.tcp_tw_recycle, None);
-        assert_eq!(s.ip_local_reserved_ports.as_deref(), Some(""));
     }
 
     #[test]

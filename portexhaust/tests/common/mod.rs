@@ -312,13 +312,14 @@ pub fn tallied(stdout: &str) -> u64 {
         .sum()
 }
 
-/// The NDJSON of `trace --json`: (failure events, summary).
+/// The NDJSON of `trace --json`: (failure events, summary). It must start with its header.
 pub fn events_and_summary(stdout: &str) -> (Vec<Value>, Value) {
     let mut events = Vec::new();
     let mut summary = Value::Null;
-    for l in stdout.lines().filter(|l| !l.trim().is_empty()) {
+    for (i, l) in stdout.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON {l:?}: {e}"));
         match v["type"].as_str() {
+            Some("header") if i == 0 => assert_eq!(v["version"], 2, "{v}"),
             Some("failure") => events.push(v),
             Some("summary") => summary = v,
             // Failures counted but not streamed (over --events-per-s, or a full ring buffer).

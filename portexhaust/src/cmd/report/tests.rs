@@ -5,18 +5,26 @@ use std::io::Cursor;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use super::{
-    html,
-    model::{self, CountSource, FileOut, Report},
-    parse::{Filter, Level, Problem, read_file, read_from},
-    text,
+use crate::{
+    engine::{
+        report::{self as model, CountSource, FileOut, Report},
+        session::{Filter, Replay, Session},
+    },
+    output::{html, report_text as text},
+    schema::{
+        Level, Problem, Ts,
+        read::{FileRead, MAX_LINE, read_file, read_from},
+    },
 };
-use crate::clock::rfc3339;
 
 const T0: i128 = 1_764_069_600_000_000_000; // 2025-11-25T11:20:00Z
 
+fn at(ms: i64) -> Ts {
+    Ts(T0 + i128::from(ms) * 1_000_000)
+}
+
 fn ts(ms: i64) -> String {
-    rfc3339(T0 + i128::from(ms) * 1_000_000)
+    at(ms).rfc3339()
 }
 
 fn header(host: &str, pid: u32, start_ms: i64) -> Value {
@@ -66,18 +74,31 @@ fn ndjson(lines: &[Value]) -> String {
 fn report_of(files: &[(&str, &str)], filter: &Filter) -> Report {
     let mut problems = Vec::new();
     let mut outs = Vec::new();
-    let mut sessions = Vec::new();
+    let mut replay = Replay::new(filter.clone());
     for (name, data) in files {
-        let f = read_from(name, Cursor::new(data.as_bytes()), filter, &mut problems);
+        let before = replay.sessions.len();
+        let f = read_from(
+            name,
+            Cursor::new(data.as_bytes()),
+            &mut replay,
+            &mut problems,
+        );
         outs.push(FileOut {
             path: f.path.clone(),
             usable: f.usable,
             lines: f.lines,
-            sessions: f.sessions.len(),
+            sessions: replay.sessions.len() - before,
         });
-        sessions.extend(f.sessions);
     }
-    model::build(outs, sessions, filter, problems)
+    model::build(outs, replay.finish(), filter, problems)
+}
+
+/// One input replayed: what the reader said of it, its sessions, and the problems.
+fn replayed(name: &str, data: impl std::io::Read) -> (FileRead, Vec<Session>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut replay = Replay::new(Filter::default());
+    let f = read_from(name, data, &mut replay, &mut problems);
+    (f, replay.finish(), problems)
 }
 
 fn one(data: &str) -> Report {
@@ -114,11 +135,14 @@ fn a_clean_session_uses_the_summary_even_when_events_were_dropped() {
     assert_eq!(r.dropped_events, 3);
     assert_eq!(r.recorded_events, 5);
     assert_eq!(r.sessions[0].counts_from, CountSource::Summary);
-    assert_eq!(r.offenders[0].failures, 8);
-    assert_eq!(r.offenders[0].destinations[0].errname, "EADDRNOTAVAIL");
+    assert_eq!(r.offenders[0].item.failures, 8);
+    assert_eq!(
+        r.offenders[0].item.destinations[0].errno.name(),
+        "EADDRNOTAVAIL"
+    );
     // The recording lasted from 0 s to 1 s (duration_s of the summary).
     assert_eq!(r.timeline.counts, vec![5, 0]);
-    assert_eq!(r.first_failure_ts.as_deref(), Some(ts(100).as_str()));
+    assert_eq!(r.first_failure_ts, Some(at(100)));
 }
 
 #[test]
@@ -145,12 +169,20 @@ fn a_killed_tracer_is_counted_from_its_last_snapshot_plus_the_lines_it_had_not_c
     assert_eq!(r.failures_total, 13);
     assert!(!r.complete);
     assert_eq!(r.sessions[0].counts_from, CountSource::SnapshotAndEvents);
-    let app = r.offenders.iter().find(|o| o.pid == 7).expect("pid 7");
+    let app = &r
+        .offenders
+        .iter()
+        .find(|o| o.item.pid == 7)
+        .expect("pid 7")
+        .item;
     assert_eq!(app.failures, 12);
     assert_eq!(app.destinations[0].failures, 11);
-    assert_eq!(app.destinations[1].dst, "10.0.0.1:81");
+    assert_eq!(app.destinations[1].dst.to_string(), "10.0.0.1:81");
     assert_eq!(
-        r.offenders.iter().find(|o| o.pid == 9).map(|o| o.failures),
+        r.offenders
+            .iter()
+            .find(|o| o.item.pid == 9)
+            .map(|o| o.item.failures),
         Some(1)
     );
     assert_eq!(r.recorded_events, 13);
@@ -201,13 +233,13 @@ fn tallied_failures_count_like_lines_and_respect_the_snapshot() {
     assert!(r.problems.is_empty(), "{:?}", problem_texts(&r));
     assert_eq!(r.failures_total, 12 + 3 + 4);
     assert_eq!(r.recorded_events, 3 + 7 + 2 + 3 + 4);
-    assert_eq!(r.offenders[0].destinations[1].failures, 4);
+    assert_eq!(r.offenders[0].item.destinations[1].failures, 4);
     // Timeline: 12 events in second 0, 7 in second 2.
     assert_eq!(r.timeline.counts, vec![12, 0, 7]);
     // Bad entries are named and skipped.
     let bad = ndjson(&[
         header("h1", 10, 0),
-        json!({"type":"suppressed","events":[{"pid":1}, {"pid":1,"dst":"x","errno":99,"count":2,"first_ts":"no","last_ts":"no"}]}),
+        json!({"type":"suppressed","events":[{"pid":1}, {"pid":1,"dst":"1.2.3.4:80","errno":99,"count":2,"first_ts":"no","last_ts":"no"}]}),
         json!({"type":"suppressed"}),
     ]);
     let r = one(&bad);
@@ -215,7 +247,7 @@ fn tallied_failures_count_like_lines_and_respect_the_snapshot() {
         problem_texts(&r),
         [
             "rec.ndjson:2: suppressed entry 0: missing field `dst` (skipped)",
-            "rec.ndjson:2: suppressed entry 1: bad timestamp (skipped)",
+            "rec.ndjson:2: suppressed entry 1: bad timestamp \"no\" (skipped)",
             "rec.ndjson:3: suppressed record without an \"events\" array (skipped)",
         ]
     );
@@ -240,7 +272,7 @@ fn killed_before_the_first_snapshot_counts_every_flushed_line() {
 #[test]
 fn an_unknown_version_is_refused_by_name_and_later_sessions_still_count() {
     let mut data = ndjson(&[
-        json!({"type":"header","version":2,"host":"h","pid":1}),
+        json!({"type":"header","version":9,"host":"h","pid":1}),
         failure(7, "app", "10.0.0.1:80", 99, 1),
     ]);
     data.push_str(&ndjson(&[
@@ -251,7 +283,7 @@ fn an_unknown_version_is_refused_by_name_and_later_sessions_still_count() {
     assert_eq!(r.failures_total, 1);
     let p = problem_texts(&r);
     assert!(
-        p[0].starts_with("rec.ndjson:1: record version 2 is not supported"),
+        p[0].starts_with("rec.ndjson:1: record version 9 is not supported"),
         "{p:?}"
     );
     assert!(
@@ -262,24 +294,20 @@ fn an_unknown_version_is_refused_by_name_and_later_sessions_still_count() {
 
 #[test]
 fn a_file_of_only_an_unknown_version_is_unusable() {
-    let mut problems = Vec::new();
-    let f = read_from(
+    let (f, _, problems) = replayed(
         "v9.ndjson",
         Cursor::new(b"{\"type\":\"header\",\"version\":9}\n".as_slice()),
-        &Filter::default(),
-        &mut problems,
     );
     assert!(!f.usable);
     assert_eq!(
         problems[0].to_string(),
-        "v9.ndjson:1: record version 9 is not supported (this portexhaust reads version 1); \
+        "v9.ndjson:1: record version 9 is not supported (this portexhaust reads versions 1 and 2); \
          this session is skipped"
     );
 }
 
 fn unusable(name: &str, data: &[u8]) -> String {
-    let mut problems = Vec::new();
-    let f = read_from(name, Cursor::new(data), &Filter::default(), &mut problems);
+    let (f, _, problems) = replayed(name, Cursor::new(data));
     assert!(!f.usable, "{name}");
     problems
         .iter()
@@ -305,7 +333,7 @@ fn empty_binary_foreign_and_missing_files_are_clear_errors() {
     let mut problems = Vec::new();
     let f = read_file(
         std::path::Path::new("/nonexistent/rec.ndjson"),
-        &Filter::default(),
+        &mut Replay::new(Filter::default()),
         &mut problems,
     );
     assert!(!f.usable);
@@ -347,7 +375,7 @@ fn hand_edited_lines_are_reported_by_line_and_the_rest_is_used() {
         "rec.ndjson:6: unknown record type \"telemetry\" (skipped)",
         "rec.ndjson:7: record without a \"type\" (skipped)",
         "rec.ndjson:8: failure record: bad timestamp \"yesterday\" (skipped)",
-        "rec.ndjson:9: snapshot record: missing field `failures_total` (skipped)",
+        "rec.ndjson:9: snapshot record: bad timestamp \"x\" (skipped)",
         "rec.ndjson:10: binary data, not a JSON line (skipped)",
     ];
     assert_eq!(p, want);
@@ -358,15 +386,9 @@ fn a_tail_of_nuls_after_a_crash_is_tolerated() {
     let mut data =
         ndjson(&[header("h1", 10, 0), failure(7, "app", "10.0.0.1:80", 99, 1)]).into_bytes();
     data.extend_from_slice(&[0u8; 4096]);
-    let mut problems = Vec::new();
-    let f = read_from(
-        "crash",
-        Cursor::new(data),
-        &Filter::default(),
-        &mut problems,
-    );
+    let (f, sessions, problems) = replayed("crash", Cursor::new(data));
     assert!(f.usable);
-    assert_eq!(f.sessions[0].recorded, 1);
+    assert_eq!(sessions[0].recorded, 1);
     assert_eq!(problems.len(), 1);
     assert_eq!(problems[0].level, Level::Note);
     assert!(
@@ -494,8 +516,8 @@ fn pid_and_time_filters() {
     let window = report_of(
         &[("r", &data)],
         &Filter {
-            since: Some(T0 + 2_000_000_000),
-            until: Some(T0 + 4_500_000_000),
+            since: Some(Ts(T0 + 2_000_000_000)),
+            until: Some(Ts(T0 + 4_500_000_000)),
             pids: vec![],
         },
     );
@@ -505,8 +527,8 @@ fn pid_and_time_filters() {
     let all = report_of(
         &[("r", &data)],
         &Filter {
-            since: Some(T0 - 1),
-            until: Some(T0 + 60_000_000_000),
+            since: Some(Ts(T0 - 1)),
+            until: Some(Ts(T0 + 60_000_000_000)),
             pids: vec![],
         },
     );
@@ -538,11 +560,11 @@ fn blame_and_destination_rows_become_holders_and_findings() {
     let r = one(&data);
     assert_eq!(r.failures_total, 3);
     assert_eq!(r.holders.len(), 1);
-    assert_eq!(r.holders[0].comm, "<b>churn</b>");
-    assert_eq!(r.holders[0].time_wait, 10);
+    assert_eq!(r.holders[0].holder.comm, "<b>churn</b>");
+    assert_eq!(r.holders[0].holder.time_wait, 10);
     assert!(problem_texts(&r)[0].starts_with("rec.ndjson:5: snapshot blame entry 1: invalid type"));
-    assert_eq!(r.destinations[0].row.dst, "127.0.0.1:5000");
-    assert!((r.destinations[0].row.utilisation - 1.0).abs() < 1e-9);
+    assert_eq!(r.destinations[0].row.dst.to_string(), "127.0.0.1:5000");
+    assert_eq!(r.destinations[0].row.utilisation, Some(1.0));
     let ids: Vec<&str> = r
         .findings
         .iter()
@@ -589,20 +611,18 @@ fn html_has_no_external_references() {
 fn fixture_records_read_as_documented() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/records");
     let mut problems = Vec::new();
-    let f = read_file(
-        &dir.join("killed.ndjson"),
-        &Filter::default(),
-        &mut problems,
-    );
+    let mut replay = Replay::new(Filter::default());
+    let f = read_file(&dir.join("killed.ndjson"), &mut replay, &mut problems);
     assert!(f.usable);
+    let sessions = replay.finish();
     let r = model::build(
         vec![FileOut {
             path: f.path.clone(),
             usable: true,
             lines: f.lines,
-            sessions: f.sessions.len(),
+            sessions: sessions.len(),
         }],
-        f.sessions,
+        sessions,
         &Filter::default(),
         problems,
     );
@@ -624,7 +644,7 @@ fn simulate(pids: &[u32], snaps: &[(usize, usize)]) -> (String, usize) {
     let at = |i: usize| T0 + 1_000_000_000 + i as i128 * 1000; // 1 µs apart
     let line = |i: usize| {
         let mut v = ev(i);
-        v["ts"] = rfc3339(at(i)).into();
+        v["ts"] = Ts(at(i)).rfc3339().into();
         v.to_string()
     };
     for &(counted, before) in snaps {
@@ -642,13 +662,13 @@ fn simulate(pids: &[u32], snaps: &[(usize, usize)]) -> (String, usize) {
         let offs: Vec<Value> = per
             .iter()
             .map(|(pid, (n, first, last))| {
-                json!({"pid":pid,"comm":"app","failures":n,"first_ts":rfc3339(at(*first)),
-                    "last_ts":rfc3339(at(*last)),
+                json!({"pid":pid,"comm":"app","failures":n,"first_ts":Ts(at(*first)).rfc3339(),
+                    "last_ts":Ts(at(*last)).rfc3339(),
                     "destinations":[{"dst":"10.0.0.1:80","errno":99,"failures":n}]})
             })
             .collect();
         lines.push(
-            json!({"type":"snapshot","ts":rfc3339(at(counted)),"failures_total":counted,
+            json!({"type":"snapshot","ts":Ts(at(counted)).rfc3339(),"failures_total":counted,
                 "dropped_events":0,"offenders":offs})
             .to_string(),
         );
@@ -665,9 +685,8 @@ proptest! {
 
     #[test]
     fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
-        let mut problems = Vec::new();
-        let f = read_from("fuzz", Cursor::new(data), &Filter::default(), &mut problems);
-        let _ = model::build(vec![], f.sessions, &Filter::default(), problems);
+        let (_, sessions, problems) = replayed("fuzz", Cursor::new(data));
+        let _ = model::build(vec![], sessions, &Filter::default(), problems);
     }
 
     #[test]
@@ -682,9 +701,8 @@ proptest! {
             "\\{\"type\":\"(header|failure|snapshot|summary|sysctls)\"(,\"[a-z_]{1,12}\":(-?[0-9]{1,25}|\"\\PC{0,10}\"|null|\\[\\]|\\{\\}|true|1e400)){0,6}\\}",
         ], 0..40)) {
         let data = lines.join("\n");
-        let mut problems = Vec::new();
-        let f = read_from("fuzz", Cursor::new(data.into_bytes()), &Filter::default(), &mut problems);
-        let r = model::build(vec![], f.sessions, &Filter::default(), problems);
+        let (_, sessions, problems) = replayed("fuzz", Cursor::new(data.into_bytes()));
+        let r = model::build(vec![], sessions, &Filter::default(), problems);
         let _ = text::render(&r);
         let _ = html::render(&r);
         let _ = serde_json::to_string(&r);
@@ -735,7 +753,7 @@ proptest! {
         let (data, total) = simulate(&pids, &snaps);
         let r = one(&data);
         prop_assert_eq!(r.failures_total, total as u64);
-        let per_pid: u64 = r.offenders.iter().map(|o| o.failures).sum();
+        let per_pid: u64 = r.offenders.iter().map(|o| o.item.failures).sum();
         prop_assert_eq!(per_pid, total as u64);
     }
 }
@@ -743,7 +761,7 @@ proptest! {
 #[test]
 fn line_longer_than_the_limit_is_skipped() {
     let mut data = header("h", 1, 0).to_string() + "\n";
-    data.push_str(&"x".repeat(super::parse::MAX_LINE + 10));
+    data.push_str(&"x".repeat(MAX_LINE + 10));
     data.push('\n');
     data.push_str(&failure(7, "a", "1.2.3.4:5", 99, 1).to_string());
     data.push('\n');

@@ -1,8 +1,7 @@
-//! Decoded failures and the names shown to users. Pure: no BPF, no I/O.
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-};
+//! The programs' ring-buffer events (`portexhaust_common::FailureEvent`, the kernel's side of
+//! the wire) to [`Failure`]s, the one form every output and the record use. No BPF and no I/O:
+//! what the programs wrote, checked and named.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use portexhaust_common::{
     AF_INET, AF_INET6, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_TCP,
@@ -10,86 +9,9 @@ use portexhaust_common::{
 };
 use thiserror::Error;
 
-use crate::container::ContainerInfo;
+use crate::schema::{Errno, Failure, Family, Proto, Ts};
 
 /// One exhaustion failure as user space sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// Nanoseconds since the Unix epoch.
-    pub ts_unix_ns: i128,
-    pub pid: u32,
-    pub tid: u32,
-    pub uid: u32,
-    pub comm: String,
-    pub cgroup_id: u64,
-    /// Network namespace inode, when it could be learnt.
-    pub netns: Option<u64>,
-    pub family: Family,
-    pub proto: Proto,
-    pub dst: SocketAddr,
-    pub src: Option<IpAddr>,
-    pub errno: u32,
-    pub site: Site,
-    pub backend: Backend,
-    /// Container or systemd unit of `cgroup_id`, filled in by the tracer (shared: a storm
-    /// repeats the same few).
-    pub container: Option<Arc<ContainerInfo>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Ipv4 => "ipv4",
-            Self::Ipv6 => "ipv6",
-        }
-    }
-    pub fn from_af(af: u16) -> Option<Self> {
-        match af {
-            AF_INET => Some(Self::Ipv4),
-            AF_INET6 => Some(Self::Ipv6),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        }
-    }
-    pub fn from_ipproto(p: u8) -> Option<Self> {
-        match p {
-            IPPROTO_TCP => Some(Self::Tcp),
-            IPPROTO_UDP => Some(Self::Udp),
-            _ => None,
-        }
-    }
-}
-
-/// Symbolic name of the errnos portexhaust reports (and a few neighbours for completeness).
-pub fn errno_name(errno: u32) -> &'static str {
-    match errno {
-        11 => "EAGAIN",
-        98 => "EADDRINUSE",
-        99 => "EADDRNOTAVAIL",
-        _ => "UNKNOWN",
-    }
-}
-
 /// Command name from the kernel's NUL-padded `comm`.
 pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
@@ -127,10 +49,28 @@ pub enum DecodeError {
     Backend(u8),
 }
 
-/// Decode one ring-buffer record. `mono_to_unix_ns` converts `bpf_ktime_get_ns()` values.
+/// Check the codes of a raw event, as [`failure_from_event`] does, without building it (the
+/// live stream writes its lines straight from the event).
+pub fn validate(ev: &FailureEvent) -> Result<(), DecodeError> {
+    if ev.family != AF_INET && ev.family != AF_INET6 {
+        return Err(DecodeError::Family(ev.family));
+    }
+    if ev.proto != IPPROTO_TCP && ev.proto != IPPROTO_UDP {
+        return Err(DecodeError::Proto(ev.proto));
+    }
+    if Site::from_u8(ev.site).is_none() {
+        return Err(DecodeError::Site(ev.site));
+    }
+    if Backend::from_u8(ev.backend).is_none() {
+        return Err(DecodeError::Backend(ev.backend));
+    }
+    Ok(())
+}
+
+/// Decode one ring-buffer record. `ts_of` converts `bpf_ktime_get_ns()` values.
 pub fn decode_event(
     bytes: &[u8],
-    mono_to_unix_ns: impl Fn(u64) -> i128,
+    ts_of: impl Fn(u64) -> Ts,
 ) -> Result<(FailureEvent, Failure), DecodeError> {
     let want = std::mem::size_of::<FailureEvent>();
     if bytes.len() < want {
@@ -142,7 +82,7 @@ pub fn decode_event(
     // SAFETY: FailureEvent is a Pod (integers and byte arrays only) and `bytes` holds at least
     // size_of::<FailureEvent>() bytes; read_unaligned copes with any alignment.
     let ev: FailureEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let failure = failure_from_event(&ev, mono_to_unix_ns)?;
+    let failure = failure_from_event(&ev, ts_of)?;
     Ok((ev, failure))
 }
 
@@ -154,7 +94,7 @@ pub fn dst_of(ev: &FailureEvent) -> Option<SocketAddr> {
 
 pub fn failure_from_event(
     ev: &FailureEvent,
-    mono_to_unix_ns: impl Fn(u64) -> i128,
+    ts_of: impl Fn(u64) -> Ts,
 ) -> Result<Failure, DecodeError> {
     let family = Family::from_af(ev.family).ok_or(DecodeError::Family(ev.family))?;
     let proto = Proto::from_ipproto(ev.proto).ok_or(DecodeError::Proto(ev.proto))?;
@@ -162,7 +102,7 @@ pub fn failure_from_event(
     let backend = Backend::from_u8(ev.backend).ok_or(DecodeError::Backend(ev.backend))?;
     let src = (ev.flags & EVENT_SADDR_KNOWN != 0).then(|| ip_from_raw(family, &ev.saddr));
     Ok(Failure {
-        ts_unix_ns: mono_to_unix_ns(ev.ts_ns),
+        ts: ts_of(ev.ts_ns),
         pid: ev.pid,
         tid: ev.tid,
         uid: ev.uid,
@@ -174,7 +114,7 @@ pub fn failure_from_event(
         proto,
         dst: SocketAddr::new(ip_from_raw(family, &ev.daddr), ev.dport),
         src,
-        errno: ev.errno,
+        errno: Errno(ev.errno),
         site,
         backend,
         container: None,
@@ -225,8 +165,8 @@ mod tests {
 
     #[test]
     fn decodes_ipv4_event() {
-        let (_, f) = decode_event(&as_bytes(&sample()), |t| t as i128 + 5).expect("decodes");
-        assert_eq!(f.ts_unix_ns, 1_005);
+        let (_, f) = decode_event(&as_bytes(&sample()), |t| Ts(t as i128 + 5)).expect("decodes");
+        assert_eq!(f.ts, Ts(1_005));
         assert_eq!(f.dst.to_string(), "127.0.0.1:5000");
         assert_eq!(f.src, Some("127.0.0.2".parse().expect("ip")));
         assert_eq!(f.comm, "python3");
@@ -241,7 +181,7 @@ mod tests {
         ev.family = AF_INET6;
         ev.daddr = Ipv6Addr::LOCALHOST.octets();
         ev.flags = 0;
-        let (_, f) = decode_event(&as_bytes(&ev), |t| t as i128).expect("decodes");
+        let (_, f) = decode_event(&as_bytes(&ev), |t| Ts(t as i128)).expect("decodes");
         assert_eq!(f.dst.to_string(), "[::1]:5000");
         assert_eq!(f.src, None);
         assert_eq!(f.family, Family::Ipv6);
@@ -251,19 +191,19 @@ mod tests {
     fn rejects_short_and_garbage_records() {
         let b = as_bytes(&sample());
         assert_eq!(
-            decode_event(&b[..10], |t| t as i128).err(),
+            decode_event(&b[..10], |t| Ts(t as i128)).err(),
             Some(DecodeError::Size { got: 10, want: 96 })
         );
         let mut ev = sample();
         ev.site = 200;
         assert_eq!(
-            decode_event(&as_bytes(&ev), |t| t as i128).err(),
+            decode_event(&as_bytes(&ev), |t| Ts(t as i128)).err(),
             Some(DecodeError::Site(200))
         );
         let mut ev = sample();
         ev.family = 1;
         assert_eq!(
-            decode_event(&as_bytes(&ev), |t| t as i128).err(),
+            decode_event(&as_bytes(&ev), |t| Ts(t as i128)).err(),
             Some(DecodeError::Family(1))
         );
     }

@@ -1,0 +1,323 @@
+//! The command line: one struct per command, and the argument groups several commands share
+//! (declared once, flattened into each). Commands take their arguments as they are parsed.
+mod report;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use portexhaust_common::{Backend, KIND_ALL, KINDS, kind_from_name};
+use portexhaust_workload::Scenario;
+
+pub use self::report::{Format, ReportArgs, parse_time};
+use crate::{
+    advice::explain::Topic,
+    kernel::loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
+    output::http::parse_addr,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo portexhaust trace                       # every exhaustion failure, live, then offenders
+  sudo portexhaust trace --json | jq .         # NDJSON for pipelines
+  sudo portexhaust trace --pid 4242 --duration 60
+  sudo portexhaust trace --comm python3 --dport 27017
+  sudo portexhaust top                         # live: destinations by pressure, failers, holders
+  sudo portexhaust top --json --netns /run/netns/app
+  sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
+  sudo portexhaust selftest                    # does it work on this kernel?
+  sudo portexhaust trace --record incident.ndjson
+  portexhaust report incident.ndjson --format html -o incident.html
+  sudo portexhaust doctor                      # what to fix on this host, now
+  portexhaust doctor --explain tcp_tw_recycle";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portexhaust",
+    version,
+    about = "Catch Linux ephemeral-port exhaustion (EADDRNOTAVAIL, errno 99) as it happens and say who caused it",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Stream every port-exhaustion failure live, then summarise the offenders.
+    ///
+    /// Catches TCP connect() EADDRNOTAVAIL (IPv4, IPv6, v4-mapped) with the kernel site,
+    /// bind(port 0) EADDRINUSE and UDP autobind EAGAIN. Counts are exact (kept in the kernel)
+    /// even when the ring buffer overflows. Stops on Ctrl-C, SIGTERM or --duration.
+    Trace(TraceArgs),
+    /// Live view of port pressure: destinations by utilisation, failing processes, and who
+    /// holds the ports (the processes that created ESTABLISHED/TIME_WAIT sockets, alive or
+    /// exited). q quits.
+    Top(TopArgs),
+    /// The blame report after the fact, from one or more `trace --record` files: timeline,
+    /// offenders, holders, destinations, settings and what to change.
+    Report(ReportArgs),
+    /// Audit this network namespace now: range, reserved ports, TIME_WAIT settings and counters,
+    /// busy destinations, bind() before connect(); each finding with a concrete fix.
+    Doctor(DoctorArgs),
+    /// Check that tracing works on this kernel: exhaust a private network namespace for real
+    /// and compare what the tracer saw with what the workload saw.
+    Selftest(SelftestArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Exhaust ports in a private network namespace (test and benchmark load generator).
+    #[command(hide = true)]
+    Workload(WorkloadArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// The cheapest this kernel runs: tp-btf, raw-tp, fentry, kprobe, tracepoint
+    Auto,
+    /// BTF raw tracepoint on inet_sock_set_state: typed direct loads, no syscall hook (5.5+)
+    TpBtf,
+    /// Plain raw tracepoint on inet_sock_set_state, reading through BTF offsets
+    RawTp,
+    /// fentry/fexit on tcp_v{4,6}_connect and inet{,6}_hash_connect (BTF trampolines)
+    Fentry,
+    /// kprobe/kretprobe on tcp_v{4,6}_connect and __inet_hash_connect
+    Kprobe,
+    /// The perf tracepoint sock:inet_sock_set_state (stable record, works without BTF)
+    Tracepoint,
+}
+
+impl From<BackendArg> for BackendRequest {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => Self::Auto,
+            BackendArg::TpBtf => Self::Only(Backend::TpBtf),
+            BackendArg::RawTp => Self::Only(Backend::RawTp),
+            BackendArg::Fentry => Self::Only(Backend::Fentry),
+            BackendArg::Kprobe => Self::Only(Backend::Kprobe),
+            BackendArg::Tracepoint => Self::Only(Backend::Tracepoint),
+        }
+    }
+}
+
+/// `--backend`, for every command that loads the programs.
+#[derive(Args, Clone, Debug)]
+pub struct BackendArgs {
+    /// Probe backend.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+}
+
+impl BackendArgs {
+    pub fn request(&self) -> BackendRequest {
+        self.backend.into()
+    }
+}
+
+/// `--max-tracked-sockets`, for every command that tracks socket ownership.
+#[derive(Args, Clone, Debug)]
+pub struct TrackingArgs {
+    /// Size of each in-kernel socket-ownership map (LRU: the oldest are dropped and counted
+    /// as evictions when full).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_TRACKED,
+          value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    pub max_tracked_sockets: u32,
+}
+
+/// Which failures `trace` reports.
+#[derive(Args, Clone, Debug, Default)]
+pub struct FilterArgs {
+    /// Only this process id (repeatable).
+    #[arg(long, value_name = "PID")]
+    pub pid: Vec<u32>,
+    /// Only this command name, as in /proc/PID/comm (repeatable).
+    #[arg(long, value_name = "NAME", value_parser = parse_comm)]
+    pub comm: Vec<String>,
+    /// Only failures towards this destination port (repeatable; bind(): the local port, 0).
+    #[arg(long, value_name = "PORT")]
+    pub dport: Vec<u16>,
+}
+
+impl FilterArgs {
+    pub fn filters(&self) -> Filters {
+        Filters {
+            pids: self.pid.clone(),
+            pid_whitelist: false,
+            comms: self.comm.clone(),
+            dports: self.dport.clone(),
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TraceArgs {
+    /// NDJSON on stdout: a {"type":"header"} line, one {"type":"failure"} object per failure
+    /// ({"type":"tally"} for those counted but not streamed), then one {"type":"summary"}. The
+    /// output is a record `portexhaust report` reads.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Also append an incident record (NDJSON, mode 0600) to FILE for `portexhaust report`:
+    /// settings, every failure, and snapshots of the exact counts. Flushed every second.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Seconds between snapshots of the exact counts in the record.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration, requires = "record")]
+    pub snapshot_interval: Duration,
+    /// Failure lines written to the record per second at most; beyond that failures are
+    /// tallied per process and destination (exact counts, bounded disk use in a storm).
+    #[arg(long, value_name = "N", default_value_t = 200, requires = "record")]
+    pub record_events_per_s: u32,
+    /// Also watch these failure kinds (comma-separated): bind (bind() to port 0 finding no
+    /// free port, EADDRINUSE), udp (UDP connect() that cannot autobind, EAGAIN),
+    /// connect-early (TCP EADDRNOTAVAIL before port selection), all. Where the kernel
+    /// offers fexit or kprobes, bind and udp are watched anyway, at no cost to other
+    /// syscalls; elsewhere this attaches syscall tracepoints, which slow every syscall on
+    /// the machine a little. TCP connect exhaustion is always watched.
+    #[arg(long, value_name = "KINDS", value_parser = parse_catch)]
+    pub catch: Option<u32>,
+    /// Stream at most this many failure events a second (0: every one). In a storm the
+    /// rest are counted exactly in the kernel and reported as `tally` lines (per process,
+    /// destination and errno, about once a second), so the stream stays readable and
+    /// cheap while nothing is lost.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub events_per_s: u32,
+    /// Count failures only: no socket-ownership tracking, no connect() latency histograms
+    /// and no "who holds the ports" in the summary. The cheapest mode for long storms.
+    #[arg(long)]
+    pub no_blame: bool,
+    #[command(flatten)]
+    pub tracking: TrackingArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1), IP:PORT or
+    /// [IPv6]:PORT (0.0.0.0:PORT for a fleet's scraper).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Leave the container labels (runtime, id, pod) off the metrics, to bound their
+    /// cardinality on hosts with many short-lived containers; events keep the container.
+    #[arg(long)]
+    pub no_container_labels: bool,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TopArgs {
+    /// Refresh interval in seconds.
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Print NDJSON snapshots instead (one by default, taken one interval after start).
+    #[arg(long)]
+    pub json: bool,
+    /// Number of snapshots before exiting.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Only this network namespace: an inode number, or a path such as /run/netns/NAME or
+    /// /proc/PID/ns/net (repeatable; default: every namespace with processes).
+    #[arg(long, value_name = "NS")]
+    pub netns: Vec<String>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub tracking: TrackingArgs,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DoctorArgs {
+    /// One JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Explain a setting instead of auditing: tcp_tw_recycle, tcp_tw_reuse, tcp_fin_timeout,
+    /// tcp_max_tw_buckets, ip_local_port_range, ip_local_reserved_ports, tcp_timestamps,
+    /// IP_BIND_ADDRESS_NO_PORT, time_wait.
+    #[arg(long, value_enum, value_name = "TOPIC", hide_possible_values = true)]
+    pub explain: Option<Topic>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct SelftestArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Failing calls per kind (IPv4, IPv6, bind, UDP).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100000))]
+    pub failures: u64,
+    /// Also watch these failure kinds, as `trace --catch` does (bind, udp, connect-early,
+    /// all); kinds not watched are shown as such.
+    #[arg(long, value_name = "KINDS", value_parser = parse_catch)]
+    pub catch: Option<u32>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct WorkloadArgs {
+    #[arg(long, value_enum)]
+    pub scenario: Scenario,
+    /// Size of the namespace's port range.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=20000))]
+    pub ports: u16,
+    /// Failing calls to make (per kind for `all`).
+    #[arg(long, default_value_t = 10)]
+    pub failures: u64,
+    #[arg(long, default_value_t = 5000)]
+    pub dport: u16,
+    #[arg(long, default_value = "pxh-workload", value_parser = parse_comm)]
+    pub comm: String,
+    /// Print {"ready":PID} and wait for a line on stdin before exhausting.
+    #[arg(long)]
+    pub wait: bool,
+    /// After printing the report, keep the namespace and its sockets until stdin closes.
+    #[arg(long)]
+    pub linger: bool,
+}
+
+/// `--catch bind,udp`: failure kinds (`KIND_*` bits), `all` for every one.
+pub fn parse_catch(s: &str) -> Result<u32, String> {
+    let mut bits = 0;
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        bits |= match part {
+            "all" => KIND_ALL,
+            p => kind_from_name(p).ok_or_else(|| {
+                format!(
+                    "{p:?} is not a failure kind; use {} or all",
+                    KINDS.iter().map(|k| k.1).collect::<Vec<_>>().join(", ")
+                )
+            })?,
+        };
+    }
+    if bits == 0 {
+        return Err("name at least one failure kind".into());
+    }
+    Ok(bits)
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!(
+            "{s:?}: the duration must be a positive number of seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn parse_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a command name cannot be empty".into());
+    }
+    if s.len() > 15 {
+        return Err(format!(
+            "{s:?} is longer than 15 bytes; the kernel keeps only the first 15 ({:?})",
+            &s[..15]
+        ));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+use clap::{CommandFactory, Parser};
+
+use super::*;
+
+#[test]
+fn cli_is_well_formed() {
+    Cli::command().debug_assert();
+}
+
+#[test]
+fn bad_arguments_are_rejected() {
+    for args in [
+        &["portexhaust", "trace", "--duration", "0"][..],
+        &["portexhaust", "trace", "--duration", "abc"],
+        &["portexhaust", "trace", "--pid", "x"],
+        &["portexhaust", "trace", "--dport", "70000"],
+        &["portexhaust", "trace", "--comm", "a-name-longer-than-15"],
+        &["portexhaust", "trace", "--backend", "uprobe"],
+        &["portexhaust", "trace", "--snapshot-interval", "5"],
+        &["portexhaust", "trace", "--record-events-per-s", "5"],
+        &[
+            "portexhaust",
+            "trace",
+            "--record",
+            "x",
+            "--record-events-per-s",
+            "-1",
+        ],
+        &[
+            "portexhaust",
+            "trace",
+            "--record",
+            "x",
+            "--snapshot-interval",
+            "0",
+        ],
+        &["portexhaust", "report"],
+        &["portexhaust", "report", "x", "--format", "pdf"],
+        &["portexhaust", "report", "x", "--since", "yesterday"],
+        &["portexhaust", "doctor", "--explain", "tcp_tw_whatever"],
+        &["portexhaust", "trace", "--metrics-addr", "host:9977"],
+        &["portexhaust", "trace", "--metrics-addr", "99999"],
+        &["portexhaust", "trace", "--metrics-addr"],
+    ] {
+        assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+    }
+    assert!(
+        Cli::try_parse_from(["portexhaust", "trace", "--duration", "1.5", "--pid", "3"]).is_ok()
+    );
+    for ok in [
+        &[
+            "portexhaust",
+            "trace",
+            "--record",
+            "x",
+            "--snapshot-interval",
+            "0.5",
+        ][..],
+        &[
+            "portexhaust",
+            "report",
+            "a",
+            "b",
+            "--format",
+            "html",
+            "-o",
+            "r.html",
+        ],
+        &[
+            "portexhaust",
+            "report",
+            "a",
+            "--since",
+            "2026-11-25T11:20:00Z",
+            "--pid",
+            "1",
+        ],
+        &["portexhaust", "doctor", "--json"],
+        &[
+            "portexhaust",
+            "doctor",
+            "--explain",
+            "net.ipv4.tcp_tw_recycle",
+        ],
+    ] {
+        assert!(Cli::try_parse_from(ok).is_ok(), "{ok:?}");
+    }
+    assert!(
+        Cli::try_parse_from([
+            "portexhaust",
+            "trace",
+            "--metrics-addr",
+            "[::1]:9977",
+            "--no-container-labels"
+        ])
+        .is_ok()
+    );
+}

@@ -1,0 +1,281 @@
+//! One moment of the machine, as the engine takes it: the kernel's exact counts and totals, the
+//! socket owners it remembers, the connect statistics, and a sock_diag census of the namespaces
+//! that matter. Gathered here (BPF maps, /proc, netns) and handed over as an
+//! [`Observed`]; the answers are worked out by the engine, the same code `report` replays.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+use portexhaust_common::{Cause, CountKey, CountValue, ProcKey, TupleKey};
+
+use super::{
+    Result,
+    clock::Clock,
+    container::Resolver,
+    loader::Tracer,
+    netns::{self, comm_of, is_alive, socket_owners},
+    procinfo::netns_of,
+};
+use crate::{
+    engine::{
+        census::{NsCensus, OwnerView, expired_owners},
+        counts::{Counts, Exact, ExactId, of_exact},
+        live::{DestStat, KernelTotals, Observed, Run},
+    },
+    schema::{
+        BlameEntry, ContainerInfo, DestRow, Errno, Family, Holder, Proto,
+        event::{comm_str, ip_from_raw},
+    },
+};
+
+/// Which namespaces to take a census of.
+#[derive(Clone, Debug, Default)]
+pub enum Scope {
+    /// Every namespace that has processes.
+    #[default]
+    All,
+    /// Only these (from `--netns`).
+    Only(Vec<(u64, PathBuf)>),
+    /// Only the namespaces of the processes that failed (the trace summary and snapshots).
+    Failers,
+}
+
+/// What a run says of itself in its summary: how long it ran and what it watched.
+pub fn run_of(tracer: &Tracer, duration_s: f64, blame: bool) -> Run {
+    Run {
+        duration_s,
+        blame,
+        watched: tracer
+            .coverage
+            .iter()
+            .filter(|c| c.watch.is_ok())
+            .map(|c| c.name().to_string())
+            .collect(),
+        not_watched: tracer
+            .coverage
+            .iter()
+            .filter_map(|c| {
+                c.watch
+                    .as_ref()
+                    .err()
+                    .map(|why| (c.name().to_string(), why.clone()))
+            })
+            .collect(),
+    }
+}
+
+/// The destination of a kernel key, or None for an unknown family.
+fn addr(family: u16, daddr: &[u8; 16], dport: u16) -> Option<SocketAddr> {
+    let f = Family::from_af(family)?;
+    Some(SocketAddr::new(ip_from_raw(f, daddr), dport))
+}
+
+/// The kernel's exact counts, named. Keys of an unknown family or protocol are left out (the
+/// programs write neither).
+pub fn exact_counts(raw: &[(CountKey, CountValue)], clock: &Clock) -> Vec<Exact> {
+    raw.iter()
+        .filter_map(|(k, v)| {
+            Some(Exact {
+                id: ExactId {
+                    pid: k.pid,
+                    dst: addr(k.family, &k.daddr, k.dport)?,
+                    errno: Errno(u32::from(k.errno)),
+                    proto: Proto::from_ipproto(k.proto)?,
+                    cause: Cause::from_u8(k.cause).unwrap_or(Cause::Unknown),
+                },
+                count: v.count,
+                unstreamed: v.unstreamed,
+                first: clock.ts(v.first_ns),
+                last: clock.ts(v.last_ns),
+                comm: comm_str(&v.comm),
+            })
+        })
+        .collect()
+}
+
+/// Gathers [`Observed`] moments for one tracer, remembering what events taught it (where and
+/// in which cgroup each failer ran: still known after it exited).
+pub struct Gatherer {
+    scope: Scope,
+    clock: Clock,
+    /// pid -> netns learnt from events.
+    pub netns_of_pid: HashMap<u32, u64>,
+    /// pid -> cgroup id learnt from events, for the failers' containers.
+    pub cgroup_of_pid: HashMap<u32, u64>,
+    containers: Resolver,
+}
+
+impl Gatherer {
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            clock: Clock::new(),
+            netns_of_pid: HashMap::new(),
+            cgroup_of_pid: HashMap::new(),
+            containers: Resolver::new(),
+        }
+    }
+
+    /// Remember where a failer ran, from its event.
+    pub fn learn(&mut self, pid: u32, netns: Option<u64>, cgroup_id: u64) {
+        self.cgroup_of_pid.entry(pid).or_insert(cgroup_id);
+        if let Some(n) = netns {
+            self.netns_of_pid.entry(pid).or_insert(n);
+        }
+    }
+
+    fn netns_for(&self, pid: u32) -> Option<u64> {
+        self.netns_of_pid
+            .get(&pid)
+            .copied()
+            .or_else(|| netns_of(pid))
+    }
+
+    fn census(&self, counts: &Counts) -> Vec<NsCensus> {
+        match &self.scope {
+            Scope::All => netns::census(None),
+            Scope::Only(v) => netns::census(Some(v)),
+            Scope::Failers => {
+                if counts.is_empty() {
+                    return Vec::new();
+                }
+                let all = netns::namespaces();
+                let mut want: Vec<(u64, PathBuf)> = counts
+                    .keys()
+                    .filter_map(|k| self.netns_for(k.pid))
+                    .filter_map(|n| all.get(&n).map(|p| (n, p.clone())))
+                    .collect();
+                want.sort();
+                want.dedup();
+                netns::census(Some(&want))
+            }
+        }
+    }
+
+    /// The kernel's counts and totals only: cheap (no census, no owners), for metrics and
+    /// the tally of unstreamed failures.
+    pub fn totals(&self, tracer: &Tracer) -> Result<KernelTotals> {
+        Ok(KernelTotals {
+            failures_total: tracer.failures_total()?,
+            dropped_events: tracer.dropped_events()?,
+            uncounted_keys: tracer.uncounted_keys()?,
+            tracked_sockets: tracer.tracked_sockets()?,
+            lru_evictions: tracer.lru_evictions()?,
+        })
+    }
+
+    /// One moment. `blame`: also the owners and the census (who holds the ports); without it
+    /// only the counts and totals. Forgets owners whose TIME_WAIT is over.
+    pub fn observe(&mut self, tracer: &mut Tracer, blame: bool) -> Result<Observed> {
+        let now_mono = Clock::now_mono_ns();
+        let counts = of_exact(&exact_counts(&tracer.counts()?, &self.clock));
+        let mut obs = Observed {
+            ts: self.clock.ts(now_mono),
+            backend: tracer.backend,
+            kernel: self.totals(tracer)?,
+            counts,
+            census: Vec::new(),
+            owners: HashMap::new(),
+            fd_owners: HashMap::new(),
+            dest_stats: Vec::new(),
+            netns_of_pid: HashMap::new(),
+        };
+        // Where each failer ran: from its events, else (still alive) from /proc.
+        obs.netns_of_pid = obs
+            .counts
+            .keys()
+            .map(|k| k.pid)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|pid| Some((pid, self.netns_for(pid)?)))
+            .collect();
+        // Who holds the ports of no failure: nothing to look up for the failers' summary.
+        let nothing_failed = matches!(self.scope, Scope::Failers) && obs.counts.is_empty();
+        if !blame || nothing_failed {
+            return Ok(obs);
+        }
+        let kernel_owners = tracer.owners()?;
+        // at_ns comes from bpf_ktime_get_ns(): CLOCK_MONOTONIC, like now_mono.
+        let expired = expired_owners(&kernel_owners, now_mono);
+        if !expired.is_empty() {
+            tracer.forget_owners(&expired)?;
+        }
+        let procs = tracer.procs()?;
+        obs.owners = kernel_owners
+            .iter()
+            .map(|(k, o)| {
+                let key = ProcKey {
+                    pid: o.pid,
+                    _pad: 0,
+                    start_ns: o.start_ns,
+                };
+                let proc = procs.get(&key);
+                let alive = is_alive(o.pid, o.start_ns);
+                let mut comm = proc.map(|p| comm_str(&p.comm)).unwrap_or_default();
+                // PROCS is an LRU map: a live process it dropped is still in /proc.
+                if comm.is_empty() && alive {
+                    comm = comm_of(o.pid).unwrap_or_default();
+                }
+                (*k, OwnerView::from_kernel(o, proc, comm, alive))
+            })
+            .collect::<HashMap<TupleKey, OwnerView>>();
+        obs.census = self.census(&obs.counts);
+        obs.fd_owners = socket_owners();
+        obs.dest_stats = tracer
+            .dest_stats()?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                Some(DestStat {
+                    netns: u64::from(k.netns),
+                    dst: addr(k.family, &k.daddr, k.dport)?,
+                    connects: v.connects,
+                    hist: v.hist,
+                })
+            })
+            .collect();
+        obs.kernel.tracked_sockets = obs.owners.len() as u64;
+        Ok(obs)
+    }
+
+    /// The container of a process: by the cgroup the kernel saw (still right after exit, as
+    /// long as the cgroup exists), else by its current /proc/PID/cgroup.
+    fn container_of(&mut self, pid: Option<u32>, cgroup_id: u64) -> Option<ContainerInfo> {
+        if cgroup_id != 0
+            && let Some(c) = self.containers.by_cgroup_id(cgroup_id)
+        {
+            return Some((*c).clone());
+        }
+        pid.and_then(|p| self.containers.by_pid(p))
+    }
+
+    /// Name the containers of the holders and failers the engine worked out (records carry
+    /// them, so `report` needs no cgroup walk).
+    pub fn label(&mut self, blame: &mut [BlameEntry], rows: &mut [DestRow]) {
+        let mut memo: BTreeMap<(Option<u32>, u64), Option<ContainerInfo>> = BTreeMap::new();
+        let mut holder = |g: &mut Self, h: &mut Holder| {
+            let c = memo
+                .entry((h.pid, h.cgroup_id))
+                .or_insert_with(|| g.container_of(h.pid, h.cgroup_id))
+                .clone();
+            h.container = c;
+        };
+        for b in blame.iter_mut() {
+            for h in &mut b.holders {
+                holder(self, h);
+            }
+            for f in &mut b.failers {
+                let cg = self.cgroup_of_pid.get(&f.pid).copied().unwrap_or(0);
+                f.container = self.container_of(Some(f.pid), cg);
+            }
+        }
+        for h in rows.iter_mut().flat_map(|r| r.holders.iter_mut()) {
+            holder(self, h);
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+}

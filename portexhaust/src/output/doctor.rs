@@ -1,0 +1,70 @@
+//! `doctor`'s text: findings with their fixes, and the busiest destinations. The findings part
+//! is shared with `report`.
+use portexhaust_common::TcpState;
+
+use super::text::{destinations, wrap, wrap_at};
+use crate::advice::{Audit, Finding, FixKind, Severity};
+
+/// Findings as text: problems with their fixes, then one line per check that is fine.
+pub fn findings(findings: &[Finding]) -> String {
+    let mut out = String::new();
+    let (fine, todo): (Vec<&Finding>, Vec<&Finding>) =
+        findings.iter().partition(|f| f.severity == Severity::Ok);
+    if todo.is_empty() {
+        out.push_str("Nothing to fix.\n");
+    }
+    for f in todo {
+        let label = f.severity.name().to_uppercase();
+        out.push_str(&format!("{label:<9} {}\n", wrap(&f.title, 100, 10)));
+        out.push_str(&format!("          {}\n", wrap(&f.detail, 100, 10)));
+        for (n, fix) in f.fixes.iter().enumerate() {
+            let kind = match fix.kind {
+                FixKind::Application => "application",
+                FixKind::Capacity => "capacity",
+                FixKind::Sysctl => "sysctl",
+            };
+            let head = format!("          fix {} ({kind}): ", n + 1);
+            out.push_str(&head);
+            out.push_str(&wrap_at(&fix.text, 100, head.len(), 14));
+            out.push('\n');
+            if let Some(c) = &fix.command {
+                out.push_str(&format!("              $ {c}\n"));
+            }
+        }
+        out.push('\n');
+    }
+    if !fine.is_empty() {
+        out.push_str("Fine:\n");
+        for f in fine {
+            out.push_str(&format!("  ok  {}\n", f.title));
+        }
+    }
+    out
+}
+
+pub fn render(a: &Audit) -> String {
+    let mut out = format!(
+        "portexhaust doctor: host {}, kernel {}, network namespace {}, {}\n",
+        a.host.as_deref().unwrap_or("?"),
+        a.kernel.as_deref().unwrap_or("?"),
+        a.netns.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+        a.ts
+    );
+    if let Some(r) = a.range {
+        out.push_str(&format!(
+            "range {}-{} ({} usable), {} TIME_WAIT socket(s) in this namespace\n",
+            r.lo,
+            r.hi,
+            r.usable,
+            a.states.get(&TcpState::TimeWait).copied().unwrap_or(0)
+        ));
+    }
+    out.push('\n');
+    out.push_str(&findings(&a.findings));
+    if !a.destinations.is_empty() {
+        out.push_str("\nBusiest destinations (ports of the range in use):\n");
+        out.push_str(&destinations(&a.destinations, ""));
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,215 @@
+//! The metrics endpoint: hyper's HTTP/1.1 on tokio, `/metrics` (OpenMetrics when the scraper
+//! asks for it, as Prometheus does, else the Prometheus 0.0.4 text format) and a small page at
+//! `/`.
+use std::{
+    convert::Infallible,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, warn};
+use prometheus_client::encoding::prometheus_text;
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+
+use super::prometheus::Metrics;
+
+/// Parse `--metrics-addr`: `PORT` (loopback), `IP:PORT`, `[IPv6]:PORT` or `localhost:PORT`.
+pub fn parse_addr(s: &str) -> std::result::Result<SocketAddr, String> {
+    let bad = || {
+        format!(
+            "invalid metrics address {s:?}: expected PORT (serves on 127.0.0.1), IP:PORT or [IPv6]:PORT, \
+             e.g. 9977, 0.0.0.0:9977 or [::1]:9977"
+        )
+    };
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let port: u16 = s.parse().map_err(|_| bad())?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    Err(bad())
+}
+
+const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const INDEX: &str = "<!doctype html><html><head><title>portexhaust</title></head><body>\
+<h1>portexhaust</h1><p>Linux ephemeral-port exhaustion tracer.</p>\
+<p><a href=\"/metrics\">/metrics</a></p></body></html>\n";
+/// Connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 32;
+
+fn respond(
+    status: StatusCode,
+    ctype: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+/// Route one request. Only GET and HEAD; `/metrics` negotiates its format from `Accept`.
+pub fn handle<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "only GET and HEAD\n",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            let (ctype, body) = if openmetrics {
+                (OPENMETRICS_TYPE, metrics.encode(true))
+            } else {
+                (prometheus_text::CONTENT_TYPE, metrics.encode(false))
+            };
+            respond(StatusCode::OK, ctype, body)
+        }
+        "/" => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: try /metrics\n",
+        ),
+    }
+}
+
+/// A running metrics server; dropping it stops accepting.
+pub struct MetricsServer {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Bind `addr` now (so a taken port is an error before tracing starts) and serve in the
+/// background on the current tokio runtime.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<MetricsServer> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(accept_loop(listener, metrics));
+    Ok(MetricsServer { addr, task })
+}
+
+async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("metrics server: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let r = handle(&m, &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                // A client that never finishes its headers must not hold a slot forever.
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!("metrics server: connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::prometheus::MetricsOptions;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr("9977"), Ok("127.0.0.1:9977".parse().expect("a")));
+        assert_eq!(
+            parse_addr("0.0.0.0:9100"),
+            Ok("0.0.0.0:9100".parse().expect("a"))
+        );
+        assert_eq!(
+            parse_addr("[::1]:9100"),
+            Ok("[::1]:9100".parse().expect("a"))
+        );
+        assert_eq!(
+            parse_addr("localhost:80"),
+            Ok("127.0.0.1:80".parse().expect("a"))
+        );
+        for bad in [
+            "", "70000", "host:1", "::1:9100", ":9100", "1.2.3.4", "[::1]", "x",
+        ] {
+            let e = parse_addr(bad).expect_err(bad);
+            assert!(e.contains("invalid metrics address"), "{e}");
+        }
+    }
+
+    #[test]
+    fn http_routes() {
+        let m = Metrics::new(MetricsOptions::default());
+        let get = |path: &str, accept: Option<&str>| {
+            let mut b = Request::builder().uri(path);
+            if let Some(a) = accept {
+                b = b.header(header::ACCEPT, a);
+            }
+            handle(&m, &b.body(()).expect("request"))
+        };
+        let r = get("/metrics", None);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            prometheus_text::CONTENT_TYPE
+        );
+        let r = get(
+            "/metrics",
+            Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+        );
+        assert_eq!(r.headers()[header::CONTENT_TYPE], OPENMETRICS_TYPE);
+        assert_eq!(get("/", None).status(), StatusCode::OK);
+        assert_eq!(get("/nope", None).status(), StatusCode::NOT_FOUND);
+        let post = Request::builder()
+            .method(Method::POST)
+            .uri("/metrics")
+            .body(())
+            .expect("request");
+        assert_eq!(handle(&m, &post).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+}

@@ -1,0 +1,244 @@
+//! `top`'s screen, as text. Pure (the terminal is `cmd::top`'s); `top --json` is the
+//! schema's own [`TopView`] line.
+use comfy_table::Cell;
+use portexhaust_common::TcpState;
+
+use super::text::{or_unknown, pct, right, table};
+use crate::{engine::live::top_holders, schema::TopView};
+
+fn fmt_opt(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.1}{unit}"),
+        _ => "-".into(),
+    }
+}
+
+fn fmt_forecast(s: Option<f64>) -> String {
+    match s {
+        Some(x) if x <= 0.0 => "FULL".into(),
+        Some(x) if x < 120.0 => format!("{x:.0}s"),
+        Some(x) if x < 7200.0 => format!("{:.0}m", x / 60.0),
+        Some(x) => format!("{:.0}h", x / 3600.0),
+        None => "-".into(),
+    }
+}
+
+/// The screen, as text. Pure, for tests. `rows` limits each panel.
+pub fn render(v: &TopView, rows: usize) -> String {
+    let mut out = format!(
+        "portexhaust top  {}  backend {}  failures {}  tracked sockets {}  LRU evictions {}\n",
+        v.ts.hms(),
+        v.backend.name(),
+        v.failures_total,
+        v.tracked_sockets,
+        v.lru_evictions
+    );
+    out.push_str("\nDESTINATIONS by pressure\n");
+    if v.destinations.is_empty() {
+        out.push_str("  no outgoing TCP connection uses an ephemeral port\n");
+    } else {
+        let header = [
+            "NETNS",
+            "SOURCE",
+            "DESTINATION",
+            "IN USE",
+            "UTIL",
+            "ESTAB",
+            "TIME_WAIT",
+            "NEW/S",
+            "TW EXP/S",
+            "FULL IN",
+            "CONNECT p50/p99",
+        ];
+        let mut rows_out = Vec::new();
+        for d in v.destinations.iter().take(rows) {
+            let lat = d
+                .latency_us
+                .map(|l| format!("{:.0}us/{:.0}us", l.p50, l.p99))
+                .unwrap_or_else(|| "-".into());
+            rows_out.push(vec![
+                Cell::new(or_unknown(d.netns)),
+                Cell::new(d.src.map_or_else(|| "-".to_string(), |s| s.to_string())),
+                Cell::new(d.dst.to_string()),
+                right(format!("{}/{}", d.in_use, or_unknown(d.range_size))),
+                right(pct(d.utilisation)),
+                right(d.state(TcpState::Established)),
+                right(d.time_wait()),
+                right(fmt_opt(d.new_per_s, "")),
+                right(fmt_opt(d.tw_expiring_per_s, "")),
+                right(fmt_forecast(d.forecast_s)),
+                right(lat),
+            ]);
+        }
+        out.push_str(&table(&header, rows_out, ""));
+        out.push('\n');
+        if v.destinations.len() > rows {
+            out.push_str(&format!("  (+{} more)\n", v.destinations.len() - rows));
+        }
+    }
+    out.push_str("\nFAILING PROCESSES\n");
+    if v.failing.is_empty() {
+        out.push_str("  none since start\n");
+    } else {
+        let rows_out = v
+            .failing
+            .iter()
+            .take(rows)
+            .map(|f| {
+                vec![
+                    right(f.pid),
+                    Cell::new(&f.comm),
+                    right(f.failures),
+                    right(format!("{:.1}", f.rate)),
+                    Cell::new(f.top_dst.map(|d| d.to_string()).unwrap_or_default()),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["PID", "COMM", "FAILURES", "RATE/S", "TOP DESTINATION"],
+            rows_out,
+            "",
+        ));
+        out.push('\n');
+    }
+    out.push_str("\nHOLDERS (who created the sockets that use ports)\n");
+    let holders = top_holders(&v.destinations);
+    if holders.is_empty() {
+        out.push_str("  none\n");
+    } else {
+        let rows_out = holders
+            .iter()
+            .take(rows)
+            .map(|h| {
+                vec![
+                    right(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
+                    Cell::new(h.label()),
+                    Cell::new(match (h.pid, h.alive) {
+                        (None, _) => "before tracing",
+                        (Some(_), true) => "alive",
+                        (Some(_), false) => "exited",
+                    }),
+                    right(h.sockets),
+                    right(h.time_wait),
+                    right(pct(Some(h.share))),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["PID", "COMM", "STATE", "SOCKETS", "TIME_WAIT", "SHARE"],
+            rows_out,
+            "",
+        ));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use portexhaust_common::Backend;
+
+    use super::*;
+    use crate::schema::{Attribution, ByState, DestRow, FailingProcess, Holder, Latency, Ts};
+
+    fn view() -> TopView {
+        let mut by_state = ByState::new();
+        by_state.insert(TcpState::TimeWait, 9);
+        by_state.insert(TcpState::Established, 1);
+        TopView {
+            ts: Ts(1_764_069_600_000_000_000),
+            backend: Backend::Tracepoint,
+            failures_total: 4,
+            dropped_events: 0,
+            lru_evictions: 0,
+            tracked_sockets: 10,
+            destinations: vec![DestRow {
+                new_per_s: Some(5.0),
+                tw_expiring_per_s: Some(0.0),
+                forecast_s: Some(0.0),
+                latency_us: Some(Latency {
+                    count: 10,
+                    p50: 8.192,
+                    p90: 16.384,
+                    p99: 65.536,
+                }),
+                holders: vec![Holder {
+                    pid: Some(77),
+                    comm: "churner".into(),
+                    alive: false,
+                    sockets: 9,
+                    time_wait: 9,
+                    share: 0.9,
+                    attribution: Attribution::Traced,
+                    container: None,
+                    cgroup_id: 0,
+                }],
+                ..DestRow::new(
+                    Some(4026532177),
+                    Some("127.0.0.1".parse().expect("ip")),
+                    "127.0.0.1:5000".parse().expect("addr"),
+                    Some(10),
+                    10,
+                    by_state,
+                )
+            }],
+            failing: vec![FailingProcess {
+                pid: 88,
+                comm: "failer".into(),
+                failures: 4,
+                rate: 2.0,
+                top_dst: Some("127.0.0.1:5000".parse().expect("addr")),
+            }],
+            blame: vec![],
+        }
+    }
+
+    #[test]
+    fn screen_shows_the_three_panels() {
+        let s = render(&view(), 10);
+        assert!(s.contains("DESTINATIONS by pressure"));
+        assert!(s.contains("127.0.0.1:5000"));
+        assert!(s.contains("10/10"));
+        assert!(s.contains("100%"));
+        assert!(s.contains("FULL"));
+        assert!(s.contains("8us/66us"));
+        assert!(s.contains("failer"));
+        assert!(s.contains("churner") && s.contains("exited"));
+    }
+
+    #[test]
+    fn json_snapshot_is_one_object_with_destinations() {
+        let v: serde_json::Value = serde_json::from_str(&view().line()).expect("json");
+        assert_eq!(v["type"], "top");
+        let d = &v["destinations"][0];
+        for key in [
+            "netns",
+            "src",
+            "dst",
+            "proto",
+            "range_size",
+            "in_use",
+            "by_state",
+            "utilisation",
+            "new_per_s",
+            "tw_expiring_per_s",
+            "forecast_s",
+            "latency_us",
+            "holders",
+        ] {
+            assert!(d.get(key).is_some(), "{key}");
+        }
+        assert_eq!(d["by_state"]["TIME_WAIT"], 9);
+        assert_eq!(d["holders"][0]["pid"], 77);
+        assert_eq!(v["failing"][0]["pid"], 88);
+    }
+
+    #[test]
+    fn forecasts_read_well() {
+        assert_eq!(fmt_forecast(Some(0.0)), "FULL");
+        assert_eq!(fmt_forecast(Some(42.4)), "42s");
+        assert_eq!(fmt_forecast(Some(600.0)), "10m");
+        assert_eq!(fmt_forecast(Some(36000.0)), "10h");
+        assert_eq!(fmt_forecast(None), "-");
+    }
+}
