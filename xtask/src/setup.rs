@@ -22,7 +22,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",      // fleet tests: a real Prometheus scrapes `trace --metrics-addr`
     "systemd",         // fleet tests: systemd-analyze verify/security of deploy/portexhaust.service
     "util-linux",      // fleet tests: setpriv runs the tracer with exactly the unit's capabilities
-    "chromium",        // tests/forensics.rs: the HTML report in a headless browser
+    "chromium",        // tests/report_html.rs: the HTML report in a headless browser
     "bpftrace",        // bench: the one-liner portexhaust is compared with
     "bpftool",         // bench: BPF program names in the profile
 ];

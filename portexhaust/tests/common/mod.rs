@@ -12,7 +12,7 @@ use std::{
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -329,4 +329,40 @@ pub fn events_and_summary(stdout: &str) -> (Vec<Value>, Value) {
     }
     assert!(!summary.is_null(), "no summary in output:\n{stdout}");
     (events, summary)
+}
+
+/// `portexhaust report ...`: (stdout, stderr, exit code).
+pub fn report(args: &[&str]) -> (String, String, i32) {
+    let out = Command::new(BIN)
+        .arg("report")
+        .args(args)
+        .output()
+        .expect("run report");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+pub fn report_json(files: &[&std::path::Path], extra: &[&str]) -> (Value, String) {
+    let mut args: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    args.extend(["--format".into(), "json".into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, err, code) = report(&args);
+    assert_eq!(code, 0, "report failed:\n{err}");
+    (
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report json: {e}\n{out}")),
+        err,
+    )
+}
+
+/// Poll `f` every 50 ms until it holds; panic after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
 }
