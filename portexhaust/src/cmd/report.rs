@@ -6,6 +6,8 @@
 //! combines the sessions (the counting rule is documented in `engine::report`), and an output
 //! renders it. Offline: no BPF, no /proc, no namespaces.
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 
 use std::io::Write;

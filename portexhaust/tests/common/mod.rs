@@ -16,6 +16,7 @@ use std::{
 };
 
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_portexhaust");
 
@@ -365,4 +366,20 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Wait for the workload; returns its report and the number of failures it caused itself.
+pub fn finished(w: Workload) -> (Value, u64) {
+    let report = w.finish();
+    let n = expected_failures(&report);
+    assert!(n > 0, "the workload caused no failure: {report}");
+    (report, n)
+}
+
+/// The repository root (deployment files live in deploy/).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
