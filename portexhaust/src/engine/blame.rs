@@ -53,17 +53,10 @@ pub fn blame(
                     *by_state.entry(*s).or_default() += n;
                 }
                 for h in &u.holders {
-                    let e = holders
+                    holders
                         .entry((h.pid, h.comm.clone(), h.attribution))
-                        .or_insert_with(|| Holder {
-                            sockets: 0,
-                            time_wait: 0,
-                            share: 0.0,
-                            ..h.clone()
-                        });
-                    e.sockets += h.sockets;
-                    e.time_wait += h.time_wait;
-                    e.alive |= h.alive;
+                        .or_insert_with(|| h.empty_like())
+                        .absorb(h);
                 }
             }
             let mut holders: Vec<Holder> = holders.into_values().collect();

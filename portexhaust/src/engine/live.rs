@@ -255,16 +255,9 @@ pub fn top_holders(rows: &[DestRow]) -> Vec<Holder> {
     let total: u64 = rows.iter().map(|r| r.in_use).sum();
     for r in rows {
         for h in &r.holders {
-            let e = acc
-                .entry((h.pid, h.comm.clone()))
-                .or_insert_with(|| Holder {
-                    sockets: 0,
-                    time_wait: 0,
-                    ..h.clone()
-                });
-            e.sockets += h.sockets;
-            e.time_wait += h.time_wait;
-            e.alive |= h.alive;
+            acc.entry((h.pid, h.comm.clone()))
+                .or_insert_with(|| h.empty_like())
+                .absorb(h);
         }
     }
     let mut v: Vec<Holder> = acc

@@ -1,8 +1,7 @@
 //! The live human output: the failure lines, tallies, and the summary when tracing stops.
 //! Pure. (The JSON of the same things is the schema's own lines.)
-use comfy_table::Cell;
 
-use super::text::{or_unknown, pct, right, table};
+use super::text::{holders, or_unknown, pct};
 use crate::schema::{BlameEntry, ContainerInfo, Failure, Tally, Totals};
 
 /// Column layout of the live human output; the header and each row share it.
@@ -122,28 +121,11 @@ pub fn human_blame(blame: &[BlameEntry]) -> String {
             out.push_str("  holders: none found (the namespace or its sockets are gone)\n");
             continue;
         }
-        let rows = b
-            .holders
-            .iter()
-            .map(|h| {
-                vec![
-                    Cell::new(format!("  {}", h.label())),
-                    right(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
-                    Cell::new(match (h.pid, h.alive) {
-                        (None, _) => "opened before tracing",
-                        (Some(_), true) => "alive",
-                        (Some(_), false) => "exited",
-                    }),
-                    right(h.sockets),
-                    right(h.time_wait),
-                    right(pct(Some(h.share))),
-                ]
-            })
-            .collect();
-        out.push_str(&table(
-            &["  HOLDER", "PID", "STATE", "SOCKETS", "TIME_WAIT", "SHARE"],
-            rows,
-            "",
+        out.push_str(&holders(
+            &b.holders,
+            "HOLDER",
+            "opened before tracing",
+            "  ",
         ));
         out.push('\n');
     }

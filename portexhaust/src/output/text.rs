@@ -2,7 +2,7 @@
 //! and destinations tables (one of each, whichever command prints them).
 use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
 
-use crate::schema::{DestRow, Offender};
+use crate::schema::{DestRow, Holder, Offender};
 
 /// An aligned table without borders, each line with its trailing spaces cut and `indent` in
 /// front.
@@ -110,6 +110,45 @@ pub fn offenders<'a>(
         ],
         rows,
         indent,
+    )
+}
+
+/// Holders as a table: `first` heads the label column, `before` names the state of sockets
+/// opened before tracing (no pid known).
+pub fn holders<'a>(
+    holders: impl IntoIterator<Item = &'a Holder>,
+    first: &str,
+    before: &str,
+    indent: &str,
+) -> String {
+    let rows = holders
+        .into_iter()
+        .map(|h| {
+            vec![
+                Cell::new(format!("{indent}{}", h.label())),
+                right(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
+                Cell::new(match (h.pid, h.alive) {
+                    (None, _) => before,
+                    (Some(_), true) => "alive",
+                    (Some(_), false) => "exited",
+                }),
+                right(h.sockets),
+                right(h.time_wait),
+                right(pct(Some(h.share))),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            &format!("{indent}{first}"),
+            "PID",
+            "STATE",
+            "SOCKETS",
+            "TIME_WAIT",
+            "SHARE",
+        ],
+        rows,
+        "",
     )
 }
 

@@ -106,27 +106,10 @@ pub fn render(v: &TopView, rows: usize) -> String {
     if holders.is_empty() {
         out.push_str("  none\n");
     } else {
-        let rows_out = holders
-            .iter()
-            .take(rows)
-            .map(|h| {
-                vec![
-                    right(h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
-                    Cell::new(h.label()),
-                    Cell::new(match (h.pid, h.alive) {
-                        (None, _) => "before tracing",
-                        (Some(_), true) => "alive",
-                        (Some(_), false) => "exited",
-                    }),
-                    right(h.sockets),
-                    right(h.time_wait),
-                    right(pct(Some(h.share))),
-                ]
-            })
-            .collect();
-        out.push_str(&table(
-            &["PID", "COMM", "STATE", "SOCKETS", "TIME_WAIT", "SHARE"],
-            rows_out,
+        out.push_str(&super::text::holders(
+            holders.iter().take(rows),
+            "COMM",
+            "before tracing",
             "",
         ));
         out.push('\n');

@@ -84,6 +84,23 @@ fn unknown() -> Attribution {
 }
 
 impl Holder {
+    /// The same holder with nothing counted yet, to add others into.
+    pub fn empty_like(&self) -> Self {
+        Self {
+            sockets: 0,
+            time_wait: 0,
+            share: 0.0,
+            ..self.clone()
+        }
+    }
+
+    /// Add another count of the same holder (another destination or source).
+    pub fn absorb(&mut self, other: &Holder) {
+        self.sockets += other.sockets;
+        self.time_wait += other.time_wait;
+        self.alive |= other.alive;
+    }
+
     /// `comm`, with the container when there is one: `nginx [docker:0123456789ab]`.
     pub fn label(&self) -> String {
         match &self.container {
