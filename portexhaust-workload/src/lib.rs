@@ -82,7 +82,10 @@ pub enum Scenario {
     /// Hold every port to 127.0.0.1:DPORT, then fail IPv4 connects submitted through io_uring
     /// (IORING_OP_CONNECT, one submission per fresh socket; no connect() syscall).
     Uring,
-    /// v4, v6, bind and udp in turn (what selftest runs).
+    /// Connect FAILURES sockets bound first (SO_REUSEADDR) to the local port of an open
+    /// connection to 127.0.0.1:DPORT: the 4-tuple is taken, EADDRNOTAVAIL with free ports left.
+    Collision,
+    /// v4, v6, a tuple collision, bind and udp in turn (what selftest runs).
     All,
     /// A forked child (comm `<comm>-churn`) leaves the range in TIME_WAIT (tcp_tw_reuse=0)
     /// and exits; then this process fails to the same destination.
@@ -112,6 +115,10 @@ pub struct Expected {
     pub errno: u32,
     pub site: String,
     pub proto: String,
+    /// Why, as the tracer names it (`exhausted`, `tuple_collision`, ...); empty in reports of
+    /// older workloads.
+    #[serde(default)]
+    pub cause: String,
     pub count: u64,
 }
 
@@ -207,6 +214,7 @@ mod tests {
                 errno: 99,
                 site: "__inet_hash_connect".into(),
                 proto: "tcp".into(),
+                cause: "exhausted".into(),
                 count: 3,
             }],
             unexpected: vec![],

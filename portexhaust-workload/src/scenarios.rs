@@ -27,12 +27,31 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
+    /// Failures of the cause the site implies: no port left (for this destination, for
+    /// bind(0), for a datagram autobind).
     pub(crate) fn push(&mut self, dst: SocketAddr, site: &str, proto: &str, t: Tally) {
+        let cause = match site {
+            "bind" => "bind_exhausted",
+            "udp_autobind" => "autobind_exhausted",
+            _ => "exhausted",
+        };
+        self.push_cause(dst, site, proto, cause, t);
+    }
+
+    pub(crate) fn push_cause(
+        &mut self,
+        dst: SocketAddr,
+        site: &str,
+        proto: &str,
+        cause: &str,
+        t: Tally,
+    ) {
         self.expected.push(Expected {
             dst: dst.to_string(),
             errno: t.want,
             site: site.into(),
             proto: proto.into(),
+            cause: cause.into(),
             count: t.seen,
         });
         for (k, v) in t.other {
@@ -111,6 +130,10 @@ pub(crate) fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError
         Scenario::Hold => {} // prepared before the ready line
         Scenario::Latency => latency_scenario(&mut out, n, k, p)?,
         Scenario::Bind => bind_scenario(&mut out, n, k)?,
+        Scenario::Collision => {
+            let _l = listener(v4(p))?;
+            collision_scenario(&mut out, k, p)?;
+        }
         Scenario::Udp => udp_scenario(&mut out, n, k, p + 1)?,
         Scenario::All => {
             // bind(0) and UDP first: their sockets give their ports back at close, whereas
@@ -125,9 +148,41 @@ pub(crate) fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError
             let _h6 = hold(v6(p), n)?;
             let t = fail_connects(Domain::IPV6, Type::STREAM, v6(p), k, 99);
             out.push(v6(p), "__inet_hash_connect", "tcp", t);
+            // The range is full by now: the collision's one connection takes a port outside it.
+            collision_scenario(&mut out, k, p)?;
         }
     }
     Ok(out)
+}
+
+/// Local port of the collision scenario's connections: below every range the workloads set
+/// (they start at 40000), so it is free even when the range is full.
+const COLLISION_PORT: u16 = 30999;
+
+/// A socket bound, before connect(), to the local port an open connection to `dst` already
+/// uses: connect() finds that exact 4-tuple taken (`__inet_hash_connect` ->
+/// `check_established` fails) and returns EADDRNOTAVAIL although ports are free. SO_REUSEADDR
+/// on both lets the second bind() succeed (neither listens).
+fn collision_scenario(out: &mut Outcome, k: u64, p: u16) -> Result<(), WorkloadError> {
+    let dst = v4(p);
+    let local = v4(COLLISION_PORT);
+    let bound = || -> io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.bind(&local.into())?;
+        Ok(s)
+    };
+    let first = bound().map_err(io_err("binding the first collision socket"))?;
+    first
+        .connect(&dst.into())
+        .map_err(io_err("connecting the first collision socket"))?;
+    let mut t = Tally::new(99);
+    for _ in 0..k {
+        t.record(bound().and_then(|s| s.connect(&dst.into())));
+    }
+    out.push_cause(dst, "__inet_hash_connect", "tcp", "tuple_collision", t);
+    out.keep.0.push(first);
+    Ok(())
 }
 
 /// Hold half the range open to DPORT and leave the other half in TIME_WAIT.

@@ -139,6 +139,28 @@ pub(super) fn evidence_rules(e: Option<&Evidence>, out: &mut Vec<Finding>) {
             vec![app(POOLING), app(SERVER_CLOSES), capacity(SPREAD)],
         ));
     }
+    if e.collisions > 0 {
+        out.push(finding(
+            "connect_tuple_collision",
+            Severity::Critical,
+            format!(
+                "connect() failed {} times with EADDRNOTAVAIL on sockets bound before connect(): \
+                 the 4-tuple was taken",
+                e.collisions
+            ),
+            "The range need not be full: the socket already had its local port (bind() before \
+             connect(), or a fixed source port with SO_REUSEADDR/SO_REUSEPORT), and that port \
+             already had a connection to the same destination. Widening the range does not help."
+                .into(),
+            vec![
+                app(NO_PORT),
+                app(
+                    "If the source port is chosen by the application (SO_REUSEPORT pools, \
+                     Envoy's upstream_bind_config with a port), let the kernel choose it",
+                ),
+            ],
+        ));
+    }
     if e.bind_failures > 0 {
         out.push(finding(
             "bind_eaddrinuse",

@@ -86,6 +86,8 @@ pub struct Evidence {
     pub bind_failures: u64,
     /// UDP autobind EAGAIN.
     pub udp_failures: u64,
+    /// connect() EADDRNOTAVAIL on a socket bound before connect(): its 4-tuple was taken.
+    pub collisions: u64,
 }
 
 /// The audit of one namespace, as `doctor --json` prints it.

@@ -220,6 +220,7 @@ fn bind_holders_and_record_evidence() {
         connect_failures: 5,
         bind_failures: 3,
         udp_failures: 2,
+        collisions: 4,
     };
     let f = audit(&Inputs {
         sysctls: &s,
@@ -236,6 +237,9 @@ fn bind_holders_and_record_evidence() {
         get(&f, "connect_eaddrnotavail").severity,
         Severity::Critical
     );
+    let c = get(&f, "connect_tuple_collision");
+    assert!(c.title.contains("4 times"), "{c:?}");
+    assert!(c.fixes[0].text.contains("IP_BIND_ADDRESS_NO_PORT"), "{c:?}");
     assert!(
         get(&f, "bind_eaddrinuse").fixes[0]
             .text

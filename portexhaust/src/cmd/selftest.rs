@@ -8,7 +8,7 @@ use std::{
 
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use portexhaust_common::{
-    Site, kind_name,
+    Cause, Site, kind_name,
     programs::{Hook, Set},
 };
 
@@ -138,8 +138,11 @@ pub fn compare(
             errno,
             site,
             proto,
+            cause,
             count,
         } = e;
+        // Workloads older than causes say none: any cause matches.
+        let cause_ok = |c: Cause| cause.is_empty() || c.name() == cause;
         let kind = Site::from_name(site).map_or(0, Site::kind);
         if watched & kind == 0 {
             checks.push(Check {
@@ -166,17 +169,29 @@ pub fn compare(
                     && f.errno == Errno(*errno)
                     && f.site.name() == site
                     && f.proto.name() == proto
+                    && cause_ok(f.cause)
             })
             .count() as u64;
         let counted: u64 = counts
             .iter()
             .filter(|(k, _)| {
-                k.pid == report.pid && k.dst.to_string() == *dst && k.errno == Errno(*errno)
+                k.pid == report.pid
+                    && k.dst.to_string() == *dst
+                    && k.errno == Errno(*errno)
+                    && cause_ok(k.cause)
             })
             .map(|(_, v)| v.count)
             .sum();
         checks.push(Check {
-            what: format!("{proto} {dst} {} at {site}", Errno(*errno).name()),
+            what: format!(
+                "{proto} {dst} {} at {site}{}",
+                Errno(*errno).name(),
+                if cause.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({cause})")
+                }
+            ),
             expected: *count,
             events: matching,
             counted,
@@ -411,6 +426,7 @@ mod tests {
                 errno: 99,
                 site: "__inet_hash_connect".into(),
                 proto: "tcp".into(),
+                cause: "exhausted".into(),
                 count: 2,
             }],
             unexpected: vec![],
@@ -436,6 +452,7 @@ mod tests {
             dst: "127.0.0.1:5000".parse().expect("addr"),
             src: None,
             errno: Errno::EADDRNOTAVAIL,
+            cause: portexhaust_common::Cause::Exhausted,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
             container: None,
@@ -447,6 +464,7 @@ mod tests {
             pid: 50,
             dst: "127.0.0.1:5000".parse().expect("addr"),
             errno: Errno::EADDRNOTAVAIL,
+            cause: portexhaust_common::Cause::Exhausted,
         };
         let c = KeyCount {
             count: n,
@@ -505,6 +523,7 @@ mod tests {
             errno: 98,
             site: "bind".into(),
             proto: "tcp".into(),
+            cause: "bind_exhausted".into(),
             count: 5,
         });
         let c = compare(&r, &[event(50), event(50)], &count(2), 2, KIND_CONNECT);

@@ -139,6 +139,7 @@ mod tests {
                 pid: 200,
                 dst: "127.0.0.1:5000".parse().expect("addr"),
                 errno: Errno::EADDRNOTAVAIL,
+                cause: portexhaust_common::Cause::Exhausted,
             },
             KeyCount {
                 count: 7,

@@ -39,6 +39,7 @@ impl ExactId {
             pid: self.pid,
             dst: self.dst,
             errno: self.errno,
+            cause: self.cause,
         }
     }
 }
@@ -65,6 +66,7 @@ pub struct Key {
     pub pid: u32,
     pub dst: SocketAddr,
     pub errno: Errno,
+    pub cause: Cause,
 }
 
 /// Failures of one key.
@@ -155,6 +157,7 @@ pub fn from_offenders<'a>(offenders: impl IntoIterator<Item = &'a Offender>) -> 
                     pid: o.pid,
                     dst: d.dst,
                     errno: d.errno,
+                    cause: d.cause,
                 },
                 &c,
             );
@@ -164,7 +167,7 @@ pub fn from_offenders<'a>(offenders: impl IntoIterator<Item = &'a Offender>) -> 
 }
 
 /// Group counts into offenders: most failures first (then by pid), each with its destinations,
-/// most failures first (then by destination and errno). Keys with no failure are left out.
+/// most failures first (then by destination, errno and cause). Keys with no failure are left out.
 pub fn offenders<'a>(counts: impl IntoIterator<Item = (&'a Key, &'a KeyCount)>) -> Vec<Offender> {
     let mut by_pid: BTreeMap<u32, (Offender, KeyCount)> = BTreeMap::new();
     for (k, c) in counts {
@@ -189,6 +192,7 @@ pub fn offenders<'a>(counts: impl IntoIterator<Item = (&'a Key, &'a KeyCount)>) 
         o.destinations.push(DestCount {
             dst: k.dst,
             errno: k.errno,
+            cause: k.cause,
             failures: c.count,
         });
     }
@@ -200,16 +204,17 @@ pub fn offenders<'a>(counts: impl IntoIterator<Item = (&'a Key, &'a KeyCount)>) 
             o.last_ts = acc.last;
             o.comm = acc.comm;
             o.netns = acc.netns;
-            // Two keys the kernel tells apart (protocol, cause) can be one destination here.
-            let mut merged: BTreeMap<(SocketAddr, Errno), u64> = BTreeMap::new();
+            // Two keys the kernel tells apart (protocol) can be one destination here.
+            let mut merged: BTreeMap<(SocketAddr, Errno, Cause), u64> = BTreeMap::new();
             for d in o.destinations.drain(..) {
-                *merged.entry((d.dst, d.errno)).or_default() += d.failures;
+                *merged.entry((d.dst, d.errno, d.cause)).or_default() += d.failures;
             }
             o.destinations = merged
                 .into_iter()
-                .map(|((dst, errno), failures)| DestCount {
+                .map(|((dst, errno, cause), failures)| DestCount {
                     dst,
                     errno,
+                    cause,
                     failures,
                 })
                 .collect();
@@ -218,6 +223,7 @@ pub fn offenders<'a>(counts: impl IntoIterator<Item = (&'a Key, &'a KeyCount)>) 
                     .cmp(&a.failures)
                     .then_with(|| a.dst.cmp(&b.dst))
                     .then_with(|| a.errno.cmp(&b.errno))
+                    .then_with(|| a.cause.cmp(&b.cause))
             });
             o
         })
@@ -235,6 +241,7 @@ mod tests {
             pid,
             dst: SocketAddr::new([10, 0, 0, last_octet].into(), port),
             errno: Errno(errno),
+            cause: portexhaust_common::Cause::Exhausted,
         }
     }
 

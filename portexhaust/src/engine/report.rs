@@ -389,6 +389,7 @@ pub fn build(
             let e = evidence.entry((host.clone(), *ns)).or_default();
             e.connect_failures += ev.connect_failures;
             e.bind_failures += ev.bind_failures;
+            e.collisions += ev.collisions;
             e.udp_failures += ev.udp_failures;
         }
         let h = s.header.as_ref();

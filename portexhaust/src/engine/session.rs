@@ -8,6 +8,8 @@
 //! replayed without holding its events in memory.
 use std::collections::{BTreeMap, HashMap};
 
+use portexhaust_common::Cause;
+
 use crate::{
     advice::Evidence,
     engine::counts::{Counts, Key, KeyCount},
@@ -182,6 +184,7 @@ impl Session {
         }
         let ev = self.evidence.entry(netns).or_default();
         match key.errno {
+            Errno::EADDRNOTAVAIL if key.cause == Cause::TupleCollision => ev.collisions += n,
             Errno::EADDRNOTAVAIL => ev.connect_failures += n,
             Errno::EADDRINUSE => ev.bind_failures += n,
             Errno::EAGAIN => ev.udp_failures += n,
@@ -202,6 +205,7 @@ impl Session {
             pid: f.pid,
             dst: f.dst,
             errno: f.errno,
+            cause: f.cause,
         };
         self.failures(key, 1, ts, ts, &f.comm, f.netns, counted, filter);
     }
@@ -216,6 +220,7 @@ impl Session {
             pid: t.pid,
             dst: t.dst,
             errno: t.errno,
+            cause: t.cause,
         };
         self.failures(key, t.count, first, last, &t.comm, t.netns, counted, filter);
     }

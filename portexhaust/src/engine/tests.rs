@@ -78,6 +78,7 @@ fn observed() -> Observed {
         pid: 7,
         dst: format!("10.0.0.1:{port}").parse().expect("addr"),
         errno: Errno::EADDRNOTAVAIL,
+        cause: portexhaust_common::Cause::Exhausted,
     };
     // Whole microseconds: the record writes times at that precision.
     let c = |n, first_ms: i128, last_ms: i128| KeyCount {
@@ -151,6 +152,7 @@ fn failure(ms: i128) -> Failure {
         dst: "10.0.0.1:80".parse().expect("addr"),
         src: None,
         errno: Errno::EADDRNOTAVAIL,
+        cause: portexhaust_common::Cause::Exhausted,
         site: Site::InetHashConnect,
         backend: Backend::TpBtf,
         container: None,

@@ -5,7 +5,7 @@ use super::text::{holders, or_unknown, pct};
 use crate::schema::{BlameEntry, ContainerInfo, Failure, Tally, Totals};
 
 /// Column layout of the live human output; the header and each row share it.
-const HEADER: [&str; 12] = [
+const HEADER: [&str; 13] = [
     "TIME",
     "PID",
     "TID",
@@ -16,13 +16,14 @@ const HEADER: [&str; 12] = [
     "DESTINATION",
     "SOURCE",
     "ERRNO",
+    "CAUSE",
     "SITE",
     "CONTAINER",
 ];
 
-fn row(cols: [&str; 12]) -> String {
+fn row(cols: [&str; 13]) -> String {
     format!(
-        "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {:<19} {}",
+        "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {:<18} {:<19} {}",
         cols[0],
         cols[1],
         cols[2],
@@ -34,7 +35,8 @@ fn row(cols: [&str; 12]) -> String {
         cols[8],
         cols[9],
         cols[10],
-        cols[11]
+        cols[11],
+        cols[12]
     )
 }
 
@@ -61,6 +63,7 @@ pub fn human_line(f: &Failure) -> String {
         &f.dst.to_string(),
         &src,
         f.errno.name(),
+        f.cause.name(),
         f.site.name(),
         &container,
     ])
@@ -68,8 +71,8 @@ pub fn human_line(f: &Failure) -> String {
 
 pub fn human_tally(t: &Tally) -> String {
     format!(
-        "{:<12} {:>7} {:>7} {:>6} {:<15} +{} more {} to {} not shown (over --events-per-s or the \
-         ring buffer was full; all counted)",
+        "{:<12} {:>7} {:>7} {:>6} {:<15} +{} more {} ({}) to {} not shown (over --events-per-s \
+         or the ring buffer was full; all counted)",
         t.last_ts.hms(),
         t.pid,
         "-",
@@ -77,6 +80,7 @@ pub fn human_tally(t: &Tally) -> String {
         t.comm,
         t.count,
         t.errno.name(),
+        t.cause.name(),
         t.dst
     )
 }
@@ -202,6 +206,7 @@ mod tests {
             dst: "127.0.0.1:27017".parse().expect("addr"),
             src: Some("127.0.0.1".parse().expect("ip")),
             errno: Errno::EADDRNOTAVAIL,
+            cause: portexhaust_common::Cause::Exhausted,
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
             container: None,
@@ -241,6 +246,7 @@ mod tests {
                 destinations: vec![DestCount {
                     dst: "127.0.0.1:27017".parse().expect("addr"),
                     errno: Errno::EADDRNOTAVAIL,
+                    cause: portexhaust_common::Cause::Exhausted,
                     failures: 30,
                 }],
             }],

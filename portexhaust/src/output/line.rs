@@ -11,7 +11,8 @@ use std::{collections::HashMap, fmt::Write as _, net::Ipv6Addr, sync::Arc};
 
 use bytes::{BufMut, BytesMut};
 use portexhaust_common::{
-    AF_INET, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_UDP, Site, errno_name,
+    AF_INET, Backend, COMM_LEN, Cause, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_UDP, Site,
+    errno_name,
 };
 
 use crate::{
@@ -269,9 +270,11 @@ struct Place {
     saddr: Option<[u8; 16]>,
 }
 
-/// `,"errno":..,"errname":..,"site":..,"backend":..,"container":..}` and the newline.
+/// `,"errno":..,"errname":..,"cause":..,"site":..,"backend":..,"container":..}` and the
+/// newline.
 struct What {
     errno: u32,
+    cause: u8,
     site: u8,
     backend: u8,
     container: Option<Arc<ContainerInfo>>,
@@ -323,6 +326,13 @@ fn render_what(c: &mut Cur<'_>, ev: &FailureEvent, label: Option<&str>) {
     c.num(ev.errno);
     c.put(b",\"errname\":\"");
     c.put(errno_name(ev.errno).unwrap_or("UNKNOWN").as_bytes());
+    c.put(b"\",\"cause\":\"");
+    c.put(
+        Cause::from_u8(ev.cause)
+            .unwrap_or(Cause::Unknown)
+            .name()
+            .as_bytes(),
+    );
     c.put(b"\",\"site\":\"");
     c.put(Site::from_u8(ev.site).map_or("?", Site::name).as_bytes());
     c.put(b"\",\"backend\":\"");
@@ -427,6 +437,7 @@ impl EventWriter {
         // its reference count; the key keeps its own reference, so the address stays its own.
         let same = self.what.key.as_ref().is_some_and(|k| {
             k.errno == ev.errno
+                && k.cause == ev.cause
                 && k.site == ev.site
                 && k.backend == ev.backend
                 && match (&k.container, container) {
@@ -438,6 +449,7 @@ impl EventWriter {
         if !same {
             let what = What {
                 errno: ev.errno,
+                cause: ev.cause,
                 site: ev.site,
                 backend: ev.backend,
                 container: container.cloned(),
@@ -515,7 +527,7 @@ impl EventWriter {
         };
         let _ = writeln!(
             self.buf,
-            "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {:<19} {}",
+            "{:<12} {:>7} {:>7} {:>6} {:<15} {:>10} {:<5} {:<21} {:<15} {:<13} {:<18} {:<19} {}",
             std::str::from_utf8(&time).unwrap_or("??:??:??.???"),
             ev.pid,
             ev.tid,
@@ -526,6 +538,7 @@ impl EventWriter {
             dst.as_str(),
             src.as_str(),
             errno_name(ev.errno).unwrap_or("UNKNOWN"),
+            Cause::from_u8(ev.cause).unwrap_or(Cause::Unknown).name(),
             Site::from_u8(ev.site).map_or("?", Site::name),
             short.as_deref().unwrap_or("-"),
         );

@@ -65,6 +65,9 @@ pub struct FailureLabels {
     pub comm: String,
     /// Symbolic: EADDRNOTAVAIL, EADDRINUSE, EAGAIN.
     pub errno: String,
+    /// exhausted, tuple_collision, no_source_address, bind_exhausted, autobind_exhausted or
+    /// unknown: what the fix is depends on it.
+    pub cause: String,
     pub proto: String,
     /// `ip:port`, `[ipv6]:port`, or `other`.
     pub dst: String,
@@ -442,6 +445,7 @@ impl Metrics {
             let mut labels = FailureLabels {
                 comm: v.comm.clone(),
                 errno,
+                cause: k.cause.name().to_string(),
                 proto: proto.to_string(),
                 dst,
                 container_runtime,

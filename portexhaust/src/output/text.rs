@@ -1,6 +1,7 @@
 //! What every text renderer shares: aligned tables, word wrapping, plurals, and the offenders
 //! and destinations tables (one of each, whichever command prints them).
 use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
+use portexhaust_common::Cause;
 
 use crate::schema::{DestRow, Holder, Offender};
 
@@ -71,7 +72,19 @@ pub fn top_destinations(o: &Offender, n: usize) -> String {
         .destinations
         .iter()
         .take(n)
-        .map(|d| format!("{} {} x{}", d.dst, d.errno.name(), d.failures))
+        .map(|d| match d.cause {
+            // The usual cause, and the one old records cannot tell, go without saying.
+            Cause::Exhausted | Cause::Unknown => {
+                format!("{} {} x{}", d.dst, d.errno.name(), d.failures)
+            }
+            c => format!(
+                "{} {} ({}) x{}",
+                d.dst,
+                d.errno.name(),
+                c.name(),
+                d.failures
+            ),
+        })
         .collect();
     if o.destinations.len() > n {
         parts.push(format!("(+{} more)", o.destinations.len() - n));
@@ -207,6 +220,7 @@ mod tests {
                 .map(|i| DestCount {
                     dst: format!("10.0.0.{i}:80").parse().expect("addr"),
                     errno: Errno::EADDRNOTAVAIL,
+                    cause: portexhaust_common::Cause::Exhausted,
                     failures: u64::from(i),
                 })
                 .collect(),

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use portexhaust_common::{
-    AF_INET, AF_INET6, Backend, COMM_LEN, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_TCP,
+    AF_INET, AF_INET6, Backend, COMM_LEN, Cause, EVENT_SADDR_KNOWN, FailureEvent, IPPROTO_TCP,
     IPPROTO_UDP, Site,
 };
 use thiserror::Error;
@@ -115,6 +115,7 @@ pub fn failure_from_event(
         dst: SocketAddr::new(ip_from_raw(family, &ev.daddr), ev.dport),
         src,
         errno: Errno(ev.errno),
+        cause: Cause::from_u8(ev.cause).unwrap_or(Cause::Unknown),
         site,
         backend,
         container: None,

@@ -116,6 +116,10 @@ pub struct Failure {
     pub src: Option<IpAddr>,
     #[serde(flatten)]
     pub errno: Errno,
+    /// Why: `exhausted`, `tuple_collision`, `no_source_address`, `bind_exhausted`,
+    /// `autobind_exhausted`, or `unknown` (no BTF offsets to read the socket; version 1).
+    #[serde(default = "unknown_cause")]
+    pub cause: Cause,
     pub site: Site,
     pub backend: Backend,
     /// `{"runtime","id","pod"}` or null. Shared: a storm repeats the same few.

@@ -20,6 +20,7 @@ pub(crate) fn failure() -> Failure {
         dst: "127.0.0.1:27017".parse().expect("addr"),
         src: Some("127.0.0.1".parse().expect("ip")),
         errno: Errno::EADDRNOTAVAIL,
+        cause: portexhaust_common::Cause::Exhausted,
         site: Site::InetHashConnect,
         backend: Backend::Tracepoint,
         container: None,
@@ -45,6 +46,7 @@ fn a_failure_line_has_exactly_the_documented_keys_and_reads_back() {
         keys(&v),
         [
             "backend",
+            "cause",
             "cgroup_id",
             "comm",
             "container",
@@ -65,6 +67,7 @@ fn a_failure_line_has_exactly_the_documented_keys_and_reads_back() {
     );
     assert!(line.starts_with(r#"{"type":"failure","ts":"2025-11-25T11:20:00.123456Z","#));
     assert_eq!(v["errname"], "EADDRNOTAVAIL");
+    assert_eq!(v["cause"], "exhausted");
     assert_eq!(v["site"], "__inet_hash_connect");
     assert_eq!(v["family"], "ipv4");
     let mut want = f.clone();
@@ -146,6 +149,7 @@ fn totals() -> Totals {
             destinations: vec![DestCount {
                 dst: "127.0.0.1:27017".parse().expect("addr"),
                 errno: Errno::EADDRNOTAVAIL,
+                cause: portexhaust_common::Cause::Exhausted,
                 failures: 30,
             }],
         }],

@@ -3,7 +3,7 @@
 //! ends `trace --json` and a record.
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use portexhaust_common::Backend;
+use portexhaust_common::{Backend, Cause};
 use serde::{Deserialize, Serialize};
 
 use super::{BlameEntry, DestRow, Errno, Ts};
@@ -14,7 +14,14 @@ pub struct DestCount {
     pub dst: SocketAddr,
     #[serde(flatten)]
     pub errno: Errno,
+    /// Version 1 offenders have none: `unknown`.
+    #[serde(default = "unknown_cause")]
+    pub cause: Cause,
     pub failures: u64,
+}
+
+fn unknown_cause() -> Cause {
+    Cause::Unknown
 }
 
 /// A process with failures.

@@ -118,6 +118,7 @@ fn failure_at(pid: u32, us: i128) -> Failure {
         src: None,
         container: None,
         errno: Errno::EADDRNOTAVAIL,
+        cause: portexhaust_common::Cause::Exhausted,
         site: Site::InetHashConnect,
         backend: Backend::Tracepoint,
     }
@@ -146,6 +147,7 @@ fn failures_beyond_the_rate_are_tallied_exactly() {
             destinations: vec![DestCount {
                 dst: "10.0.0.1:80".parse().expect("addr"),
                 errno: Errno::EADDRNOTAVAIL,
+                cause: portexhaust_common::Cause::Exhausted,
                 failures: 12,
             }],
         }],

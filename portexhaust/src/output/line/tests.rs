@@ -61,6 +61,13 @@ fn matches_the_reference_renderers() {
             for comm in [&b"python3"[..], b"a\"b\\c", b"\x01ctl", b"\xffbad", b""] {
                 for (netns, c) in [(None, None), (Some(4026532177), Some(&container))] {
                     let mut ev = event(family, comm);
+                    // Consecutive events that differ only in their cause must not share the
+                    // rendered tail.
+                    ev.cause = if comm.len() % 2 == 0 {
+                        Cause::TupleCollision as u8
+                    } else {
+                        Cause::Exhausted as u8
+                    };
                     ev.flags = if netns.is_some() {
                         EVENT_SADDR_KNOWN
                     } else {

@@ -44,6 +44,7 @@ fn failure(pid: u32, container: Option<ContainerInfo>) -> Failure {
         dst: "10.0.0.1:80".parse().expect("addr"),
         src: None,
         errno: Errno::EADDRNOTAVAIL,
+        cause: portexhaust_common::Cause::Exhausted,
         site: Site::InetHashConnect,
         backend: Backend::Tracepoint,
         container: container.map(Arc::new),
@@ -92,7 +93,7 @@ fn failure_counters_follow_the_kernel_counts_exactly() {
         sample(
             &t,
             &format!(
-                "portexhaust_failures_total{{comm=\"app\",errno=\"EADDRNOTAVAIL\",proto=\"tcp\",dst=\"10.0.0.1:80\",container_runtime=\"docker\",container_id=\"{hex}\",pod_uid=\"\"}}"
+                "portexhaust_failures_total{{comm=\"app\",errno=\"EADDRNOTAVAIL\",cause=\"exhausted\",proto=\"tcp\",dst=\"10.0.0.1:80\",container_runtime=\"docker\",container_id=\"{hex}\",pod_uid=\"\"}}"
             )
         ),
         Some(12.0),
@@ -179,7 +180,7 @@ fn destinations_beyond_top_k_fold_into_other_and_stay_there() {
         sample(
             &t,
             &format!(
-                "portexhaust_failures_total{{comm=\"{comm}\",errno=\"EADDRNOTAVAIL\",proto=\"tcp\",dst=\"{dst}\""
+                "portexhaust_failures_total{{comm=\"{comm}\",errno=\"EADDRNOTAVAIL\",cause=\"exhausted\",proto=\"tcp\",dst=\"{dst}\""
             ),
         )
     };
