@@ -9,8 +9,17 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Ctx, GUEST_READY_TIMEOUT, Plan, Results, ScenarioArg, Sets, TracerKind, Variant, discover,
-    now_rfc3339, procs::Tracer, read_json, run_plan, sys, write_json,
+    ScenarioArg, now_rfc3339,
+    offer::discover,
+    plan::Plan,
+    procs::{Tracer, TracerKind},
+    read_json,
+    results::Results,
+    scenarios::{Ctx, GUEST_READY_TIMEOUT},
+    schedule::run_plan,
+    sys,
+    variants::{Sets, Variant},
+    write_json,
 };
 
 /// What the host tells the guest to do (`/vmtest/bench-plan.json`).

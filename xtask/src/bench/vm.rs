@@ -16,12 +16,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde::{Deserialize, Serialize};
 
 use super::{
-    BenchArgs, Plan, RESULTS_FILE, Results, ScenarioArg, VM_RESULTS_FILE, binaries, git_revision,
+    BenchArgs, RESULTS_FILE, ScenarioArg, VM_RESULTS_FILE, binaries, git_revision,
     guest::{GUEST_BPFTRACE, GUEST_LOADGEN, GUEST_PORTEXHAUST, GUEST_XTASK, GuestPlan},
-    now_rfc3339, out_paths, read_json, render_markdown, report, sys, write_json,
+    now_rfc3339, out_paths,
+    plan::Plan,
+    read_json, render_markdown, report,
+    results::{Results, VmKernel, VmResults},
+    sys, write_json,
 };
 use crate::{
     setup::workspace_root,
@@ -57,40 +60,6 @@ const SMP: u32 = 1;
 /// depend on whatever else QEMU is doing. Real machines run on the TSC (so does the 6.18
 /// development VM: current_clocksource is tsc); so does the guest with this.
 const KERNEL_ARGS: &str = "tsc=reliable";
-
-/// All kernels' bench results (`bench/vm-results.json`).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VmResults {
-    pub schema: u32,
-    /// The host the guests ran on (under TCG).
-    pub host: sys::Machine,
-    pub qemu: Option<String>,
-    pub kernels: Vec<VmKernel>,
-}
-
-/// One kernel's boot and what its guest measured.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct VmKernel {
-    pub label: String,
-    pub suite: String,
-    pub date: String,
-    pub git: String,
-    pub package: Option<String>,
-    pub version: Option<String>,
-    pub release: Option<String>,
-    pub memory_mb: u32,
-    pub smp: u32,
-    pub initramfs_mib: Option<f64>,
-    /// Seconds from QEMU's start to /init's first record, and to power-off.
-    pub boot_secs: Option<f64>,
-    pub run_secs: Option<f64>,
-    /// The host's load average before and after this guest ran.
-    pub host_loadavg: [[f64; 3]; 2],
-    /// What went wrong with the boot or the guest's harness, if anything.
-    pub error: Option<String>,
-    /// The guest's own results (None if it never sent them).
-    pub results: Option<Results>,
-}
 
 impl VmResults {
     /// Medians again from the runs (targets are the host's: none are judged in a guest).
