@@ -87,6 +87,10 @@ pub enum Scenario {
     Collision,
     /// v4, v6, a tuple collision, bind and udp in turn (what selftest runs).
     All,
+    /// Open RATE connections a second to 127.0.0.1:DPORT for SECONDS, each closed by the client
+    /// at once (tcp_tw_reuse=0: each port stays in TIME_WAIT for 60 s). No failures: the load
+    /// the what-if model is checked against.
+    Churn,
     /// A forked child (comm `<comm>-churn`) leaves the range in TIME_WAIT (tcp_tw_reuse=0)
     /// and exits; then this process fails to the same destination.
     ChurnThenFail,
@@ -106,6 +110,9 @@ pub struct WorkloadOptions {
     pub dport: u16,
     pub comm: String,
     pub wait: bool,
+    /// `churn`: new connections per second, and for how long.
+    pub rate: u32,
+    pub seconds: f64,
 }
 
 /// One kind of failure the workload caused, with the count it saw itself.
@@ -158,7 +165,7 @@ pub fn run(o: &WorkloadOptions) -> Result<(WorkloadReport, Keep), WorkloadError>
     set_comm(&o.comm);
     let tw_reuse = matches!(
         o.scenario,
-        Scenario::Timewait | Scenario::ChurnThenFail | Scenario::Hold
+        Scenario::Timewait | Scenario::ChurnThenFail | Scenario::Hold | Scenario::Churn
     )
     .then_some(0);
     isolate(o.ports, tw_reuse)?;

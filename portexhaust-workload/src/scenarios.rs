@@ -10,7 +10,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::{
     Expected, Keep, Scenario, WorkloadError, WorkloadOptions, io_err,
     isolate::set_comm,
-    sockets::{Tally, fail_connects, hold, listener, make_time_wait, v4, v6},
+    sockets::{Tally, fail_connects, hold, listener, make_time_wait, one_time_wait, v4, v6},
     tcp_states::count_time_wait,
     uring::uring_fail_connects,
 };
@@ -128,6 +128,11 @@ pub(crate) fn run_scenario(o: &WorkloadOptions) -> Result<Outcome, WorkloadError
             out.keep.0.push(l);
         }
         Scenario::Hold => {} // prepared before the ready line
+        Scenario::Churn => {
+            let l = listener(v4(p))?;
+            churn(&l, v4(p), o.rate, o.seconds)?;
+            out.keep.0.push(l);
+        }
         Scenario::Latency => latency_scenario(&mut out, n, k, p)?,
         Scenario::Bind => bind_scenario(&mut out, n, k)?,
         Scenario::Collision => {
@@ -182,6 +187,26 @@ fn collision_scenario(out: &mut Outcome, k: u64, p: u16) -> Result<(), WorkloadE
     }
     out.push_cause(dst, "__inet_hash_connect", "tcp", "tuple_collision", t);
     out.keep.0.push(first);
+    Ok(())
+}
+
+/// `rate` connections a second for `seconds`, on a fixed schedule (a late one does not make
+/// the next early), each left in TIME_WAIT by the client.
+fn churn(l: &Socket, dst: SocketAddr, rate: u32, seconds: f64) -> Result<(), WorkloadError> {
+    if rate == 0 || seconds.is_nan() || seconds <= 0.0 {
+        return Err(WorkloadError::Setup(
+            "the churn scenario needs --rate and --seconds".into(),
+        ));
+    }
+    let start = Instant::now();
+    let total = (f64::from(rate) * seconds) as u64;
+    for i in 0..total {
+        let due = start + std::time::Duration::from_secs_f64(i as f64 / f64::from(rate));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        one_time_wait(l, dst).map_err(io_err(format!("churn connection {}", i + 1)))?;
+    }
     Ok(())
 }
 

@@ -96,19 +96,25 @@ pub(crate) fn make_time_wait(
     n: u16,
 ) -> Result<(), WorkloadError> {
     for i in 0..n {
-        let c = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
-            .map_err(io_err("socket"))?;
-        c.connect(&dst.into())
+        one_time_wait(listener, dst)
             .map_err(io_err(format!("churn connection {} of {n}", i + 1)))?;
-        let (mut srv, _) = listener.accept().map_err(io_err("accept"))?;
-        drop(c); // client FIN first -> the client side will hold TIME_WAIT
-        let mut buf = [0u8; 1];
-        // The server reads EOF, then closes: the client's FIN_WAIT2 -> TIME_WAIT.
-        let _ = srv.read(&mut buf);
-        drop(srv);
     }
     // Let the last FIN/ACK exchange land (loopback: microseconds).
     std::thread::sleep(std::time::Duration::from_millis(50));
+    Ok(())
+}
+
+/// One connection to `dst`, accepted on `listener`, closed by the client first: its port is in
+/// TIME_WAIT for 60 s once the server's FIN lands (microseconds later, on loopback).
+pub(crate) fn one_time_wait(listener: &Socket, dst: SocketAddr) -> io::Result<()> {
+    let c = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    c.connect(&dst.into())?;
+    let (mut srv, _) = listener.accept()?;
+    drop(c); // client FIN first -> the client side will hold TIME_WAIT
+    let mut buf = [0u8; 1];
+    // The server reads EOF, then closes: the client's FIN_WAIT2 -> TIME_WAIT.
+    let _ = srv.read(&mut buf);
+    drop(srv);
     Ok(())
 }
 

@@ -109,6 +109,8 @@ fn workload(a: WorkloadArgs) -> anyhow::Result<ExitCode> {
         dport: a.dport,
         comm: a.comm,
         wait: a.wait,
+        rate: a.rate,
+        seconds: a.seconds,
     })?;
     println!("{}", serde_json::to_string(&report)?);
     if a.linger {

@@ -272,6 +272,12 @@ pub struct WorkloadArgs {
     /// After printing the report, keep the namespace and its sockets until stdin closes.
     #[arg(long)]
     pub linger: bool,
+    /// `churn`: new connections per second.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
+    /// `churn`: for how many seconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub seconds: f64,
 }
 
 /// `--catch bind,udp`: failure kinds (`KIND_*` bits), `all` for every one.

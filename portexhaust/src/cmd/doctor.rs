@@ -9,7 +9,10 @@ use portexhaust_common::TcpState;
 use crate::{
     advice::{Audit, Inputs, Severity, audit, explain},
     cli::DoctorArgs,
-    engine::census::{SockRow, busiest, destination_rows},
+    engine::{
+        census::{PortSpace, SockRow, busiest, destination_rows},
+        whatif::with_what_if,
+    },
     kernel::{
         bindscan,
         netns::census_here,
@@ -76,6 +79,7 @@ pub fn gather() -> Audit {
         evidence: None,
     });
     let (host, kernel) = host_and_kernel();
+    let ports = PortSpace::from(&sysctls);
     Audit {
         kind: "doctor",
         ts: Ts::now(),
@@ -86,7 +90,10 @@ pub fn gather() -> Audit {
         range,
         counters,
         states,
-        destinations: busiest(destinations, TOP_DESTINATIONS),
+        destinations: busiest(destinations, TOP_DESTINATIONS)
+            .into_iter()
+            .map(|r| with_what_if(r, &ports))
+            .collect(),
         bind_holders,
         worst: findings
             .iter()

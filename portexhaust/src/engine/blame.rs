@@ -113,6 +113,7 @@ mod tests {
         let space = PortSpace {
             range: (40000, 40009),
             reserved: vec![],
+            ..PortSpace::default()
         };
         let c = vec![NsCensus {
             netns: 7,

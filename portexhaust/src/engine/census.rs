@@ -66,6 +66,9 @@ pub struct PortSpace {
     pub range: (u16, u16),
     /// `ip_local_reserved_ports` as ranges.
     pub reserved: Vec<(u16, u16)>,
+    /// `tcp_tw_reuse` and `tcp_timestamps`: whether a port in TIME_WAIT is reused after 1 s.
+    pub tw_reuse: Option<i64>,
+    pub timestamps: Option<i64>,
 }
 
 impl Default for PortSpace {
@@ -74,6 +77,9 @@ impl Default for PortSpace {
         Self {
             range: (32768, 60999),
             reserved: Vec::new(),
+            // The kernel's defaults: reuse for loopback only, timestamps on.
+            tw_reuse: Some(2),
+            timestamps: Some(1),
         }
     }
 }
@@ -95,6 +101,8 @@ impl From<&NetSysctls> for PortSpace {
                 .into_iter()
                 .filter_map(|(a, b)| Some((port(a)?, port(b.min(65535))?)))
                 .collect(),
+            tw_reuse: s.tcp_tw_reuse,
+            timestamps: s.tcp_timestamps,
         }
     }
 }

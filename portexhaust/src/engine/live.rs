@@ -12,6 +12,7 @@ use super::{
     census::{DestUsage, FdOwner, NsCensus, OwnerView, PortSpace, busiest, sort_holders, usage},
     counts::{Counts, offenders},
     rates::{RateTracker, forecast_seconds, latency},
+    whatif::with_what_if,
 };
 use crate::schema::{DestRow, FailingProcess, Holder, TopView, Totals, Ts, VERSION};
 
@@ -167,7 +168,19 @@ impl Viewer {
     /// The view at `t` seconds since start.
     pub fn view(&mut self, t: f64, obs: &Observed) -> TopView {
         let usage_rows = obs.usage();
-        let destinations = self.rows(t, &usage_rows, &obs.dest_stats);
+        let ports = obs.ports();
+        let destinations = self
+            .rows(t, &usage_rows, &obs.dest_stats)
+            .into_iter()
+            .map(|r| {
+                let p = r
+                    .netns
+                    .and_then(|n| ports.get(&n))
+                    .cloned()
+                    .unwrap_or_default();
+                with_what_if(r, &p)
+            })
+            .collect();
         self.rates.prune(t);
         let blame = blame(
             &obs.counts,

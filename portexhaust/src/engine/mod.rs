@@ -14,6 +14,7 @@ pub mod rates;
 pub mod report;
 pub mod session;
 pub mod timeline;
+pub mod whatif;
 
 #[cfg(test)]
 mod tests;

@@ -25,9 +25,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 
 use super::{
+    census::PortSpace,
     counts::{self, Counts},
     session::{Filter, Session},
     timeline::Timeline,
+    whatif::with_what_if,
 };
 use crate::{
     advice::{Evidence, Finding, Inputs, Severity, audit},
@@ -470,6 +472,15 @@ pub fn build(
 
     let findings = findings(&settings, &evidence, &dest_rows);
     dest_rows.truncate(MAX_DEST_ROWS);
+    // What each fix would buy, from what the record saw (its rows have no live rate: the
+    // TIME_WAIT sockets give it) under the namespace's recorded settings.
+    for d in &mut dest_rows {
+        let ports = settings
+            .get(&(d.host.clone(), d.row.netns))
+            .map(PortSpace::from)
+            .unwrap_or_default();
+        d.row = with_what_if(std::mem::replace(&mut d.row, placeholder()), &ports);
+    }
 
     // The recorded time inside the window, in whole seconds.
     let clamp = |t: Ts| {
@@ -592,4 +603,16 @@ fn findings(
     }
     findings.sort_by_key(|f| std::cmp::Reverse(f.finding.severity));
     findings
+}
+
+/// A row to swap out while its owner is rewritten (never seen).
+fn placeholder() -> DestRow {
+    DestRow::new(
+        None,
+        None,
+        std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        None,
+        0,
+        Default::default(),
+    )
 }

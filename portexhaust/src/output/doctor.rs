@@ -65,6 +65,13 @@ pub fn render(a: &Audit) -> String {
         out.push_str("\nBusiest destinations (ports of the range in use):\n");
         out.push_str(&destinations(&a.destinations, ""));
         out.push('\n');
+        let w = super::text::what_if(&a.destinations, 3, "");
+        if !w.is_empty() {
+            out.push_str(
+                "\nWhat each fix would buy (steady state: rate x (lifetime + TIME_WAIT)):\n",
+            );
+            out.push_str(&w);
+        }
     }
     out
 }

@@ -241,6 +241,13 @@ pub fn render(r: &Report) -> String {
         let rows: Vec<_> = r.destinations.iter().map(|d| d.row.clone()).collect();
         out.push_str(&dest_table(&rows, "  "));
         out.push('\n');
+        let w = super::text::what_if(&rows, 3, "  ");
+        if !w.is_empty() {
+            out.push_str(
+                "\nWhat each fix would buy (steady state: rate x (lifetime + TIME_WAIT)):\n",
+            );
+            out.push_str(&w);
+        }
     }
 
     out.push_str("\nSettings:\n");

@@ -165,6 +165,53 @@ pub fn holders<'a>(
     )
 }
 
+/// The what-if tables of the first `n` rows that have one: per destination, its measured load
+/// and what each fix would buy.
+pub fn what_if(rows: &[DestRow], n: usize, indent: &str) -> String {
+    let mut out = String::new();
+    for r in rows.iter().filter(|r| !r.what_if.is_empty()).take(n) {
+        let Some(l) = &r.load else { continue };
+        out.push_str(&format!(
+            "{indent}{} (netns {}): {:.1} new connections/s ({}), each held {:.1} s + {:.0} s after close\n",
+            r.dst,
+            or_unknown(r.netns),
+            l.rate_per_s,
+            if l.rate_from == "connects" {
+                "measured"
+            } else {
+                "estimated from TIME_WAIT"
+            },
+            l.lifetime_s,
+            l.tw_hold_s
+        ));
+        let rows = r
+            .what_if
+            .iter()
+            .map(|w| {
+                vec![
+                    Cell::new(&w.kind),
+                    Cell::new(&w.text),
+                    right(format!("{:.0}", w.in_use)),
+                    right(w.capacity),
+                    right(format!("{:.0}", w.headroom)),
+                    Cell::new(match w.full_in_s {
+                        None => "never fills".to_string(),
+                        Some(s) if s <= 0.0 => "full".to_string(),
+                        Some(s) => format!("in {s:.0} s"),
+                    }),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["KIND", "WHAT IF", "PORTS IN USE", "OF", "HEADROOM", "FULL"],
+            rows,
+            indent,
+        ));
+        out.push('\n');
+    }
+    out
+}
+
 /// Destination rows as a text table (`doctor`, `report`).
 pub fn destinations(rows: &[DestRow], indent: &str) -> String {
     let rows = rows

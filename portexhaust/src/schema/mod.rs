@@ -23,6 +23,7 @@ mod sysctls;
 mod time;
 mod top;
 mod totals;
+mod whatif;
 
 use std::borrow::Cow;
 
@@ -40,6 +41,7 @@ pub use sysctls::{
 pub use time::Ts;
 pub use top::{FailingProcess, TopView};
 pub use totals::{DestCount, Offender, Totals};
+pub use whatif::{Load, WhatIf};
 
 /// The version this build writes.
 pub const VERSION: u64 = 2;

@@ -9,7 +9,7 @@ use std::{
 use portexhaust_common::TcpState;
 use serde::{Deserialize, Serialize};
 
-use super::{ContainerInfo, Proto};
+use super::{ContainerInfo, Load, Proto, WhatIf};
 
 /// Ports in use / usable ports of the range. The one definition every output uses.
 /// - An unknown range (the namespace's settings could not be read: it was gone) is `None`,
@@ -142,6 +142,12 @@ pub struct DestRow {
     pub latency_us: Option<Latency>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<Holder>,
+    /// The measured load (rate, lifetime, TIME_WAIT hold), when it could be measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<Load>,
+    /// What each fix would buy, from `load`: now first, then application fixes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub what_if: Vec<WhatIf>,
 }
 
 impl DestRow {
@@ -168,6 +174,8 @@ impl DestRow {
             forecast_s: None,
             latency_us: None,
             holders: Vec::new(),
+            load: None,
+            what_if: Vec::new(),
         }
     }
 

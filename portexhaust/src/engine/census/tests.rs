@@ -6,6 +6,7 @@ fn ports(lo: u16, hi: u16, reserved: Vec<(u16, u16)>) -> PortSpace {
     PortSpace {
         range: (lo, hi),
         reserved,
+        ..PortSpace::default()
     }
 }
 
