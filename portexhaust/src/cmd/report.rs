@@ -8,6 +8,8 @@
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
+mod inputs;
+#[cfg(test)]
 mod tests;
 
 use std::io::Write;

@@ -32,9 +32,13 @@ use super::{
     whatif::with_what_if,
 };
 use crate::{
-    advice::{Evidence, Finding, Inputs, Severity, audit},
+    advice::{Evidence, Finding},
     schema::{BlameEntry, DestRow, Holder, Level, NetSysctls, Offender, PortRange, Problem, Ts},
 };
+
+mod findings;
+
+use findings::findings;
 
 const MAX_DEST_ROWS: usize = 30;
 
@@ -538,73 +542,6 @@ pub fn build(
         problems,
     }
 }
-
-/// Findings per namespace: recorded settings, the busiest rows seen there, and what failed.
-fn findings(
-    settings: &BTreeMap<(String, Option<u64>), NetSysctls>,
-    evidence: &BTreeMap<(String, Option<u64>), Evidence>,
-    dest_rows: &[RowOut],
-) -> Vec<ScopedFinding> {
-    let mut findings = Vec::new();
-    let mut scopes: Vec<(String, Option<u64>)> = settings.keys().cloned().collect();
-    for k in evidence.keys() {
-        if !scopes.contains(k) {
-            scopes.push(k.clone());
-        }
-    }
-    let unknown = NetSysctls::default();
-    for (host, ns) in &scopes {
-        let key = (host.clone(), *ns);
-        let sys = settings.get(&key).unwrap_or(&unknown);
-        let ns_rows: Vec<DestRow> = dest_rows
-            .iter()
-            .filter(|r| &r.host == host && (r.row.netns == *ns || r.row.netns.is_none()))
-            .map(|r| r.row.clone())
-            .collect();
-        let ev = evidence.get(&key);
-        // A namespace with neither failures nor busy destinations gets only what is wrong.
-        let quiet = ev.is_none() && ns_rows.iter().all(|r| r.utilisation.unwrap_or(0.0) < 0.5);
-        let recorded = settings.contains_key(&key);
-        if !recorded {
-            findings.push(ScopedFinding {
-                host: host.clone(),
-                netns: *ns,
-                finding: Finding {
-                    id: "settings_not_recorded".into(),
-                    severity: Severity::Info,
-                    title: "The settings of this namespace were not recorded".into(),
-                    detail: "Its processes exited before the tracer could look inside; run \
-                             `portexhaust doctor` there (nsenter --net=/proc/PID/ns/net) to audit \
-                             it."
-                    .into(),
-                    fixes: vec![],
-                },
-            });
-        }
-        for f in audit(&Inputs {
-            sysctls: sys,
-            counters: None,
-            destinations: &ns_rows,
-            time_wait_total: None,
-            bind_holders: None,
-            evidence: Some(ev.unwrap_or(&Evidence::default())),
-        }) {
-            if (quiet && f.severity < Severity::Warning)
-                || (!recorded && f.id == "ip_local_port_range")
-            {
-                continue;
-            }
-            findings.push(ScopedFinding {
-                host: host.clone(),
-                netns: *ns,
-                finding: f,
-            });
-        }
-    }
-    findings.sort_by_key(|f| std::cmp::Reverse(f.finding.severity));
-    findings
-}
-
 /// A row to swap out while its owner is rewritten (never seen).
 fn placeholder() -> DestRow {
     DestRow::new(
