@@ -66,7 +66,10 @@ fn violations(root: &Path) -> Vec<String> {
     for part in OFFLINE {
         rust_files(&root.join(part), &mut files);
     }
-    assert!(files.len() > 20, "the offline layers were not found: {files:?}");
+    assert!(
+        files.len() > 20,
+        "the offline layers were not found: {files:?}"
+    );
     let mut out = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).expect("read source");
@@ -84,7 +87,11 @@ fn violations(root: &Path) -> Vec<String> {
 #[test]
 fn report_and_its_layers_touch_no_kernel_module() {
     let v = violations(Path::new(SRC));
-    assert!(v.is_empty(), "offline code imports the machine:\n{}", v.join("\n"));
+    assert!(
+        v.is_empty(),
+        "offline code imports the machine:\n{}",
+        v.join("\n")
+    );
 }
 
 #[test]
