@@ -20,6 +20,7 @@ use portexhaust_common::{
 
 use super::{
     btf::Resolved,
+    klog::{self, KernelLog},
     plan::{Offer, Plan, Watch},
     preflight::{self, Caps},
 };
@@ -150,6 +151,8 @@ pub struct Tracer {
     pub attached: Vec<&'static Program>,
     /// Owner-map entries deleted by user space (expired TIME_WAIT), for the eviction count.
     user_owner_deletes: u64,
+    /// The programs' own warnings (aya-log), drained by `drain_log`.
+    klog: KernelLog,
 }
 
 /// connect() statistics of one destination.
@@ -432,6 +435,7 @@ fn load_object(
     let have_task = u32::from(resolved.task);
     let have_sock = u32::from(resolved.sock);
     let values = resolved.offsets.values();
+    let log_level = klog::ebpf_level();
     let mut loader = btf.loader();
     // No kernel BTF for the object: it carries no CO-RE relocations (Rust eBPF emits none);
     // the offsets it needs come in as globals.
@@ -443,7 +447,9 @@ fn load_object(
         .override_global(names::GLOBAL_SYSCALL_KINDS, &syscall_kinds, true)
         .override_global(names::GLOBAL_EVENTS_PER_CPU, &events_per_cpu, true)
         .override_global(names::GLOBAL_HAVE_TASK_OFFSETS, &have_task, true)
-        .override_global(names::GLOBAL_HAVE_SOCK_OFFSETS, &have_sock, true);
+        .override_global(names::GLOBAL_HAVE_SOCK_OFFSETS, &have_sock, true)
+        // Not required: an object that logs nothing has no such global.
+        .override_global(klog::LEVEL_GLOBAL, &log_level, false);
     for (name, v) in Offsets::GLOBALS.iter().zip(values.iter()) {
         loader.override_global(name, v, true);
     }
@@ -620,6 +626,7 @@ impl Tracer {
                         map: names::EVENTS,
                         source,
                     })?;
+                    let klog = KernelLog::start(&mut ebpf);
                     return Ok(Opened {
                         tracer: Tracer {
                             ebpf,
@@ -629,6 +636,7 @@ impl Tracer {
                             coverage,
                             attached,
                             user_owner_deletes: 0,
+                            klog,
                         },
                         skipped,
                     });
@@ -679,6 +687,11 @@ impl Tracer {
             n += 1;
         }
         n
+    }
+
+    /// Pass the programs' pending log records (cold-path warnings) on to `log`.
+    pub fn drain_log(&mut self) {
+        self.klog.drain();
     }
 
     /// Add a pid to the pid whitelist (needs `Filters::pid_whitelist` at open time).
