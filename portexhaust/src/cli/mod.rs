@@ -4,7 +4,7 @@ mod report;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use portexhaust_common::{Backend, KIND_ALL, KINDS, kind_from_name};
 use portexhaust_workload::Scenario;
 
@@ -38,8 +38,23 @@ Examples:
     after_help = EXAMPLES
 )]
 pub struct Cli {
+    /// More diagnostics on stderr: -v info, -vv debug (RUST_LOG, when set, decides instead).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+impl Cli {
+    /// The `log` filter `--verbose` asks for.
+    pub fn log_filter(&self) -> &'static str {
+        match self.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -96,3 +96,16 @@ fn bad_arguments_are_rejected() {
         .is_ok()
     );
 }
+
+#[test]
+fn verbose_counts_and_goes_anywhere() {
+    let at = |args: &[&str]| Cli::try_parse_from(args).expect("parses").log_filter();
+    assert_eq!(at(&["portexhaust", "doctor"]), "warn");
+    assert_eq!(at(&["portexhaust", "-v", "doctor"]), "info");
+    assert_eq!(at(&["portexhaust", "trace", "-vv"]), "debug");
+    assert_eq!(
+        at(&["portexhaust", "--verbose", "--verbose", "top"]),
+        "debug"
+    );
+    assert_eq!(at(&["portexhaust", "trace", "-vvvv"]), "trace");
+}
