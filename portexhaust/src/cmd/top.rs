@@ -91,6 +91,7 @@ pub fn run(o: TopOptions) -> Result<()> {
             events_per_s: 1,
             max_tracked: o.max_tracked,
             blame: true,
+            ..Default::default()
         },
     )?;
     announce(&opened.tracer, &opened.skipped);

@@ -357,6 +357,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
         &filters,
         Tracking {
             max_tracked: args.tracking.max_tracked_sockets,
+            max_count_keys: args.max_count_keys,
             blame: !args.no_blame,
             catch: args.catch.unwrap_or(0),
             events_per_s: args.events_per_s,

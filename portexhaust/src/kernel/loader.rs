@@ -92,11 +92,17 @@ impl Filters {
 /// Default size of the socket-ownership map (entries).
 pub const DEFAULT_MAX_TRACKED: u32 = 131072;
 
+/// Default size of the exact-counts map (keys: pid, destination, errno, cause).
+pub const DEFAULT_MAX_COUNT_KEYS: u32 = 16384;
+
 /// How much the programs track besides failures, and which extra kinds to watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tracking {
     /// Size of the socket-ownership LRU map.
     pub max_tracked: u32,
+    /// Size of the exact-counts map; failures of keys beyond it are counted only in total
+    /// (`uncounted_keys`). Shrunk by tests to reach that path.
+    pub max_count_keys: u32,
     /// Ownership tracking and latency histograms (off: `trace --no-blame`).
     pub blame: bool,
     /// `KIND_*` bits to watch even where that takes syscall tracepoints (`--catch`).
@@ -110,6 +116,7 @@ impl Default for Tracking {
     fn default() -> Self {
         Self {
             max_tracked: DEFAULT_MAX_TRACKED,
+            max_count_keys: DEFAULT_MAX_COUNT_KEYS,
             blame: true,
             catch: 0,
             events_per_s: 0,
@@ -459,6 +466,7 @@ fn load_object(
     let syscalls = syscall_kinds != 0;
     let socket_types = plan.syscall_sets().contains(&Set::SyscallSocket);
     loader
+        .map_max_entries(names::COUNTS, tracking.max_count_keys.max(1))
         .map_max_entries(names::OWNERS, sized(tracking.blame, tracking.max_tracked))
         .map_max_entries(names::PENDING, sized(tracking.blame, 4096))
         .map_max_entries(names::PROCS, sized(tracking.blame, 8192))
