@@ -12,7 +12,7 @@ use portexhaust_common::{
 
 use crate::{
     addr::{Addr, bytes},
-    globals,
+    cold, globals,
     maps::{BUDGET, COUNTS, EVENTS, FILTER_COMMS, FILTER_DPORTS, FILTER_PIDS, LAST_WAKEUP, STATS},
 };
 
@@ -204,7 +204,10 @@ pub fn report(f: &Failure) {
             if COUNTS.insert(key, fresh, 1).is_err() {
                 match COUNTS.get_ptr_mut(key) {
                     Some(v) => unsafe { count_into(v, now, unstreamed) },
-                    None => bump(stat::COUNT_MAP_FULL),
+                    None => {
+                        bump(stat::COUNT_MAP_FULL);
+                        cold::count_map_full(pid, f.dport);
+                    }
                 }
             }
         }

@@ -11,7 +11,8 @@
 //! | syscalls.rs | syscall tracepoints                                      | bind/UDP/early connect, on request only |
 //!
 //! Shared: `globals` (load-time settings), `maps`, `emit` (exact counts and events), `sock`
-//! and `task` (kernel structs through BTF offsets), `kfunc` (function-hook logic), `perf`.
+//! and `task` (kernel structs through BTF offsets), `kfunc` (function-hook logic), `perf`,
+//! `cold` (aya-log warnings from paths that should not be taken, once per CPU).
 #![no_std]
 #![no_main]
 // atomic_xadd (emit.rs): the BPF target has no compare-and-swap, so core's AtomicU64::fetch_add
@@ -20,6 +21,7 @@
 #![feature(core_intrinsics)]
 
 mod addr;
+mod cold;
 mod emit;
 mod fentry;
 mod globals;

@@ -24,6 +24,10 @@ pub static COUNTS: HashMap<CountKey, CountValue> = HashMap::with_max_entries(163
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
 
+/// Per CPU: which cold-path warnings this CPU has already logged (`cold.rs`), one bit each.
+#[map]
+pub static LOGGED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per CPU: when this CPU last asked for a ring-buffer wakeup (`bpf_ktime_get_ns`).
 #[map]
 pub static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -15,6 +15,7 @@ use portexhaust_common::{AF_INET, IPPROTO_TCP, stat};
 
 use crate::{
     addr::{self, Addr},
+    cold,
     emit::bump,
     globals::off,
 };
@@ -115,6 +116,7 @@ impl Fields for ProbeSock {
             Ok(v) => Some(v),
             Err(_) => {
                 bump(stat::READ_ERRORS);
+                cold::read_failed(off);
                 None
             }
         }

@@ -12,7 +12,9 @@ use portexhaust::{
 use portexhaust_workload::WorkloadOptions;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+    let cli = Cli::parse();
+    // RUST_LOG, when set, wins over -v.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(cli.log_filter()))
         .format(|buf, rec| {
             writeln!(
                 buf,
@@ -22,7 +24,6 @@ fn main() -> ExitCode {
             )
         })
         .init();
-    let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

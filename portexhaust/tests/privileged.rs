@@ -440,6 +440,108 @@ fn a_stalled_reader_drops_events_but_counts_stay_exact() {
     );
 }
 
+/// CPUs the kernel's per-CPU maps have a slot for (/sys/devices/system/cpu/possible: "0-7").
+fn possible_cpus() -> usize {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    text.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().expect("cpu") - a.parse::<usize>().expect("cpu") + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// A counts map too small for the failing keys: the kernel counts the rest in
+/// `uncounted_keys` and says so through aya-log once per CPU, not once per failure.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_full_counts_map_is_logged_once_per_cpu() {
+    require_root();
+    let per_workload = 2000u64;
+    for backend in backends_here() {
+        // Three processes failing towards their namespaces' 127.0.0.1:5000: three count keys
+        // for a map of two, so every failure of one of them finds the map full.
+        let mut ws: Vec<Workload> = (0..3)
+            .map(|i| Workload::start("storm", per_workload, &format!("pxh-t-full{i}"), &[]))
+            .collect();
+        let pids: Vec<String> = ws.iter().map(|w| w.pid.to_string()).collect();
+        let mut args = vec![
+            "-v",
+            "--json",
+            "--max-count-keys",
+            "2",
+            "--backend",
+            &backend,
+        ];
+        for p in &pids {
+            args.extend(["--pid", p.as_str()]);
+        }
+        let t = Tracer::trace(&args);
+        for w in &mut ws {
+            w.go();
+        }
+        for w in ws {
+            assert_eq!(w.finish()["expected"][0]["count"], per_workload);
+        }
+        let (out, err, code) = t.stop();
+        assert_eq!(code, 0, "{backend}: {err}");
+        let (_, summary) = events_and_summary(&out);
+        assert_eq!(summary["failures_total"], 3 * per_workload, "{summary}");
+        let uncounted = summary["uncounted_keys"].as_u64().expect("uncounted_keys");
+        assert!(
+            uncounted > 0,
+            "{backend}: a map of 2 keys cannot hold 3: {summary}"
+        );
+        let counted: u64 = summary["offenders"]
+            .as_array()
+            .expect("offenders")
+            .iter()
+            .map(|o| o["failures"].as_u64().expect("failures"))
+            .sum();
+        assert_eq!(
+            counted + uncounted,
+            3 * per_workload,
+            "{backend}: every failure is in a key or in uncounted_keys: {summary}"
+        );
+
+        let said: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("in-kernel counts map full"))
+            .collect();
+        assert!(
+            !said.is_empty(),
+            "{backend}: no warning from the kernel:\n{err}"
+        );
+        for l in &said {
+            assert!(l.starts_with("portexhaust: warn: "), "{backend}: {l}");
+        }
+        // At most once per CPU: each line names its CPU, and no CPU twice.
+        let mut cpus: Vec<&str> = said
+            .iter()
+            .map(|l| {
+                l.split("first on cpu ")
+                    .nth(1)
+                    .and_then(|r| r.split(':').next())
+                    .unwrap_or_else(|| panic!("no cpu in {l:?}"))
+            })
+            .collect();
+        cpus.sort_unstable();
+        cpus.dedup();
+        assert_eq!(
+            cpus.len(),
+            said.len(),
+            "{backend}: a CPU said it twice:\n{err}"
+        );
+        assert!(
+            said.len() <= possible_cpus(),
+            "{backend}: {} warnings for {} CPUs after {uncounted} map-full failures:\n{err}",
+            said.len(),
+            possible_cpus()
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn filters_by_pid_comm_and_dport() {

@@ -4,14 +4,14 @@ mod report;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use portexhaust_common::{Backend, KIND_ALL, KINDS, kind_from_name};
 use portexhaust_workload::Scenario;
 
 pub use self::report::{Format, ReportArgs, parse_time};
 use crate::{
     advice::explain::Topic,
-    kernel::loader::{BackendRequest, DEFAULT_MAX_TRACKED, Filters},
+    kernel::loader::{BackendRequest, DEFAULT_MAX_COUNT_KEYS, DEFAULT_MAX_TRACKED, Filters},
     output::http::parse_addr,
 };
 
@@ -38,8 +38,23 @@ Examples:
     after_help = EXAMPLES
 )]
 pub struct Cli {
+    /// More diagnostics on stderr: -v info, -vv debug (RUST_LOG, when set, decides instead).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+impl Cli {
+    /// The `log` filter `--verbose` asks for.
+    pub fn log_filter(&self) -> &'static str {
+        match self.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,6 +211,11 @@ pub struct TraceArgs {
     pub no_blame: bool,
     #[command(flatten)]
     pub tracking: TrackingArgs,
+    /// Size of the in-kernel exact-counts map (keys: pid, destination, errno, cause). For
+    /// tests that need it full; failures of keys beyond it count only in `uncounted_keys`.
+    #[arg(long, value_name = "N", hide = true, default_value_t = DEFAULT_MAX_COUNT_KEYS,
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_count_keys: u32,
     /// Serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1), IP:PORT or
     /// [IPv6]:PORT (0.0.0.0:PORT for a fleet's scraper).
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]

@@ -96,3 +96,33 @@ fn bad_arguments_are_rejected() {
         .is_ok()
     );
 }
+
+#[test]
+fn verbose_counts_and_goes_anywhere() {
+    let at = |args: &[&str]| Cli::try_parse_from(args).expect("parses").log_filter();
+    assert_eq!(at(&["portexhaust", "doctor"]), "warn");
+    assert_eq!(at(&["portexhaust", "-v", "doctor"]), "info");
+    assert_eq!(at(&["portexhaust", "trace", "-vv"]), "debug");
+    assert_eq!(
+        at(&["portexhaust", "--verbose", "--verbose", "top"]),
+        "debug"
+    );
+    assert_eq!(at(&["portexhaust", "trace", "-vvvv"]), "trace");
+}
+
+#[test]
+fn max_count_keys_is_accepted_but_hidden() {
+    let cli = Cli::try_parse_from(["portexhaust", "trace", "--max-count-keys", "2"]).expect("ok");
+    let Cmd::Trace(t) = cli.cmd else {
+        panic!("not trace");
+    };
+    assert_eq!(t.max_count_keys, 2);
+    assert!(Cli::try_parse_from(["portexhaust", "trace", "--max-count-keys", "0"]).is_err());
+    let mut cmd = Cli::command();
+    let help = cmd
+        .find_subcommand_mut("trace")
+        .expect("trace")
+        .render_long_help()
+        .to_string();
+    assert!(!help.contains("max-count-keys"), "{help}");
+}

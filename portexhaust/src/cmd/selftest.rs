@@ -386,8 +386,10 @@ pub fn run(backend: BackendRequest, failures: u64, catch: u32) -> Result<Selftes
             std::io::Error::other(e),
         )
     })?;
-    // Everything was submitted before the workload exited; read what is left.
+    // Everything was submitted before the workload exited; read what is left (and any warning
+    // the programs logged, such as reads through BTF offsets that failed).
     collect(&mut tracer);
+    tracer.drain_log();
     let counts = of_exact(&exact_counts(&tracer.counts()?, &clock));
     let total = tracer.failures_total()?;
     let mut report = report;

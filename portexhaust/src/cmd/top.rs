@@ -91,6 +91,7 @@ pub fn run(o: TopOptions) -> Result<()> {
             events_per_s: 1,
             max_tracked: o.max_tracked,
             blame: true,
+            ..Default::default()
         },
     )?;
     announce(&opened.tracer, &opened.skipped);
@@ -107,6 +108,7 @@ pub fn run(o: TopOptions) -> Result<()> {
     // drops either); they are read off and discarded so the buffer does not sit full.
     let mut refresh = |tracer: &mut Tracer| -> Result<TopView> {
         tracer.drain(|_| {});
+        tracer.drain_log();
         let obs = gatherer.observe(tracer, true)?;
         let mut v = viewer.view(started.elapsed().as_secs_f64(), &obs);
         gatherer.label(&mut v.blame, &mut v.destinations);

@@ -357,6 +357,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
         &filters,
         Tracking {
             max_tracked: args.tracking.max_tracked_sockets,
+            max_count_keys: args.max_count_keys,
             blame: !args.no_blame,
             catch: args.catch.unwrap_or(0),
             events_per_s: args.events_per_s,
@@ -491,6 +492,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             _ = tick.tick() => {
                 s.drain();
                 s.tally()?;
+                s.tracer.drain_log();
                 ticks += 1;
                 // Drops mean the reader fell behind; the counts stay exact, but say so now.
                 if let Ok(d) = s.tracer.dropped_events()
@@ -517,9 +519,11 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             break;
         }
     }
-    // Events submitted before the stop request are still in the buffer.
+    // Events submitted before the stop request are still in the buffer (and warnings in the
+    // programs' log).
     s.drain();
     s.tally()?;
+    s.tracer.drain_log();
     let totals = s.totals(started.elapsed())?;
     let text = if s.json {
         totals.summary_line()

@@ -20,6 +20,7 @@ use portexhaust_common::{
 
 use super::{
     btf::Resolved,
+    klog::{self, KernelLog},
     plan::{Offer, Plan, Watch},
     preflight::{self, Caps},
 };
@@ -91,11 +92,17 @@ impl Filters {
 /// Default size of the socket-ownership map (entries).
 pub const DEFAULT_MAX_TRACKED: u32 = 131072;
 
+/// Default size of the exact-counts map (keys: pid, destination, errno, cause).
+pub const DEFAULT_MAX_COUNT_KEYS: u32 = 16384;
+
 /// How much the programs track besides failures, and which extra kinds to watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tracking {
     /// Size of the socket-ownership LRU map.
     pub max_tracked: u32,
+    /// Size of the exact-counts map; failures of keys beyond it are counted only in total
+    /// (`uncounted_keys`). Shrunk by tests to reach that path.
+    pub max_count_keys: u32,
     /// Ownership tracking and latency histograms (off: `trace --no-blame`).
     pub blame: bool,
     /// `KIND_*` bits to watch even where that takes syscall tracepoints (`--catch`).
@@ -109,6 +116,7 @@ impl Default for Tracking {
     fn default() -> Self {
         Self {
             max_tracked: DEFAULT_MAX_TRACKED,
+            max_count_keys: DEFAULT_MAX_COUNT_KEYS,
             blame: true,
             catch: 0,
             events_per_s: 0,
@@ -150,6 +158,8 @@ pub struct Tracer {
     pub attached: Vec<&'static Program>,
     /// Owner-map entries deleted by user space (expired TIME_WAIT), for the eviction count.
     user_owner_deletes: u64,
+    /// The programs' own warnings (aya-log), drained by `drain_log`.
+    klog: KernelLog,
 }
 
 /// connect() statistics of one destination.
@@ -432,6 +442,7 @@ fn load_object(
     let have_task = u32::from(resolved.task);
     let have_sock = u32::from(resolved.sock);
     let values = resolved.offsets.values();
+    let log_level = klog::ebpf_level();
     let mut loader = btf.loader();
     // No kernel BTF for the object: it carries no CO-RE relocations (Rust eBPF emits none);
     // the offsets it needs come in as globals.
@@ -443,7 +454,9 @@ fn load_object(
         .override_global(names::GLOBAL_SYSCALL_KINDS, &syscall_kinds, true)
         .override_global(names::GLOBAL_EVENTS_PER_CPU, &events_per_cpu, true)
         .override_global(names::GLOBAL_HAVE_TASK_OFFSETS, &have_task, true)
-        .override_global(names::GLOBAL_HAVE_SOCK_OFFSETS, &have_sock, true);
+        .override_global(names::GLOBAL_HAVE_SOCK_OFFSETS, &have_sock, true)
+        // Not required: an object that logs nothing has no such global.
+        .override_global(klog::LEVEL_GLOBAL, &log_level, false);
     for (name, v) in Offsets::GLOBALS.iter().zip(values.iter()) {
         loader.override_global(name, v, true);
     }
@@ -453,6 +466,7 @@ fn load_object(
     let syscalls = syscall_kinds != 0;
     let socket_types = plan.syscall_sets().contains(&Set::SyscallSocket);
     loader
+        .map_max_entries(names::COUNTS, tracking.max_count_keys.max(1))
         .map_max_entries(names::OWNERS, sized(tracking.blame, tracking.max_tracked))
         .map_max_entries(names::PENDING, sized(tracking.blame, 4096))
         .map_max_entries(names::PROCS, sized(tracking.blame, 8192))
@@ -620,6 +634,7 @@ impl Tracer {
                         map: names::EVENTS,
                         source,
                     })?;
+                    let klog = KernelLog::start(&mut ebpf);
                     return Ok(Opened {
                         tracer: Tracer {
                             ebpf,
@@ -629,6 +644,7 @@ impl Tracer {
                             coverage,
                             attached,
                             user_owner_deletes: 0,
+                            klog,
                         },
                         skipped,
                     });
@@ -679,6 +695,11 @@ impl Tracer {
             n += 1;
         }
         n
+    }
+
+    /// Pass the programs' pending log records (cold-path warnings) on to `log`.
+    pub fn drain_log(&mut self) {
+        self.klog.drain();
     }
 
     /// Add a pid to the pid whitelist (needs `Filters::pid_whitelist` at open time).

@@ -9,6 +9,7 @@ pub mod container;
 pub mod error;
 pub mod facts;
 pub mod gather;
+pub mod klog;
 pub mod loader;
 pub mod netns;
 pub mod plan;
