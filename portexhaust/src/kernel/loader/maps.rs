@@ -1,0 +1,152 @@
+//! Reading the programs' maps: the exact counts, the global counters, socket owners, the
+//! processes and connect statistics.
+use super::*;
+
+impl Tracer {
+    fn map_ref(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or(Error::MissingObject { kind: "map", name })
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        let m: HashMap<&MapData, K, V> = HashMap::try_from(self.map_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })?;
+        let mut out = Vec::new();
+        for kv in m.iter() {
+            match kv {
+                Ok(kv) => out.push(kv),
+                // An entry deleted while iterating: nothing to read.
+                Err(e) => debug!("{name} iteration: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The exact per-(pid, destination, errno, cause) counts.
+    pub fn counts(&self) -> Result<Vec<(CountKey, CountValue)>> {
+        self.hash(names::COUNTS)
+    }
+
+    /// One global counter (`portexhaust_common::stat`), summed over CPUs.
+    pub fn stat(&self, index: u32) -> Result<u64> {
+        let map = self.map_ref(names::STATS)?;
+        let a: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+                map: names::STATS,
+                source,
+            })?;
+        let v = a.get(&index, 0).map_err(|source| Error::Map {
+            map: names::STATS,
+            source,
+        })?;
+        Ok(v.iter().sum())
+    }
+
+    /// Every remembered socket owner by (netns, 4-tuple): sockets closed actively while tracing,
+    /// through their TIME_WAIT.
+    pub fn owners(&self) -> Result<Vec<(TupleKey, Owner)>> {
+        self.hash(names::OWNERS)
+    }
+
+    /// Command and cgroup of every connecting process seen.
+    pub fn procs(&self) -> Result<std::collections::HashMap<ProcKey, ProcInfo>> {
+        Ok(self.hash(names::PROCS)?.into_iter().collect())
+    }
+
+    /// Keys of a map, counted without reading their values (one syscall per key).
+    fn count_keys<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<u64> {
+        let m: HashMap<&MapData, K, V> = HashMap::try_from(self.map_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })?;
+        Ok(m.keys().filter(|k| k.is_ok()).count() as u64)
+    }
+
+    /// Sockets whose active closer is remembered by 4-tuple (closing and TIME_WAIT).
+    pub fn tracked_sockets(&self) -> Result<u64> {
+        self.count_keys::<TupleKey, Owner>(names::OWNERS)
+    }
+
+    /// Forget owners whose TIME_WAIT is over (60 s, TCP_TIMEWAIT_LEN, fixed in the kernel).
+    pub fn forget_owners(&mut self, keys: &[TupleKey]) -> Result<()> {
+        let name = names::OWNERS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingObject { kind: "map", name })?;
+        let mut m: HashMap<&mut MapData, TupleKey, Owner> =
+            HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })?;
+        for k in keys {
+            if m.remove(k).is_ok() {
+                self.user_owner_deletes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries the LRU ownership maps dropped to make room (so attribution was lost):
+    /// kernel insertions minus deletions minus what is still there.
+    pub fn lru_evictions(&self) -> Result<u64> {
+        let owners = self.tracked_sockets()?;
+        let pending = self.count_keys::<u64, u64>(names::PENDING)?;
+        let ins = self.stat(stat::OWNER_INSERTS)? + self.stat(stat::PENDING_INSERTS)?;
+        let del = self.stat(stat::OWNER_DELETES)?
+            + self.stat(stat::PENDING_DELETES)?
+            + self.user_owner_deletes;
+        Ok(ins.saturating_sub(del + owners + pending))
+    }
+
+    /// connect() counts and latency histograms per destination: the map, plus each CPU's run
+    /// of connects not yet added to it (`ConnMemo`).
+    pub fn dest_stats(&self) -> Result<Vec<(DestKey, DestTotals)>> {
+        let mut out: Vec<(DestKey, DestTotals)> = self
+            .hash::<DestKey, DestStats>(names::DEST_STATS)?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    DestTotals {
+                        connects: v.connects,
+                        hist: v.hist,
+                    },
+                )
+            })
+            .collect();
+        let name = names::CONN_MEMO;
+        let memo: PerCpuArray<&MapData, ConnMemo> = PerCpuArray::try_from(self.map_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })?;
+        let per_cpu = memo
+            .get(&0, 0)
+            .map_err(|source| Error::Map { map: name, source })?;
+        for m in per_cpu.iter().filter(|m| m.pending > 0) {
+            match out.iter_mut().find(|(k, _)| *k == m.key) {
+                Some((_, t)) => t.connects += m.pending,
+                None => out.push((
+                    m.key,
+                    DestTotals {
+                        connects: m.pending,
+                        hist: [0; LATENCY_BUCKETS],
+                    },
+                )),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn failures_total(&self) -> Result<u64> {
+        self.stat(stat::FAILURES)
+    }
+    pub fn dropped_events(&self) -> Result<u64> {
+        self.stat(stat::RINGBUF_DROPS)
+    }
+    pub fn uncounted_keys(&self) -> Result<u64> {
+        self.stat(stat::COUNT_MAP_FULL)
+    }
+    /// Failures over the events-per-second budget (counted, tallied, not streamed).
+    pub fn suppressed(&self) -> Result<u64> {
+        self.stat(stat::SUPPRESSED)
+    }
+    /// Kernel reads through BTF offsets that failed (offsets that do not fit this kernel).
+    pub fn read_errors(&self) -> Result<u64> {
+        self.stat(stat::READ_ERRORS)
+    }
+}
