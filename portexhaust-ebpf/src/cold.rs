@@ -4,13 +4,21 @@
 //! `read_errors`).
 //!
 //! Each kind is said at most once per CPU (a bit in `LOGGED`): a storm that keeps taking one of
-//! these paths pays for one per-CPU lookup per failure, never a log record. The check is inline
-//! and the record is written out of line, so the callers' code and stack stay as they were.
-//! Only integers are logged: no string is built at run time.
+//! these paths pays for one per-CPU lookup per failure, never a log record. Only integers are
+//! logged: no string is built at run time.
+//!
+//! Both are global BPF functions (`no_mangle`, `extern "C"`, a scalar return, as the verifier
+//! wants of them), which the verifier checks once per program instead of once per call site.
+//! It matters: aya-log's record code is ~700 instructions, and the verifier cannot tell its
+//! size through the macro's `black_box`, so it walks every buffer capacity. Inlined at the
+//! socket-read sites (dozens per program) that took the programs from ~6k to ~60-75k verified
+//! instructions; as global functions they add ~7k, about 5-10 ms of start-up. The callers' hot
+//! paths are untouched: each calls in only on its error branch.
 use aya_ebpf::helpers::generated::bpf_get_smp_processor_id;
 use aya_log_ebpf::warn;
+use portexhaust_common::stat;
 
-use crate::maps::LOGGED;
+use crate::{emit::bump, maps::LOGGED};
 
 /// `LOGGED` bits.
 const COUNT_MAP_FULL: u32 = 1;
@@ -38,39 +46,36 @@ fn cpu() -> u32 {
     unsafe { bpf_get_smp_processor_id() }
 }
 
-/// A failure's (pid, destination, errno, cause) key did not fit into `COUNTS`.
-#[inline(always)]
-pub fn count_map_full(pid: u32, dport: u16) {
+/// A failure's (pid, destination, errno, cause) key did not fit into `COUNTS`: count it, and
+/// say so once per CPU.
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn count_map_full(pid: u32, dport: u32) -> u32 {
+    bump(stat::COUNT_MAP_FULL);
     if first_on_this_cpu(COUNT_MAP_FULL) {
-        say_count_map_full(pid, dport);
+        warn!(
+            &(),
+            "counts map full: new keys go uncounted (first on cpu {}: pid {}, dport {}); see uncounted_keys",
+            cpu(),
+            pid,
+            dport
+        );
     }
+    0
 }
 
+/// A kernel read through a BTF offset failed: count it, and say so once per CPU.
 #[inline(never)]
-fn say_count_map_full(pid: u32, dport: u16) {
-    warn!(
-        &(),
-        "in-kernel counts map full (first on cpu {}: pid {}, dport {}): failures of new keys are counted in uncounted_keys only; said once per CPU",
-        cpu(),
-        pid,
-        dport
-    );
-}
-
-/// A kernel read through a BTF offset failed.
-#[inline(always)]
-pub fn read_failed(off: usize) {
+#[unsafe(no_mangle)]
+pub extern "C" fn read_failed(off: u64) -> u32 {
+    bump(stat::READ_ERRORS);
     if first_on_this_cpu(READ_ERROR) {
-        say_read_failed(off);
+        warn!(
+            &(),
+            "read at BTF offset {} failed (first on cpu {}): offsets may not fit this kernel; see read_errors",
+            off,
+            cpu()
+        );
     }
-}
-
-#[inline(never)]
-fn say_read_failed(off: usize) {
-    warn!(
-        &(),
-        "kernel read at BTF offset {} failed (first on cpu {}): the offsets may not fit this kernel, see read_errors; said once per CPU",
-        off,
-        cpu()
-    );
+    0
 }

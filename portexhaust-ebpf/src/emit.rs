@@ -205,8 +205,7 @@ pub fn report(f: &Failure) {
                 match COUNTS.get_ptr_mut(key) {
                     Some(v) => unsafe { count_into(v, now, unstreamed) },
                     None => {
-                        bump(stat::COUNT_MAP_FULL);
-                        cold::count_map_full(pid, f.dport);
+                        cold::count_map_full(pid, u32::from(f.dport));
                     }
                 }
             }

@@ -11,12 +11,11 @@
 //! - The perf tracepoint's record already holds family, ports and addresses (its layout is
 //!   stable from 5.10 to 7.2, see shared/kernel-formats); see `state.rs`.
 use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_skc_to_tcp_sock};
-use portexhaust_common::{AF_INET, IPPROTO_TCP, stat};
+use portexhaust_common::{AF_INET, IPPROTO_TCP};
 
 use crate::{
     addr::{self, Addr},
     cold,
-    emit::bump,
     globals::off,
 };
 
@@ -115,8 +114,7 @@ impl Fields for ProbeSock {
         match unsafe { bpf_probe_read_kernel(self.0.add(off) as *const T) } {
             Ok(v) => Some(v),
             Err(_) => {
-                bump(stat::READ_ERRORS);
-                cold::read_failed(off);
+                cold::read_failed(off as u64);
                 None
             }
         }

@@ -507,7 +507,7 @@ fn a_full_counts_map_is_logged_once_per_cpu() {
 
         let said: Vec<&str> = err
             .lines()
-            .filter(|l| l.contains("in-kernel counts map full"))
+            .filter(|l| l.contains("counts map full"))
             .collect();
         assert!(
             !said.is_empty(),
