@@ -126,7 +126,7 @@ fn a_recording_killed_between_snapshots_still_reports_exact_counts() {
     assert_eq!(offender(&r, "pxh-f-v4")["failures"], k2);
     assert_eq!(
         offender(&r, "pxh-f-v4")["destinations"][0],
-        json!({"dst":"127.0.0.1:5000","errno":99,"errname":"EADDRNOTAVAIL","failures":25})
+        json!({"dst":"127.0.0.1:5000","errno":99,"errname":"EADDRNOTAVAIL","cause":"exhausted","failures":25})
     );
     assert_eq!(
         r["timeline"]["counts"]
