@@ -22,7 +22,11 @@ use tokio::{
 use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
     cli::TraceArgs,
-    engine::{census::destination_rows, counts::ExactId, live},
+    engine::{
+        census::destination_rows,
+        counts::{Exact, ExactId},
+        live,
+    },
     kernel::{
         Error, Result,
         clock::Clock,
@@ -117,6 +121,19 @@ impl Out {
             warn!("writing to stdout: {e}");
         }
         self.closed = true;
+    }
+}
+
+/// The kernel's exact counts, read at most once per tick by whoever needs them first.
+#[derive(Default)]
+struct Counted(Option<Vec<Exact>>);
+
+impl Counted {
+    fn get(&mut self, tracer: &Tracer, clock: &Clock) -> Result<&[Exact]> {
+        if self.0.is_none() {
+            self.0 = Some(exact_counts(&tracer.counts()?, clock));
+        }
+        Ok(self.0.as_deref().unwrap_or_default())
     }
 }
 
@@ -255,15 +272,15 @@ impl Session {
     /// Tally lines for the failures counted but not streamed since the last tally: exact, from
     /// the kernel's per-key `unstreamed` counts, so that events and tallies together account
     /// for every failure once. Cheap when nothing was suppressed (two counters are read).
-    fn tally(&mut self) -> Result<()> {
+    fn tally(&mut self, counts: &mut Counted) -> Result<()> {
         let total = self.tracer.suppressed()? + self.tracer.dropped_events()?;
         if total == self.unstreamed_seen {
             return Ok(());
         }
-        let counts = exact_counts(&self.tracer.counts()?, &self.clock);
+        let counts = counts.get(&self.tracer, &self.clock)?;
         let mut in_counts = 0;
         let mut lines = Vec::new();
-        for e in &counts {
+        for e in counts {
             in_counts += e.unstreamed;
             let seen = self.tallied.entry(e.id).or_insert(0);
             if e.unstreamed <= *seen {
@@ -303,7 +320,7 @@ impl Session {
     /// The metrics of one second: the kernel's totals, and its exact counts when failures
     /// happened; every fifth second the ports in use per destination (a sock_diag census of
     /// every namespace).
-    fn metrics_tick(&mut self, ticks: u64) -> Result<()> {
+    fn metrics_tick(&mut self, ticks: u64, counts: &mut Counted) -> Result<()> {
         let Some(m) = &self.metrics else {
             return Ok(());
         };
@@ -311,8 +328,8 @@ impl Session {
         m.set_dropped(self.tracer.dropped_events()?);
         m.set_uncounted(self.tracer.uncounted_keys()?);
         if m.counts_changed(seen) {
-            let counts = exact_counts(&self.tracer.counts()?, &self.clock);
-            m.update_counts(&counts, |pid| self.containers.by_pid(pid));
+            let counts = counts.get(&self.tracer, &self.clock)?;
+            m.update_counts(counts, |pid| self.containers.by_pid(pid));
         }
         m.set_failures_seen(seen);
         if ticks % 5 == 1 {
@@ -327,7 +344,7 @@ impl Session {
     fn record_tick(&mut self, elapsed: Duration) -> Result<()> {
         if self.recorder.as_ref().is_some_and(Recorder::snapshot_due) {
             self.drain();
-            self.tally()?;
+            self.tally(&mut Counted::default())?;
             let totals = self.totals(elapsed)?;
             if let Some(r) = self.recorder.as_mut() {
                 r.snapshot(&totals);
@@ -491,7 +508,10 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             }
             _ = tick.tick() => {
                 s.drain();
-                s.tally()?;
+                // One walk of the kernel's counts a second, shared by the tallies and the
+                // metrics (in a storm both need it).
+                let mut counts = Counted::default();
+                s.tally(&mut counts)?;
                 s.tracer.drain_log();
                 ticks += 1;
                 // Drops mean the reader fell behind; the counts stay exact, but say so now.
@@ -505,7 +525,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
                     );
                     dropped_reported = d;
                 }
-                if let Err(e) = s.metrics_tick(ticks) {
+                if let Err(e) = s.metrics_tick(ticks, &mut counts) {
                     warn!("updating metrics: {e}");
                 }
             }
@@ -522,7 +542,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
     // Events submitted before the stop request are still in the buffer (and warnings in the
     // programs' log).
     s.drain();
-    s.tally()?;
+    s.tally(&mut Counted::default())?;
     s.tracer.drain_log();
     let totals = s.totals(started.elapsed())?;
     let text = if s.json {

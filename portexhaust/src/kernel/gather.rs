@@ -157,12 +157,17 @@ impl Gatherer {
     /// The kernel's counts and totals only: cheap (no census, no owners), for metrics and
     /// the tally of unstreamed failures.
     pub fn totals(&self, tracer: &Tracer) -> Result<KernelTotals> {
+        Self::totals_with(tracer, tracer.tracked_sockets()?)
+    }
+
+    /// The totals for a caller that has counted the owners (the owner map is walked once).
+    fn totals_with(tracer: &Tracer, tracked_sockets: u64) -> Result<KernelTotals> {
         Ok(KernelTotals {
             failures_total: tracer.failures_total()?,
             dropped_events: tracer.dropped_events()?,
             uncounted_keys: tracer.uncounted_keys()?,
-            tracked_sockets: tracer.tracked_sockets()?,
-            lru_evictions: tracer.lru_evictions()?,
+            tracked_sockets,
+            lru_evictions: tracer.lru_evictions_given(tracked_sockets)?,
         })
     }
 
@@ -171,10 +176,21 @@ impl Gatherer {
     pub fn observe(&mut self, tracer: &mut Tracer, blame: bool) -> Result<Observed> {
         let now_mono = Clock::now_mono_ns();
         let counts = of_exact(&exact_counts(&tracer.counts()?, &self.clock));
+        // Who holds the ports of no failure: nothing to look up for the failers' summary.
+        let nothing_failed = matches!(self.scope, Scope::Failers) && counts.is_empty();
+        let kernel_owners = if blame && !nothing_failed {
+            Some(tracer.owners()?)
+        } else {
+            None
+        };
+        let kernel = match &kernel_owners {
+            Some(o) => Self::totals_with(tracer, o.len() as u64)?,
+            None => self.totals(tracer)?,
+        };
         let mut obs = Observed {
             ts: self.clock.ts(now_mono),
             backend: tracer.backend,
-            kernel: self.totals(tracer)?,
+            kernel,
             counts,
             census: Vec::new(),
             owners: HashMap::new(),
@@ -191,12 +207,9 @@ impl Gatherer {
             .into_iter()
             .filter_map(|pid| Some((pid, self.netns_for(pid)?)))
             .collect();
-        // Who holds the ports of no failure: nothing to look up for the failers' summary.
-        let nothing_failed = matches!(self.scope, Scope::Failers) && obs.counts.is_empty();
-        if !blame || nothing_failed {
+        let Some(kernel_owners) = kernel_owners else {
             return Ok(obs);
-        }
-        let kernel_owners = tracer.owners()?;
+        };
         // at_ns comes from bpf_ktime_get_ns(): CLOCK_MONOTONIC, like now_mono.
         let expired = expired_owners(&kernel_owners, now_mono);
         if !expired.is_empty() {
@@ -235,7 +248,6 @@ impl Gatherer {
                 })
             })
             .collect();
-        obs.kernel.tracked_sockets = obs.owners.len() as u64;
         Ok(obs)
     }
 

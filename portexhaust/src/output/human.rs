@@ -187,31 +187,10 @@ pub fn human_summary(s: &Totals) -> String {
 
 #[cfg(test)]
 mod tests {
-    use portexhaust_common::{Backend, Site};
+    use portexhaust_common::Backend;
 
     use super::*;
-    use crate::schema::{DestCount, Errno, Family, Offender, Proto, Runtime, Ts};
-
-    fn failure() -> Failure {
-        Failure {
-            ts: Ts(1_764_069_600_123_456_789),
-            pid: 4242,
-            tid: 4243,
-            uid: 0,
-            comm: "python3".into(),
-            cgroup_id: 77,
-            netns: Some(4026531840),
-            family: Family::Ipv4,
-            proto: Proto::Tcp,
-            dst: "127.0.0.1:27017".parse().expect("addr"),
-            src: Some("127.0.0.1".parse().expect("ip")),
-            errno: Errno::EADDRNOTAVAIL,
-            cause: portexhaust_common::Cause::Exhausted,
-            site: Site::InetHashConnect,
-            backend: Backend::Tracepoint,
-            container: None,
-        }
-    }
+    use crate::schema::{DestCount, Errno, Offender, Runtime, Ts, tests::failure};
 
     #[test]
     fn container_in_the_human_output() {

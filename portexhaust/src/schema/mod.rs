@@ -113,4 +113,4 @@ impl Totals {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -86,7 +86,12 @@ impl Tracer {
     /// Entries the LRU ownership maps dropped to make room (so attribution was lost):
     /// kernel insertions minus deletions minus what is still there.
     pub fn lru_evictions(&self) -> Result<u64> {
-        let owners = self.tracked_sockets()?;
+        self.lru_evictions_given(self.tracked_sockets()?)
+    }
+
+    /// [`Self::lru_evictions`] for a caller that has just counted the owners (the owner map is
+    /// the largest: one walk is enough).
+    pub fn lru_evictions_given(&self, owners: u64) -> Result<u64> {
         let pending = self.count_keys::<u64, u64>(names::PENDING)?;
         let ins = self.stat(stat::OWNER_INSERTS)? + self.stat(stat::PENDING_INSERTS)?;
         let del = self.stat(stat::OWNER_DELETES)?
