@@ -389,6 +389,38 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| Error::io("installing SIGINT handler", e))?;
 
+    // Bound before the ready line, so that a taken port fails the start instead of a scrape.
+    let (metrics, _server) = match args.metrics_addr {
+        Some(addr) => {
+            let m = Arc::new(Metrics::new(MetricsOptions {
+                container_labels: !args.no_container_labels,
+                ..Default::default()
+            }));
+            m.set_backend(opened.tracer.backend.name());
+            let server = http::serve(addr, m.clone())
+                .await
+                .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
+            eprintln!(
+                "portexhaust: serving Prometheus metrics on http://{}/metrics",
+                server.addr
+            );
+            (Some(m), Some(server))
+        }
+        None => (None, None),
+    };
+    // Scripts and benchmarks wait for this line. Everything is attached: from here on every
+    // failure is counted in the kernel and queued in the ring buffer, even while the header
+    // below (a census and the settings of every namespace, ~100 ms on a busy host) is gathered,
+    // so the line does not wait for it.
+    let started = Instant::now();
+    eprintln!(
+        "portexhaust: ready: tracing port-exhaustion failures with the {} backend{}",
+        opened.tracer.backend.name(),
+        match args.duration {
+            Some(d) => format!(" for {}s", d.as_secs_f64()),
+            None => "; Ctrl-C to stop".to_string(),
+        }
+    );
     let recorded = RecordedFilters {
         pids: filters.pids.clone(),
         comms: filters.comms.clone(),
@@ -408,7 +440,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
         clock: Clock::new(),
         netns: NetnsCache::default(),
         containers: Resolver::new(),
-        metrics: None,
+        metrics,
         out: Out {
             w: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
             closed: false,
@@ -433,26 +465,6 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
     }
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
-    // Bound before the ready line, so that a taken port fails the start instead of a scrape.
-    let _server = match args.metrics_addr {
-        Some(addr) => {
-            let m = Arc::new(Metrics::new(MetricsOptions {
-                container_labels: !args.no_container_labels,
-                ..Default::default()
-            }));
-            m.set_backend(s.tracer.backend.name());
-            let server = http::serve(addr, m.clone())
-                .await
-                .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
-            eprintln!(
-                "portexhaust: serving Prometheus metrics on http://{}/metrics",
-                server.addr
-            );
-            s.metrics = Some(m);
-            Some(server)
-        }
-        None => None,
-    };
     // The failure counters come from the kernel's exact counts, read once a second.
     let mut ticks: u64 = 0;
     let mut dropped_reported: u64 = 0;
@@ -464,16 +476,6 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
         (None, true) => {}
     }
     s.out.flush();
-    let started = Instant::now();
-    // Scripts and benchmarks wait for this line: everything is attached and being read.
-    eprintln!(
-        "portexhaust: ready: tracing port-exhaustion failures with the {} backend{}",
-        s.tracer.backend.name(),
-        match args.duration {
-            Some(d) => format!(" for {}s", d.as_secs_f64()),
-            None => "; Ctrl-C to stop".to_string(),
-        }
-    );
     // The start-up census: what already holds ports before the first event.
     let census = netns::census(None);
     let sockets: usize = census.iter().map(|c| c.sockets.len()).sum();
