@@ -53,6 +53,10 @@ pub mod names {
     pub const PROCS: &str = "PROCS";
     pub const DEST_STATS: &str = "DEST_STATS";
     pub const CONN_MEMO: &str = "CONN_MEMO";
+    pub const STACKS: &str = "STACKS";
+    pub const SITES: &str = "SITES";
+    pub const SITE_MEMO: &str = "SITE_MEMO";
+    pub const SOCK_SITES: &str = "SOCK_SITES";
 
     /// Global: which backend the object was loaded for ([`super::Backend`] code, `u32`).
     pub const GLOBAL_BACKEND: &str = "BACKEND";
@@ -65,6 +69,8 @@ pub mod names {
     pub const GLOBAL_EVENTS_PER_CPU: &str = "EVENTS_PER_CPU";
     /// Global: which failure kinds the syscall tracepoints report (`KIND_*` bits, `u32`).
     pub const GLOBAL_SYSCALL_KINDS: &str = "SYSCALL_KINDS";
+    /// Global: call-site stacks walked and counted (1) or not (0), `u32`.
+    pub const GLOBAL_CALL_SITES: &str = "CALL_SITES";
     /// Global: the kernel struct offsets of [`super::Offsets`], one `u32` global each, named
     /// `OFF_<FIELD>` (see `Offsets::GLOBALS`), and whether each group is valid.
     pub const GLOBAL_HAVE_TASK_OFFSETS: &str = "HAVE_TASK_OFFSETS";
@@ -95,5 +101,9 @@ pub mod stat {
     pub const READ_ERRORS: u32 = 7;
     /// Failures over the per-second event budget: counted, not streamed.
     pub const SUPPRESSED: u32 = 8;
-    pub const LEN: u32 = 9;
+    /// User-space stacks walked for call sites, and walks that found no stack (a kernel
+    /// thread, or a full or colliding stack map).
+    pub const STACK_WALKS: u32 = 9;
+    pub const STACK_WALK_ERRORS: u32 = 10;
+    pub const LEN: u32 = 11;
 }

@@ -234,6 +234,92 @@ const _: () = assert!(core::mem::size_of::<ConnMemo>() == 32);
 
 const _: () = assert!(core::mem::size_of::<DestStats>() == 264);
 
+/// `SiteKey::stack_id` of connects and failures whose stack was not walked: over the walk
+/// budget, or no user stack to walk (a kernel thread, io_uring), or a stack-map collision.
+/// Their counts stay exact per process and destination; only the call site is unknown.
+pub const STACK_NOT_WALKED: u32 = u32::MAX;
+
+/// Key of the call-site counts: one process's connects to one destination from one user-space
+/// stack (a `STACKS` stack id, or [`STACK_NOT_WALKED`]).
+// align(8): the programs store the address fields as two 64-bit words (see the eBPF
+// crate's addr.rs); every field offset stays what repr(C) gives.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteKey {
+    pub pid: u32,
+    pub stack_id: u32,
+    pub netns: u32,
+    pub family: u16,
+    pub dport: u16,
+    pub daddr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<SiteKey>() == 32);
+
+/// Counts of one call site, added with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteValue {
+    /// TCP connects started (CLOSE -> SYN_SENT: port selection reached).
+    pub connects: u64,
+    /// Of them, on sockets already bound to a local port (bind() before connect()): each takes
+    /// its port from the whole range, for every destination at once.
+    pub bound: u64,
+    /// Port-selection failures (exhausted range or taken 4-tuple).
+    pub failures: u64,
+    /// Of `connects`, the ones whose own stack was walked (the rest inherited the site): the
+    /// sockets of walked connects are known by 4-tuple, the others are shared out by the
+    /// connects each site did not walk.
+    pub walked: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SiteValue>() == 32);
+
+/// Per CPU: the last call site this CPU counted, the thread and jiffy of its stack walk, the
+/// walk budget of the current jiffy, and the counts not yet added to `SITES` (user space adds
+/// `pending` when it reads the sites).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteMemo {
+    pub key: SiteKey,
+    pub tid: u32,
+    /// Stack walks this CPU made in `budget_jiffy`.
+    pub walks: u32,
+    /// Jiffy when `key.stack_id` was decided (walked or not).
+    pub jiffy: u64,
+    pub budget_jiffy: u64,
+    pub pending: SiteValue,
+}
+
+const _: () = assert!(core::mem::size_of::<SiteMemo>() == 88);
+
+/// Which call site opened a socket: its process and stack id (`SOCK_SITES`, by 4-tuple, for
+/// the sockets whose connect was walked).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteRef {
+    pub pid: u32,
+    pub stack_id: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SiteRef>() == 8);
+
+/// Ring-buffer event: a new (process, stack) pair was walked, so that user space symbolises
+/// the stack while the process still lives. Told from a [`FailureEvent`] by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteEvent {
+    pub pid: u32,
+    pub stack_id: u32,
+    /// Always [`SITE_EVENT_MAGIC`]: guards the size-based dispatch.
+    pub magic: u32,
+    pub _pad: u32,
+}
+
+pub const SITE_EVENT_MAGIC: u32 = 0x5354_4b31;
+
+const _: () = assert!(core::mem::size_of::<SiteEvent>() == 16);
+
 /// Kernel struct offsets, resolved from the running kernel's BTF at load time (Rust eBPF emits
 /// no CO-RE relocations) and handed to the programs as one `u32` global each.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -337,4 +423,9 @@ mod pod {
     unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::DestStats {}
     unsafe impl aya::Pod for super::ConnMemo {}
+    unsafe impl aya::Pod for super::SiteKey {}
+    unsafe impl aya::Pod for super::SiteValue {}
+    unsafe impl aya::Pod for super::SiteMemo {}
+    unsafe impl aya::Pod for super::SiteRef {}
+    unsafe impl aya::Pod for super::SiteEvent {}
 }

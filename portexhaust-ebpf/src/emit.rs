@@ -75,7 +75,7 @@ fn wakeup_flags(now: u64) -> u64 {
 }
 
 #[inline(always)]
-fn passes_filters(pid: u32, comm: &[u8; COMM_LEN], dport: u16) -> bool {
+pub fn passes_filters(pid: u32, comm: &[u8; COMM_LEN], dport: u16) -> bool {
     let flags = globals::filter_flags();
     if flags == 0 {
         return true;

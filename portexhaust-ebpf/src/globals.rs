@@ -26,6 +26,10 @@ static EVENTS_PER_CPU: u32 = 0;
 #[unsafe(no_mangle)]
 static SYSCALL_KINDS: u32 = 0;
 
+/// 1: count call sites and walk their user stacks (sites.rs); needs TRACK_BLAME.
+#[unsafe(no_mangle)]
+static CALL_SITES: u32 = 0;
+
 /// Kernel struct offsets resolved from BTF (`portexhaust_common::Offsets`). With
 /// HAVE_TASK_OFFSETS == 0 no task field is read; with HAVE_SOCK_OFFSETS == 0 no sock field is
 /// read (the perf tracepoint's record still has the addresses and ports).
@@ -107,6 +111,11 @@ pub fn blame() -> bool {
 #[inline(always)]
 pub fn events_per_cpu() -> u64 {
     u64::from(get(&EVENTS_PER_CPU))
+}
+
+#[inline(always)]
+pub fn call_sites() -> bool {
+    get(&CALL_SITES) != 0
 }
 
 #[inline(always)]

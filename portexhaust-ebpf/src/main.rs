@@ -8,6 +8,7 @@
 //! | state.rs    | `inet_sock_set_state` as tp_btf, raw_tp or perf tracepoint | ownership and latency (always); TCP connect failures (state backends) |
 //! | fentry.rs   | fentry/fexit tcp_v{4,6}_connect, inet{,6}_hash_connect, inet{,6}_bind, inet_dgram_connect | fentry backend; bind/UDP |
 //! | kprobe.rs   | kprobe/kretprobe on the same functions, `__inet_hash_connect` | kprobe backend; bind/UDP |
+//! | sites.rs    | (called from state.rs)                                   | call sites: user stacks per connect |
 //! | syscalls.rs | syscall tracepoints                                      | bind/UDP/early connect, on request only |
 //!
 //! Shared: `globals` (load-time settings), `maps`, `emit` (exact counts and events), `sock`
@@ -29,6 +30,7 @@ mod kfunc;
 mod kprobe;
 mod maps;
 mod perf;
+mod sites;
 mod sock;
 mod state;
 mod syscalls;

@@ -3,11 +3,11 @@
 //! and sizes the ownership map from `--max-tracked-sockets`.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use portexhaust_common::{
     COMM_LEN, ConnMemo, CountKey, CountValue, DestKey, DestStats, Inflight, Owner, ProcInfo,
-    ProcKey, TupleKey, stat,
+    ProcKey, SiteKey, SiteMemo, SiteRef, SiteValue, TupleKey, stat,
 };
 
 /// Failure events for user space. 2 MiB holds ~20k events, ~130 ms of the fastest storm
@@ -68,8 +68,11 @@ pub static SOCK_TYPES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65536,
 /// handshakes in flight live here, so it is small; from ESTABLISHED the owner moves to `OWNERS`
 /// (never both at once). Loopback connects, whose outcome comes inside the connect() itself,
 /// wait in `PENDING_SLOT` instead (see state.rs).
+///
+/// Value: the connect's start time (0: not timed) and its call site when its stack was walked
+/// (`sites::pack`, 0: none).
 #[map]
-pub static PENDING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+pub static PENDING: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4096, 0);
 
 /// Owners by (netns, 4-tuple) of sockets closed actively, from the close through TIME_WAIT:
 /// TIME_WAIT sockets have no owner in the kernel, this map remembers the process that closed
@@ -79,9 +82,10 @@ pub static PENDING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0)
 #[map]
 pub static OWNERS: LruHashMap<TupleKey, Owner> = LruHashMap::with_max_entries(131072, 0);
 
-/// Per CPU: the loopback connect in flight on this CPU, as (socket address, start time).
+/// Per CPU: the loopback connect in flight on this CPU, as (socket address, start time,
+/// packed call site).
 #[map]
-pub static PENDING_SLOT: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static PENDING_SLOT: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per CPU: the last connecting task (its `task_struct` address), its pid and start time,
 /// whose `PROCS` entry is known to exist.
@@ -107,3 +111,22 @@ pub static SAMPLED: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 /// One all-zero DestStats to insert from: 272 bytes would crowd the 512-byte BPF stack.
 #[map]
 pub static ZERO_STATS: PerCpuArray<DestStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// User-space stacks of call sites (`bpf_get_stackid`), by stack id. A bucket taken by
+/// another stack makes the walk fail (no `BPF_F_REUSE_STACKID`: an id never changes meaning
+/// while user space may still read it); the connect then counts as not walked.
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(2048, 0);
+
+/// Connects, bound connects and failures per (pid, stack id, destination); see sites.rs.
+#[map]
+pub static SITES: HashMap<SiteKey, SiteValue> = HashMap::with_max_entries(8192, 0);
+
+/// Per CPU: the current call site and its counts not yet in `SITES`.
+#[map]
+pub static SITE_MEMO: PerCpuArray<SiteMemo> = PerCpuArray::with_max_entries(1, 0);
+
+/// The call site of the connections whose connect was walked, by 4-tuple (as `OWNERS`), from
+/// ESTABLISHED through TIME_WAIT: the holders' call sites. LRU: nothing removes them.
+#[map]
+pub static SOCK_SITES: LruHashMap<TupleKey, SiteRef> = LruHashMap::with_max_entries(16384, 0);

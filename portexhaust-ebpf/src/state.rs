@@ -27,7 +27,9 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_jiffies64},
     },
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, RawTracePointContext, TracePointContext, tracing::StackIdContext,
+    },
 };
 use portexhaust_common::{
     AF_INET, COMM_LEN, Cause, DestKey, DestStats, EADDRNOTAVAIL, EVENT_BOUND, EVENT_SADDR_KNOWN,
@@ -43,6 +45,7 @@ use crate::{
         CONN_MEMO, DEST_STATS, LAST_PROC, OWNERS, PENDING, PENDING_SLOT, PROCS, SAMPLED,
         SYSCALL_INFLIGHT, ZERO_STATS,
     },
+    sites::{self, Add},
     sock::{BtfSock, Conn, ProbeSock, Sock},
     task::{current_netns, current_start_ns},
 };
@@ -61,12 +64,20 @@ const FIN_WAIT1: i32 = TcpState::FinWait1 as i32;
 /// are the cheapest to run, but the verifier walks `struct sock`'s BTF for every one on every
 /// path it explores, and on the bookkeeping paths that tripled the program's load time
 /// (45 ms against 13 ms); there a helper call per field is the better trade.
-pub fn on_state(fast: &impl Sock, rest: &impl Sock, old: i32, new: i32) {
+///
+/// `ctx` is the program's context, for the call sites' user stack walks.
+pub fn on_state<C: StackIdContext>(
+    ctx: &C,
+    fast: &impl Sock,
+    rest: &impl Sock,
+    old: i32,
+    new: i32,
+) {
     if old == CLOSE && new == SYN_SENT {
-        connect_start(fast);
+        connect_start(ctx, fast);
     } else if old == SYN_SENT {
         if new == CLOSE {
-            connect_closed(fast);
+            connect_closed(ctx, fast);
         } else if new == ESTABLISHED {
             connect_established(rest);
         }
@@ -79,11 +90,11 @@ pub fn on_state(fast: &impl Sock, rest: &impl Sock, old: i32, new: i32) {
     }
 }
 
-/// CLOSE -> SYN_SENT, in the connecting task: note when port selection starts, for the
-/// connect latency of the destination.
+/// CLOSE -> SYN_SENT, in the connecting task: count the connect to its call site, and note
+/// when port selection starts, for the connect latency of the destination.
 // Out of line: each transition gets its own 512-byte BPF stack frame.
 #[inline(never)]
-fn connect_start(s: &impl Sock) {
+fn connect_start<C: StackIdContext>(ctx: &C, s: &impl Sock) {
     if !s.is_tcp() {
         return;
     }
@@ -103,10 +114,24 @@ fn connect_start(s: &impl Sock) {
     let Some((family, dport, daddr)) = s.dest() else {
         return;
     };
-    if !sample_now(daddr[0] ^ daddr[1] ^ u64::from(dport)) {
+    let mut site = None;
+    if globals::call_sites() {
+        // `inet_num` is still 0 here unless the socket was bound before connect(): such a
+        // socket holds its port against the whole range, whatever the destination.
+        let bound = u64::from(s.num().is_some_and(|n| n != 0));
+        let add = Add {
+            connects: 1,
+            bound,
+            failures: 0,
+        };
+        site = sites::note(ctx, netns_of(s), family, dport, daddr, add);
+    }
+    // A walked connect is always pended: its call site must reach the connection (holders).
+    if site.is_none() && !sample_now(daddr[0] ^ daddr[1] ^ u64::from(dport)) {
         return;
     }
     let at = now_ns();
+    let site = sites::pack(site);
     // A loopback connect has its outcome before connect() returns, in this task: it waits in
     // this CPU's slot, which costs no map update (one left there by a task that moved to
     // another CPU inside connect(), rare, is overwritten: one sample lost). Every other
@@ -114,11 +139,19 @@ fn connect_start(s: &impl Sock) {
     if addr::is_loopback(family, daddr) {
         if let Some(slot) = PENDING_SLOT.get_ptr_mut(0) {
             // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile.
-            unsafe { *slot = [s.addr(), at] };
+            unsafe { *slot = [s.addr(), at, site] };
         }
         return;
     }
-    pend(s.addr(), at);
+    pend(s.addr(), [at, site]);
+}
+
+/// The socket's namespace, or the task's where the socket's cannot be read (no BTF offsets):
+/// the same one but for sockets handed across setns().
+#[inline(always)]
+fn netns_of(s: &impl Sock) -> u32 {
+    let n = s.netns();
+    if n == 0 { current_netns() } else { n }
 }
 
 /// Whether this CPU's connect now is timed: the first of each jiffy, and the first after a
@@ -142,7 +175,7 @@ fn sample_now(dest: u64) -> bool {
 }
 
 #[inline(always)]
-fn pend(sk: u64, at: u64) {
+fn pend(sk: u64, at: [u64; 2]) {
     // BPF_NOEXIST first, to count only new keys (the eviction count is derived from this).
     if PENDING.insert(sk, at, 1).is_ok() {
         bump(stat::PENDING_INSERTS);
@@ -188,35 +221,35 @@ fn known_process(pid: u32) -> u64 {
     start_ns
 }
 
-/// Take the socket's pending connect start, 0 if it was not timed. A loopback connect's is
-/// in this CPU's slot, any other's in the map.
+/// Take the socket's pending connect: its start (0 if it was not timed) and its packed call
+/// site (0: not walked). A loopback connect's is in this CPU's slot, any other's in the map.
 #[inline(always)]
-fn take_pending(s: &impl Sock, loopback: bool) -> u64 {
+fn take_pending(s: &impl Sock, loopback: bool) -> [u64; 2] {
     if !globals::blame() {
-        return 0;
+        return [0, 0];
     }
     if loopback {
         let Some(slot) = PENDING_SLOT.get_ptr_mut(0) else {
-            return 0;
+            return [0, 0];
         };
         // SAFETY: this CPU's slot.
         unsafe {
             if (*slot)[0] == s.addr() {
                 (*slot)[0] = 0;
-                return (*slot)[1];
+                return [(*slot)[1], (*slot)[2]];
             }
         }
-        return 0;
+        return [0, 0];
     }
     let Some(p) = PENDING.get_ptr(s.addr()) else {
-        return 0;
+        return [0, 0];
     };
     // SAFETY: the pointer is into the map value, copied out at once.
-    let at = unsafe { *p };
+    let v = unsafe { *p };
     if PENDING.remove(s.addr()).is_ok() {
         bump(stat::PENDING_DELETES);
     }
-    at
+    v
 }
 
 /// Why a SYN_SENT -> CLOSE happened inside connect(), if port selection is what failed.
@@ -237,7 +270,7 @@ fn port_selection_failure(s: &impl Sock, c: &Conn) -> Option<Cause> {
 /// SYN_SENT -> CLOSE: a failed or aborted connect.
 // Out of line: each transition gets its own 512-byte BPF stack frame.
 #[inline(never)]
-fn connect_closed(s: &impl Sock) {
+fn connect_closed<C: StackIdContext>(ctx: &C, s: &impl Sock) {
     if !s.is_tcp() {
         return;
     }
@@ -249,13 +282,21 @@ fn connect_closed(s: &impl Sock) {
     let Some(cause) = port_selection_failure(s, &c) else {
         return;
     };
-    let netns = s.netns();
+    // Without BTF offsets (tracepoint backend on a kernel without BTF) the socket's namespace is
+    // unknown; the failing task's is the same one but for sockets handed across setns().
+    let netns = netns_of(s);
+    if globals::call_sites() && globals::blame() {
+        // Every backend: the failure's call site is the connect's, whichever hook reports it.
+        let add = Add {
+            connects: 0,
+            bound: 0,
+            failures: 1,
+        };
+        sites::note(ctx, netns, c.family, c.dport, c.daddr, add);
+    }
     if !globals::state_reports() {
         return; // the fentry/kprobe backends report from their own hooks
     }
-    // Without BTF offsets (tracepoint backend on a kernel without BTF) the socket's namespace is
-    // unknown; the failing task's is the same one but for sockets handed across setns().
-    let netns = if netns == 0 { current_netns() } else { netns };
     let mut flags = 0;
     if !addr::is_zero(c.saddr) {
         flags |= EVENT_SADDR_KNOWN;
@@ -303,7 +344,12 @@ fn connect_established(s: &impl Sock) {
     let Some((family, dport, daddr)) = s.dest() else {
         return;
     };
-    let at = take_pending(s, addr::is_loopback(family, daddr));
+    let [at, site] = take_pending(s, addr::is_loopback(family, daddr));
+    if site != 0
+        && let Some(c) = s.conn()
+    {
+        sites::opened(&tuple_of(s.netns(), &c), site);
+    }
     let key = DestKey {
         netns: s.netns(),
         family,
@@ -453,6 +499,7 @@ fn dest_add(key: &DestKey, n: u64, connect_ns: u64) {
 pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     on_state(
+        &ctx,
         &BtfSock(sk),
         &ProbeSock(sk),
         ctx.arg::<i32>(1),
@@ -466,7 +513,13 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let s = ProbeSock(sk as *const u8);
-    on_state(&s, &s, ctx.arg::<u64>(1) as i32, ctx.arg::<u64>(2) as i32);
+    on_state(
+        &ctx,
+        &s,
+        &s,
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+    );
     0
 }
 
@@ -478,8 +531,10 @@ pub fn raw_tp_inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
 pub fn tp_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets and types of this tracepoint's record (see above).
     let (old, new) = unsafe { (read_tp::<i32>(&ctx, 16), read_tp::<i32>(&ctx, 20)) };
+    use aya_ebpf::EbpfContext as _;
+    let stack_ctx = TracePointContext::new(ctx.as_ptr());
     let s = crate::perf::PerfSock::new(ctx);
-    on_state(&s, &s, old, new);
+    on_state(&stack_ctx, &s, &s, old, new);
     0
 }
 

@@ -161,6 +161,49 @@ pub(super) fn evidence_rules(e: Option<&Evidence>, out: &mut Vec<Finding>) {
             ],
         ));
     }
+    if let Some(top) = e.bound_connects.first() {
+        let total: u64 = e.bound_connects.iter().map(|b| b.connects).sum();
+        let who = e
+            .bound_connects
+            .iter()
+            .take(3)
+            .map(|b| {
+                let site = b
+                    .site
+                    .as_deref()
+                    .map(|s| format!(" from {s}"))
+                    .unwrap_or_default();
+                format!(
+                    "{} (pid {}) to {}: {} of {} connects{site}",
+                    b.comm, b.pid, b.dst, b.connects, b.of
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push(finding(
+            "connects_on_bound_sockets",
+            if top.connects >= 100 {
+                Severity::Warning
+            } else {
+                Severity::Info
+            },
+            format!("{total} connects were made on sockets bound before connect()"),
+            format!(
+                "{who}. An unbound connect() shares each local port among all destinations; a \
+                 socket bound first (bind() to pick a source address, SO_REUSEADDR source ports, \
+                 Envoy's upstream_bind_config) takes its port from the whole range for every \
+                 destination at once, so such clients run out of ports far sooner."
+            ),
+            vec![
+                app(NO_PORT),
+                app(
+                    "Or do not bind() at all where only the source address matters: the route's \
+                     source is chosen anyway; with Envoy, drop upstream_bind_config's port or \
+                     set its IP_BIND_ADDRESS_NO_PORT socket option",
+                ),
+            ],
+        ));
+    }
     if e.bind_failures > 0 {
         out.push(finding(
             "bind_eaddrinuse",

@@ -88,6 +88,47 @@ pub struct Evidence {
     pub udp_failures: u64,
     /// connect() EADDRNOTAVAIL on a socket bound before connect(): its 4-tuple was taken.
     pub collisions: u64,
+    /// Processes that connect on sockets bound before connect() (from the call-site counts),
+    /// most first.
+    pub bound_connects: Vec<BoundConnects>,
+}
+
+/// Connects of one process to one destination on sockets bound before connect().
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BoundConnects {
+    pub pid: u32,
+    pub comm: String,
+    pub dst: String,
+    pub connects: u64,
+    /// Of all its connects to that destination.
+    pub of: u64,
+    /// The call site, where its stack was named.
+    pub site: Option<String>,
+}
+
+impl BoundConnects {
+    /// The connects of the call sites that were made on bound sockets, one per process and
+    /// destination, most first.
+    pub fn of_sites(sites: &[crate::schema::CallSite]) -> Vec<BoundConnects> {
+        let mut acc: std::collections::BTreeMap<(u32, std::net::SocketAddr), BoundConnects> =
+            std::collections::BTreeMap::new();
+        for s in sites {
+            let e = acc.entry((s.pid, s.dst)).or_insert_with(|| BoundConnects {
+                pid: s.pid,
+                comm: s.comm.clone(),
+                dst: s.dst.to_string(),
+                ..Default::default()
+            });
+            e.of += s.connects;
+            e.connects += s.bound_connects;
+            if s.bound_connects > 0 && e.site.is_none() && s.stack_id.is_some() {
+                e.site = Some(s.label());
+            }
+        }
+        let mut v: Vec<BoundConnects> = acc.into_values().filter(|b| b.connects > 0).collect();
+        v.sort_by(|a, b| b.connects.cmp(&a.connects).then(a.pid.cmp(&b.pid)));
+        v
+    }
 }
 
 /// The audit of one namespace, as `doctor --json` prints it.

@@ -221,6 +221,14 @@ fn bind_holders_and_record_evidence() {
         bind_failures: 3,
         udp_failures: 2,
         collisions: 4,
+        bound_connects: vec![BoundConnects {
+            pid: 7,
+            comm: "envoy".into(),
+            dst: "10.0.0.9:443".into(),
+            connects: 900,
+            of: 1000,
+            site: Some("upstream_connect (conn.cc:12)".into()),
+        }],
     };
     let f = audit(&Inputs {
         sysctls: &s,
@@ -246,6 +254,15 @@ fn bind_holders_and_record_evidence() {
             .contains("IP_BIND_ADDRESS_NO_PORT")
     );
     assert!(get(&f, "udp_autobind_eagain").title.contains("EAGAIN"));
+    let bc = get(&f, "connects_on_bound_sockets");
+    assert_eq!(bc.severity, Severity::Warning);
+    assert!(bc.title.starts_with("900 connects"), "{bc:?}");
+    assert!(
+        bc.detail
+            .contains("envoy (pid 7) to 10.0.0.9:443: 900 of 1000 connects from upstream_connect"),
+        "{bc:?}"
+    );
+    assert!(bc.fixes[0].text.contains("IP_BIND_ADDRESS_NO_PORT"));
 }
 
 #[test]

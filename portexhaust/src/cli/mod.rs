@@ -209,6 +209,10 @@ pub struct TraceArgs {
     /// and no "who holds the ports" in the summary. The cheapest mode for long storms.
     #[arg(long)]
     pub no_blame: bool,
+    /// Do not count call sites: no user-space stack walks at connect() (they are rate-limited
+    /// to a few per CPU and jiffy, so that a healthy churn does not pay one per connection).
+    #[arg(long)]
+    pub no_call_sites: bool,
     #[command(flatten)]
     pub tracking: TrackingArgs,
     /// Size of the in-kernel exact-counts map (keys: pid, destination, errno, cause). For

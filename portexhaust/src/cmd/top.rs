@@ -107,7 +107,16 @@ pub fn run(o: TopOptions) -> Result<()> {
     // top works from the exact in-kernel counts and shows no per-failure events (so no event
     // drops either); they are read off and discarded so the buffer does not sit full.
     let mut refresh = |tracer: &mut Tracer| -> Result<TopView> {
-        tracer.drain(|_| {});
+        // Call-site announcements are kept: their stacks are symbolised at this refresh.
+        let mut announced = Vec::new();
+        tracer.drain(|b| {
+            if let Some(s) = crate::schema::event::site_event(b) {
+                announced.push((s.pid, s.stack_id));
+            }
+        });
+        for (pid, stack_id) in announced {
+            gatherer.learn_stack(tracer, pid, stack_id);
+        }
         tracer.drain_log();
         let obs = gatherer.observe(tracer, true)?;
         let mut v = viewer.view(started.elapsed().as_secs_f64(), &obs);

@@ -45,7 +45,7 @@ use crate::{
     },
     schema::{
         ContainerInfo, Errno, Proto, RecordedFilters, Tally, Totals,
-        event::{dst_of, failure_from_event, validate},
+        event::{dst_of, failure_from_event, site_event, validate},
     },
 };
 
@@ -188,7 +188,12 @@ impl Session {
             ..
         } = self;
         let want = std::mem::size_of::<FailureEvent>();
+        let mut announced: Vec<(u32, u32)> = Vec::new();
         tracer.drain(|bytes| {
+            if let Some(s) = site_event(bytes) {
+                announced.push((s.pid, s.stack_id));
+                return;
+            }
             if bytes.len() < want {
                 *decode_errors += 1;
                 if *decode_errors <= 3 {
@@ -266,6 +271,11 @@ impl Session {
         out.flush();
         if let Some(r) = recorder.as_mut() {
             r.flush_if_due();
+        }
+        // Symbolised now, while the processes live (a few a second at most: the kernel
+        // announces each (process, stack) pair when its walk finds it new).
+        for (pid, stack_id) in announced {
+            gatherer.learn_stack(tracer, pid, stack_id);
         }
     }
 
@@ -378,6 +388,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             blame: !args.no_blame,
             catch: args.catch.unwrap_or(0),
             events_per_s: args.events_per_s,
+            call_sites: !args.no_call_sites,
         },
     )?;
     announce(&opened.tracer, &opened.skipped);

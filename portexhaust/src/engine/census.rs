@@ -234,6 +234,45 @@ fn closing(s: TcpState) -> bool {
 /// Group every socket that uses an ephemeral port by (namespace, source, destination) and
 /// attribute each to its holder: the traced closer for closing sockets, the process holding
 /// the file for live ones.
+/// What is known of a socket's opener: the kernel's remembered closer and the process
+/// holding its file now.
+fn lookup<'a>(
+    netns: u64,
+    row: &SockRow,
+    owners: &'a HashMap<TupleKey, OwnerView>,
+    fd_owners: &'a HashMap<u64, FdOwner>,
+) -> (Option<&'a OwnerView>, Option<&'a FdOwner>) {
+    let tk = tuple_key(netns, row);
+    // Without BTF offsets the kernel keyed owners with netns 0.
+    let owner = owners
+        .get(&tk)
+        .or_else(|| owners.get(&TupleKey { netns: 0, ..tk }));
+    // A live socket is the process holding its file, even if an old TIME_WAIT of the
+    // same tuple (reused) is still remembered.
+    let fd = fd_owners.get(&row.inode).filter(|_| row.inode != 0);
+    (owner, fd)
+}
+
+/// The process a socket's port is blamed on, as [`usage`] names it.
+pub fn holder_pid(
+    netns: u64,
+    row: &SockRow,
+    owners: &HashMap<TupleKey, OwnerView>,
+    fd_owners: &HashMap<u64, FdOwner>,
+) -> Option<u32> {
+    match lookup(netns, row, owners, fd_owners) {
+        (Some(o), _) if closing(row.state) => Some(o.pid),
+        (_, Some(f)) => Some(f.pid),
+        (Some(o), None) => Some(o.pid),
+        (None, None) => None,
+    }
+}
+
+/// Whether a socket in this state holds a port of the ephemeral range towards a destination.
+pub fn uses_range(ports: &PortSpace, row: &SockRow) -> bool {
+    !matches!(row.state, TcpState::Listen | TcpState::Close) && ports.contains(row.sport)
+}
+
 pub fn usage(
     census: &[NsCensus],
     owners: &HashMap<TupleKey, OwnerView>,
@@ -248,9 +287,7 @@ pub fn usage(
             // Listeners and closed sockets hold no port for a destination; sockets whose
             // local port is outside the range (servers' accepted sockets, explicit binds) do
             // not use the range up.
-            if matches!(row.state, TcpState::Listen | TcpState::Close)
-                || !ns.ports.contains(row.sport)
-            {
+            if !uses_range(&ns.ports, row) {
                 continue;
             }
             let dst = SocketAddr::new(row.dst, row.dport);
@@ -275,14 +312,7 @@ pub fn usage(
             if tw && row.expires_ms <= 10_000 {
                 u.tw_expiring_10s += 1;
             }
-            let tk = tuple_key(ns.netns, row);
-            // Without BTF offsets the kernel keyed owners with netns 0.
-            let owner = owners
-                .get(&tk)
-                .or_else(|| owners.get(&TupleKey { netns: 0, ..tk }));
-            // A live socket is the process holding its file, even if an old TIME_WAIT of the
-            // same tuple (reused) is still remembered.
-            let fd = fd_owners.get(&row.inode).filter(|_| row.inode != 0);
+            let (owner, fd) = lookup(ns.netns, row, owners, fd_owners);
             let (hk, alive, cgroup_id) = match (owner, fd) {
                 (Some(o), _) if closing(row.state) => (
                     (Some(o.pid), o.comm.clone(), Attribution::Traced),

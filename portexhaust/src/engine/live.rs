@@ -3,18 +3,20 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    sync::Arc,
 };
 
-use portexhaust_common::{Backend, LATENCY_BUCKETS, TupleKey};
+use portexhaust_common::{Backend, LATENCY_BUCKETS, SiteRef, TupleKey};
 
 use super::{
     blame::blame,
     census::{DestUsage, FdOwner, NsCensus, OwnerView, PortSpace, busiest, sort_holders, usage},
     counts::{Counts, offenders},
     rates::{RateTracker, forecast_seconds, latency},
+    sites::{Inputs, SiteObs, Stack, call_sites},
     whatif::with_what_if,
 };
-use crate::schema::{DestRow, FailingProcess, Holder, TopView, Totals, Ts, VERSION};
+use crate::schema::{CallSite, DestRow, FailingProcess, Holder, TopView, Totals, Ts, VERSION};
 
 /// Namespaces whose destinations a snapshot lists, and rows per namespace.
 const SNAPSHOT_NAMESPACES: usize = 16;
@@ -54,9 +56,40 @@ pub struct Observed {
     pub dest_stats: Vec<DestStat>,
     /// Where each failer ran, learnt from its events (still known after it exited).
     pub netns_of_pid: HashMap<u32, u64>,
+    /// The kernel's call-site counts, their symbolised stacks by (pid, stack id), and the
+    /// call site of each walked connection by 4-tuple.
+    pub sites: Vec<SiteObs>,
+    pub stacks: HashMap<(u32, u32), Arc<Stack>>,
+    pub sock_sites: HashMap<TupleKey, SiteRef>,
 }
 
 impl Observed {
+    /// The call-site rows, with their holds now.
+    pub fn call_sites(&self) -> Vec<CallSite> {
+        if self.sites.is_empty() {
+            return Vec::new();
+        }
+        let mut comms: HashMap<u32, String> = HashMap::new();
+        for (k, c) in &self.counts {
+            comms.entry(k.pid).or_insert_with(|| c.comm.clone());
+        }
+        for f in self.fd_owners.values() {
+            comms.entry(f.pid).or_insert_with(|| f.comm.clone());
+        }
+        for o in self.owners.values() {
+            comms.entry(o.pid).or_insert_with(|| o.comm.clone());
+        }
+        call_sites(&Inputs {
+            sites: &self.sites,
+            stacks: &self.stacks,
+            sock_sites: &self.sock_sites,
+            census: &self.census,
+            owners: &self.owners,
+            fd_owners: &self.fd_owners,
+            comms: &comms,
+        })
+    }
+
     fn usage(&self) -> Vec<DestUsage> {
         usage(&self.census, &self.owners, &self.fd_owners)
     }
@@ -130,6 +163,11 @@ pub fn totals(obs: &Observed, run: &Run) -> Totals {
         offenders,
         blame,
         destinations,
+        call_sites: if run.blame {
+            obs.call_sites()
+        } else {
+            Vec::new()
+        },
         tracked_sockets: if run.blame {
             obs.kernel.tracked_sockets
         } else {
@@ -199,6 +237,7 @@ impl Viewer {
             destinations,
             failing,
             blame,
+            call_sites: obs.call_sites(),
         }
     }
 

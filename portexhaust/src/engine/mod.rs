@@ -13,6 +13,7 @@ pub mod live;
 pub mod rates;
 pub mod report;
 pub mod session;
+pub mod sites;
 pub mod timeline;
 pub mod whatif;
 

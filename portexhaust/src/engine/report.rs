@@ -32,8 +32,10 @@ use super::{
     whatif::with_what_if,
 };
 use crate::{
-    advice::{Evidence, Finding},
-    schema::{BlameEntry, DestRow, Holder, Level, NetSysctls, Offender, PortRange, Problem, Ts},
+    advice::{BoundConnects, Evidence, Finding},
+    schema::{
+        BlameEntry, CallSite, DestRow, Holder, Level, NetSysctls, Offender, PortRange, Problem, Ts,
+    },
 };
 
 mod findings;
@@ -162,6 +164,9 @@ pub struct Report {
     /// The latest blame of each session: who failed towards each destination, who held it.
     pub blame: Vec<OnHost<BlameEntry>>,
     pub holders: Vec<HolderOut>,
+    /// The latest call sites of each session (cumulative in-kernel counts: the last snapshot
+    /// or the summary, never a sum), most failures and holds first.
+    pub call_sites: Vec<OnHost<CallSite>>,
     pub destinations: Vec<RowOut>,
     pub settings: Vec<SettingsOut>,
     pub findings: Vec<ScopedFinding>,
@@ -322,6 +327,7 @@ pub fn build(
     let mut rows: BTreeMap<RowKey, (Option<Ts>, DestRow)> = BTreeMap::new();
     let mut settings: BTreeMap<(String, Option<u64>), NetSysctls> = BTreeMap::new();
     let mut evidence: BTreeMap<(String, Option<u64>), Evidence> = BTreeMap::new();
+    let mut call_sites: Vec<OnHost<CallSite>> = Vec::new();
 
     for s in &unique {
         let host = s.host();
@@ -376,6 +382,31 @@ pub fn build(
                 item: b.clone(),
             });
         }
+        let sites: Vec<CallSite> = latest
+            .map(|t| t.call_sites.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| filter.pid_ok(c.pid))
+            .cloned()
+            .collect();
+        let mut by_ns: BTreeMap<Option<u64>, Vec<CallSite>> = BTreeMap::new();
+        for c in &sites {
+            by_ns.entry(c.netns).or_default().push(c.clone());
+        }
+        for (ns, list) in by_ns {
+            let bound = BoundConnects::of_sites(&list);
+            if !bound.is_empty() {
+                evidence
+                    .entry((host.clone(), ns))
+                    .or_default()
+                    .bound_connects
+                    .extend(bound);
+            }
+        }
+        call_sites.extend(sites.into_iter().map(|c| OnHost {
+            host: host.clone(),
+            item: c,
+        }));
         for (ts, r) in &s.rows {
             if r.in_use < 2 || ts.is_some_and(|t| !filter.time_ok(t)) {
                 continue;
@@ -397,6 +428,7 @@ pub fn build(
             e.bind_failures += ev.bind_failures;
             e.collisions += ev.collisions;
             e.udp_failures += ev.udp_failures;
+            e.bound_connects.extend(ev.bound_connects.iter().cloned());
         }
         let h = s.header.as_ref();
         out_sessions.push(SessionOut {
@@ -474,6 +506,11 @@ pub fn build(
             .then_with(|| a.row.dst.cmp(&b.row.dst))
     });
 
+    call_sites.sort_by(|a, b| {
+        (b.item.failures, b.item.holds(), b.item.connects)
+            .cmp(&(a.item.failures, a.item.holds(), a.item.connects))
+            .then_with(|| a.host.cmp(&b.host))
+    });
     let findings = findings(&settings, &evidence, &dest_rows);
     dest_rows.truncate(MAX_DEST_ROWS);
     // What each fix would buy, from what the record saw (its rows have no live rate: the
@@ -536,6 +573,7 @@ pub fn build(
         offenders,
         blame,
         holders,
+        call_sites,
         destinations: dest_rows,
         settings,
         findings,

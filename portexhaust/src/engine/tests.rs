@@ -110,6 +110,9 @@ fn observed() -> Observed {
         fd_owners: HashMap::new(),
         dest_stats: Vec::new(),
         netns_of_pid: [(7, NS)].into(),
+        sites: Vec::new(),
+        stacks: HashMap::new(),
+        sock_sites: HashMap::new(),
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
 };
 
-use portexhaust_common::{Cause, CountKey, CountValue, ProcKey, TupleKey};
+use portexhaust_common::{Cause, CountKey, CountValue, ProcKey, STACK_NOT_WALKED, TupleKey};
 
 use super::{
     Result,
@@ -17,12 +17,14 @@ use super::{
     loader::Tracer,
     netns::{self, comm_of, is_alive, socket_owners},
     procinfo::netns_of,
+    symbols::Symbols,
 };
 use crate::{
     engine::{
         census::{NsCensus, OwnerView, expired_owners},
         counts::{Counts, Exact, ExactId, of_exact},
         live::{DestStat, KernelTotals, Observed, Run},
+        sites::SiteObs,
     },
     schema::{
         BlameEntry, ContainerInfo, DestRow, Errno, Family, Holder, Proto,
@@ -105,6 +107,8 @@ pub struct Gatherer {
     /// pid -> cgroup id learnt from events, for the failers' containers.
     pub cgroup_of_pid: HashMap<u32, u64>,
     containers: Resolver,
+    /// Call-site stacks symbolised so far, by (pid, stack id).
+    pub symbols: Symbols,
 }
 
 impl Gatherer {
@@ -115,7 +119,58 @@ impl Gatherer {
             netns_of_pid: HashMap::new(),
             cgroup_of_pid: HashMap::new(),
             containers: Resolver::new(),
+            symbols: Symbols::new(),
         }
+    }
+
+    /// Symbolise a call-site stack the kernel just walked (its ring-buffer announcement),
+    /// while the process still lives.
+    pub fn learn_stack(&mut self, tracer: &Tracer, pid: u32, stack_id: u32) {
+        if self.symbols.known(pid, stack_id) {
+            return;
+        }
+        match tracer.stack(stack_id) {
+            Ok(ips) => {
+                self.symbols.learn(pid, stack_id, &ips);
+            }
+            Err(e) => log::debug!("reading stack {stack_id}: {e}"),
+        }
+    }
+
+    /// The kernel's call-site counts, named, with every stack they refer to symbolised (the
+    /// ones not announced yet are symbolised now, if their process still lives).
+    fn sites(&mut self, tracer: &Tracer, obs: &mut Observed) -> Result<()> {
+        let raw = tracer.sites()?;
+        for (k, _) in &raw {
+            if k.stack_id != STACK_NOT_WALKED {
+                self.learn_stack(tracer, k.pid, k.stack_id);
+                if let Some(s) = self.symbols.get(k.pid, k.stack_id) {
+                    obs.stacks.insert((k.pid, k.stack_id), s);
+                }
+            }
+        }
+        obs.sites = raw
+            .iter()
+            .filter_map(|(k, v)| {
+                Some(SiteObs {
+                    pid: k.pid,
+                    stack_id: (k.stack_id != STACK_NOT_WALKED).then_some(k.stack_id),
+                    netns: u64::from(k.netns),
+                    dst: addr(k.family, &k.daddr, k.dport)?,
+                    connects: v.connects,
+                    bound: v.bound,
+                    failures: v.failures,
+                    walked: v.walked,
+                })
+            })
+            .collect();
+        // Bounded over weeks: only the stacks the kernel still counts are kept.
+        if self.symbols.len() > 4 * raw.len().max(1024) {
+            let live: std::collections::HashSet<(u32, u32)> =
+                raw.iter().map(|(k, _)| (k.pid, k.stack_id)).collect();
+            self.symbols.retain(|p, s| live.contains(&(p, s)));
+        }
+        Ok(())
     }
 
     /// Remember where a failer ran, from its event.
@@ -197,7 +252,13 @@ impl Gatherer {
             fd_owners: HashMap::new(),
             dest_stats: Vec::new(),
             netns_of_pid: HashMap::new(),
+            sites: Vec::new(),
+            stacks: HashMap::new(),
+            sock_sites: HashMap::new(),
         };
+        if blame {
+            self.sites(tracer, &mut obs)?;
+        }
         // Where each failer ran: from its events, else (still alive) from /proc.
         obs.netns_of_pid = obs
             .counts
@@ -236,6 +297,9 @@ impl Gatherer {
             .collect::<HashMap<TupleKey, OwnerView>>();
         obs.census = self.census(&obs.counts);
         obs.fd_owners = socket_owners();
+        if !obs.sites.is_empty() {
+            obs.sock_sites = tracer.sock_sites()?;
+        }
         obs.dest_stats = tracer
             .dest_stats()?
             .into_iter()

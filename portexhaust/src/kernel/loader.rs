@@ -12,8 +12,8 @@ use aya::{
 use log::{debug, info};
 use portexhaust_common::{
     Backend, ConnMemo, CountKey, CountValue, DestKey, DestStats, FILTER_COMM, FILTER_DPORT,
-    FILTER_PID, KIND_CONNECT, LATENCY_BUCKETS, Offsets, Owner, ProcInfo, ProcKey, TupleKey,
-    kind_name, names,
+    FILTER_PID, KIND_CONNECT, LATENCY_BUCKETS, Offsets, Owner, ProcInfo, ProcKey, SiteKey,
+    SiteMemo, SiteRef, SiteValue, TupleKey, kind_name, names,
     programs::{self, Hook, Program, Set},
     stat,
 };
@@ -116,6 +116,9 @@ pub struct Tracking {
     /// Failure events streamed per second at most (0: every one). The kernel splits it between
     /// the CPUs; failures beyond it are counted exactly and tallied, not streamed one by one.
     pub events_per_s: u32,
+    /// Call sites: connects and failures counted per user stack, with rate-limited stack walks
+    /// (off: `trace --no-call-sites`; needs `blame`).
+    pub call_sites: bool,
 }
 
 impl Default for Tracking {
@@ -126,6 +129,7 @@ impl Default for Tracking {
             blame: true,
             catch: 0,
             events_per_s: 0,
+            call_sites: true,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod preflight;
 pub mod procinfo;
 pub mod sockdiag;
+pub mod symbols;
 pub mod sysctl;
 
 pub use error::{Error, Result};

@@ -272,6 +272,48 @@ pub fn render(r: &Report) -> String {
         o.push_str("</table>");
     }
 
+    o.push_str("<h2 id=\"call-sites\">Call sites: the code that made the connects</h2>");
+    if r.call_sites.is_empty() {
+        o.push_str(
+            "<p class=\"muted\">Not in these records (recorded by tracers with call sites on).</p>",
+        );
+    } else {
+        o.push_str("<table><tr><th>Host</th><th>PID</th><th>Command</th><th>Destination</th><th>Call site (top frames)</th><th>Connects</th><th>Failures</th><th>Holds ESTAB/TW</th></tr>");
+        for c in r.call_sites.iter().take(50) {
+            let (host, s) = (&c.host, &c.item);
+            let frames = s
+                .frames
+                .iter()
+                .take(8)
+                .map(|f| esc(&f.label()))
+                .collect::<Vec<_>>()
+                .join("<br>");
+            let bound = if s.bound_connects > 0 {
+                format!(" <span class=\"muted\">({} bound)</span>", s.bound_connects)
+            } else {
+                String::new()
+            };
+            let _ = write!(
+                o,
+                "<tr><td>{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td>\
+                 <td><details><summary>{}</summary><small>{}</small></details></td>\
+                 <td class=\"n\">{}{bound}</td><td class=\"n\">{}</td><td class=\"n\">{}/{}{}</td></tr>",
+                esc(host),
+                s.pid,
+                esc(&s.comm),
+                esc(&s.dst.to_string()),
+                esc(&s.label()),
+                frames,
+                s.connects,
+                s.failures,
+                s.holds_established,
+                s.holds_time_wait,
+                if s.holds_estimated { "~" } else { "" }
+            );
+        }
+        o.push_str("</table>");
+    }
+
     o.push_str("<h2 id=\"destinations\">Destinations: how full the range got</h2>");
     if r.destinations.is_empty() {
         o.push_str("<p class=\"muted\">None recorded.</p>");

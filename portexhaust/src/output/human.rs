@@ -170,6 +170,7 @@ pub fn human_summary(s: &Totals) -> String {
     }
     if s.offenders.is_empty() {
         out.push_str("No offenders.\n");
+        call_sites_section(&mut out, s);
         return out;
     }
     out.push_str("Offenders:\n");
@@ -182,7 +183,24 @@ pub fn human_summary(s: &Totals) -> String {
         out.push_str("\nWho holds the ports:");
         out.push_str(&human_blame(&s.blame));
     }
+    call_sites_section(&mut out, s);
     out
+}
+
+/// Call sites shown in the summary.
+const SUMMARY_SITES: usize = 10;
+
+fn call_sites_section(out: &mut String, s: &Totals) {
+    if s.call_sites.is_empty() {
+        return;
+    }
+    out.push_str("\nCall sites (the code that made the connects):\n");
+    out.push_str(&super::text::call_sites(
+        s.call_sites.iter().map(|c| (c.pid.to_string(), c)),
+        SUMMARY_SITES,
+        "",
+    ));
+    out.push('\n');
 }
 
 #[cfg(test)]

@@ -234,6 +234,32 @@ pub fn render(r: &Report) -> String {
         out.push('\n');
     }
 
+    out.push_str("\nCall sites (the code that made the connects):\n");
+    if r.call_sites.is_empty() {
+        out.push_str("  not in these records (recorded by tracers with call sites on)\n");
+    } else {
+        let multi_host = r
+            .call_sites
+            .iter()
+            .map(|c| &c.host)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            > 1;
+        out.push_str(&super::text::call_sites(
+            r.call_sites.iter().map(|c| {
+                let label = if multi_host {
+                    format!("{}/{}", c.host, c.item.pid)
+                } else {
+                    c.item.pid.to_string()
+                };
+                (label, &c.item)
+            }),
+            20,
+            "  ",
+        ));
+        out.push('\n');
+    }
+
     out.push_str("\nDestinations (busiest seen):\n");
     if r.destinations.is_empty() {
         out.push_str("  none recorded\n");

@@ -3,7 +3,7 @@
 use comfy_table::{Cell, CellAlignment, Table, presets::NOTHING};
 use portexhaust_common::Cause;
 
-use crate::schema::{DestRow, Holder, Offender};
+use crate::schema::{CallSite, DestRow, Holder, Offender};
 
 /// An aligned table without borders, each line with its trailing spaces cut and `indent` in
 /// front.
@@ -124,6 +124,64 @@ pub fn offenders<'a>(
         rows,
         indent,
     )
+}
+
+/// The call-site table of the trace summary, `report` and `top`: the code behind the
+/// connects (top frames past the C library), what it connected, what failed and what it holds.
+/// `label` names each row's process (its pid, or host/pid across hosts). The first `n` rows.
+pub fn call_sites<'a>(
+    rows: impl IntoIterator<Item = (String, &'a CallSite)>,
+    n: usize,
+    indent: &str,
+) -> String {
+    let mut estimated = false;
+    let rows: Vec<Vec<Cell>> = rows
+        .into_iter()
+        .take(n)
+        .map(|(label, s)| {
+            estimated |= s.holds_estimated;
+            let holds = format!(
+                "{}/{}{}",
+                s.holds_established,
+                s.holds_time_wait,
+                if s.holds_estimated { "~" } else { "" }
+            );
+            let connects = if s.bound_connects > 0 {
+                format!("{} ({} bound)", s.connects, s.bound_connects)
+            } else {
+                s.connects.to_string()
+            };
+            vec![
+                right(label),
+                Cell::new(&s.comm),
+                Cell::new(s.dst.to_string()),
+                Cell::new(s.label()),
+                right(connects),
+                right(s.failures),
+                right(holds),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "PID",
+            "COMM",
+            "DESTINATION",
+            "CALL SITE (TOP FRAMES)",
+            "CONNECTS",
+            "FAILURES",
+            "HOLDS ESTAB/TW",
+        ],
+        rows,
+        indent,
+    );
+    if estimated {
+        out.push_str(&format!(
+            "\n{indent}~: in part estimated (sockets whose connect's stack was not walked are shared \
+             out by each site's unwalked connects)"
+        ));
+    }
+    out
 }
 
 /// Holders as a table: `first` heads the label column, `before` names the state of sockets

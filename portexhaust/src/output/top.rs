@@ -114,6 +114,15 @@ pub fn render(v: &TopView, rows: usize) -> String {
         ));
         out.push('\n');
     }
+    if !v.call_sites.is_empty() {
+        out.push_str("\nCALL SITES (the code that made the connects)\n");
+        out.push_str(&super::text::call_sites(
+            v.call_sites.iter().map(|c| (c.pid.to_string(), c)),
+            rows,
+            "",
+        ));
+        out.push('\n');
+    }
     out
 }
 
@@ -173,6 +182,7 @@ mod tests {
                 top_dst: Some("127.0.0.1:5000".parse().expect("addr")),
             }],
             blame: vec![],
+            call_sites: vec![],
         }
     }
 

@@ -67,6 +67,17 @@ pub fn validate(ev: &FailureEvent) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// A ring-buffer record that announces a new call-site stack (see `SiteEvent`), if it is one.
+pub fn site_event(bytes: &[u8]) -> Option<portexhaust_common::SiteEvent> {
+    if bytes.len() != std::mem::size_of::<portexhaust_common::SiteEvent>() {
+        return None;
+    }
+    // SAFETY: SiteEvent is a Pod (integers only) and `bytes` holds exactly its size.
+    let ev: portexhaust_common::SiteEvent =
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    (ev.magic == portexhaust_common::SITE_EVENT_MAGIC).then_some(ev)
+}
+
 /// Decode one ring-buffer record. `ts_of` converts `bpf_ktime_get_ns()` values.
 pub fn decode_event(
     bytes: &[u8],

@@ -19,6 +19,7 @@ mod header;
 mod ports;
 mod problem;
 pub mod read;
+mod sites;
 mod sysctls;
 mod time;
 mod top;
@@ -34,6 +35,7 @@ pub use failure::{Errno, Failure, Family, Proto, Tally};
 pub use header::{Header, RecordedFilters, Suppressed, SysctlsLine};
 pub use ports::{Attribution, BlameEntry, ByState, DestRow, Failer, Holder, Latency, utilisation};
 pub use problem::{Level, Problem};
+pub use sites::{CallSite, Frame};
 pub use sysctls::{
     NetSysctls, PortRange, TcpExtCounters, merge_ranges, parse_netstat, parse_port_range,
     parse_reserved, reserved_overlap,

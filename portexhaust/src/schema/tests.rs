@@ -155,6 +155,28 @@ fn totals() -> Totals {
         }],
         blame: vec![],
         destinations: vec![],
+        call_sites: vec![crate::schema::CallSite {
+            pid: 4242,
+            comm: "python3".into(),
+            netns: Some(9),
+            dst: "127.0.0.1:27017".parse().expect("addr"),
+            stack_id: Some(12),
+            frames: vec![crate::schema::Frame {
+                addr: 0x55_0000_1234,
+                function: Some("fetch_orders".into()),
+                file: Some("/srv/app/orders.c".into()),
+                line: Some(42),
+                module: Some("/srv/app/orders".into()),
+                offset: Some(0x1234),
+            }],
+            symbols: None,
+            connects: 900,
+            bound_connects: 0,
+            failures: 30,
+            holds_established: 12,
+            holds_time_wait: 800,
+            holds_estimated: true,
+        }],
         tracked_sockets: 10,
         lru_evictions: 4,
         watched: vec!["connect".into()],
@@ -184,6 +206,8 @@ fn a_summary_keeps_every_count_the_tracer_knew() {
         "EADDRNOTAVAIL"
     );
     assert_eq!(v["not_watched"]["bind"], "no fexit or kprobe");
+    assert_eq!(v["call_sites"][0]["frames"][0]["function"], "fetch_orders");
+    assert_eq!(v["call_sites"][0]["holds_time_wait"], 800);
     let mut want = t.clone();
     want.ts = want.ts.map(Ts::micros);
     assert_eq!(read_back(&line), Record::Summary(Cow::Owned(want.clone())));

@@ -2,7 +2,7 @@
 use portexhaust_common::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{BlameEntry, DestRow, Ts};
+use super::{BlameEntry, CallSite, DestRow, Ts};
 
 /// A process with failures, for `top`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,6 +27,9 @@ pub struct TopView {
     pub destinations: Vec<DestRow>,
     pub failing: Vec<FailingProcess>,
     pub blame: Vec<BlameEntry>,
+    /// The code behind the connects, with what each site holds now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<CallSite>,
 }
 
 impl TopView {

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use portexhaust_common::{Backend, Cause};
 use serde::{Deserialize, Serialize};
 
-use super::{BlameEntry, DestRow, Errno, Ts};
+use super::{BlameEntry, CallSite, DestRow, Errno, Ts};
 
 /// One destination of one offender.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +74,10 @@ pub struct Totals {
     /// Ports in use per destination in the namespaces that had failures.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<DestRow>,
+    /// The code that made the connects: per process, user stack and destination, with the
+    /// failures and the ports each holds now. Most failures and holds first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<CallSite>,
     /// Sockets whose opener the kernel remembers now (ESTABLISHED through TIME_WAIT).
     #[serde(default)]
     pub tracked_sockets: u64,
@@ -113,6 +117,7 @@ impl Default for Totals {
             offenders: Vec::new(),
             blame: Vec::new(),
             destinations: Vec::new(),
+            call_sites: Vec::new(),
             tracked_sockets: 0,
             lru_evictions: 0,
             watched: Vec::new(),

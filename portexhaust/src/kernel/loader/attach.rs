@@ -260,6 +260,8 @@ pub(super) fn load_object(
     let backend_code = plan.backend as u32;
     let flags = filters.flags();
     let blame = u32::from(tracking.blame);
+    let call_sites = tracking.blame && tracking.call_sites;
+    let call_sites_code = u32::from(call_sites);
     let syscall_kinds = plan.syscall_kinds();
     let cpus = aya::util::online_cpus().map_or(1, |c| c.len() as u32);
     let events_per_cpu = per_cpu_budget(tracking.events_per_s, cpus);
@@ -278,6 +280,7 @@ pub(super) fn load_object(
         .override_global(names::GLOBAL_FILTER_FLAGS, &flags, true)
         .override_global(names::GLOBAL_TRACK_BLAME, &blame, true)
         .override_global(names::GLOBAL_SYSCALL_KINDS, &syscall_kinds, true)
+        .override_global(names::GLOBAL_CALL_SITES, &call_sites_code, true)
         .override_global(names::GLOBAL_EVENTS_PER_CPU, &events_per_cpu, true)
         .override_global(names::GLOBAL_HAVE_TASK_OFFSETS, &have_task, true)
         .override_global(names::GLOBAL_HAVE_SOCK_OFFSETS, &have_sock, true)
@@ -297,6 +300,10 @@ pub(super) fn load_object(
         .map_max_entries(names::PENDING, sized(tracking.blame, 4096))
         .map_max_entries(names::PROCS, sized(tracking.blame, 8192))
         .map_max_entries(names::DEST_STATS, sized(tracking.blame, 4096))
+        // A stack map preallocates a bucket of 127 frames per entry: 2 MiB at 2048.
+        .map_max_entries(names::STACKS, sized(call_sites, 2048))
+        .map_max_entries(names::SITES, sized(call_sites, 8192))
+        .map_max_entries(names::SOCK_SITES, sized(call_sites, 16384))
         .map_max_entries(
             names::KFUNC_INFLIGHT,
             sized(plan.uses_kfunc_inflight(), 4096),

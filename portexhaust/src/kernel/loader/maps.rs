@@ -92,7 +92,7 @@ impl Tracer {
     /// [`Self::lru_evictions`] for a caller that has just counted the owners (the owner map is
     /// the largest: one walk is enough).
     pub fn lru_evictions_given(&self, owners: u64) -> Result<u64> {
-        let pending = self.count_keys::<u64, u64>(names::PENDING)?;
+        let pending = self.count_keys::<u64, [u64; 2]>(names::PENDING)?;
         let ins = self.stat(stat::OWNER_INSERTS)? + self.stat(stat::PENDING_INSERTS)?;
         let del = self.stat(stat::OWNER_DELETES)?
             + self.stat(stat::PENDING_DELETES)?
@@ -135,6 +135,53 @@ impl Tracer {
             }
         }
         Ok(out)
+    }
+
+    /// Call-site counts per (pid, stack id, destination): the map, plus each CPU's run not yet
+    /// added to it (`SiteMemo`). Empty when call sites are off.
+    pub fn sites(&self) -> Result<Vec<(SiteKey, SiteValue)>> {
+        let mut out: Vec<(SiteKey, SiteValue)> = self.hash(names::SITES)?;
+        let name = names::SITE_MEMO;
+        let memo: PerCpuArray<&MapData, SiteMemo> = PerCpuArray::try_from(self.map_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })?;
+        let per_cpu = memo
+            .get(&0, 0)
+            .map_err(|source| Error::Map { map: name, source })?;
+        for m in per_cpu.iter() {
+            let p = m.pending;
+            if p.connects == 0 && p.failures == 0 {
+                continue;
+            }
+            match out.iter_mut().find(|(k, _)| *k == m.key) {
+                Some((_, v)) => {
+                    v.connects += p.connects;
+                    v.bound += p.bound;
+                    v.failures += p.failures;
+                    v.walked += p.walked;
+                }
+                None => out.push((m.key, p)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The call site of each connection whose connect was walked, by 4-tuple.
+    pub fn sock_sites(&self) -> Result<std::collections::HashMap<TupleKey, SiteRef>> {
+        Ok(self.hash(names::SOCK_SITES)?.into_iter().collect())
+    }
+
+    /// The user-space return addresses of one stack, innermost first (empty: the id is not
+    /// in the map, e.g. call sites are off).
+    pub fn stack(&self, stack_id: u32) -> Result<Vec<u64>> {
+        let name = names::STACKS;
+        let m: aya::maps::StackTraceMap<&MapData> =
+            aya::maps::StackTraceMap::try_from(self.map_ref(name)?)
+                .map_err(|source| Error::Map { map: name, source })?;
+        match m.get(&stack_id, 0) {
+            Ok(st) => Ok(st.frames().iter().map(|f| f.ip).collect()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(Vec::new()),
+            Err(source) => Err(Error::Map { map: name, source }),
+        }
     }
 
     pub fn failures_total(&self) -> Result<u64> {
