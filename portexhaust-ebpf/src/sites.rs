@@ -45,8 +45,10 @@ pub struct Add {
 }
 
 /// Count `add` to the call site of the current task's connect to (netns, family, dport,
-/// daddr). Returns the site when this call walked a new stack, so that the caller can carry
-/// it to the socket (holders, see state.rs), else `None`.
+/// daddr). Returns the site, packed (`pid << 32 | stack id`), when this call walked the
+/// stack, so that the caller can carry it to the socket (holders, see state.rs), else 0.
+/// A plain word rather than an `Option`: the verifier refuses the shifts the compiler makes
+/// of an `Option` that shares a register with a pointer on the other path.
 #[inline(always)]
 pub fn note<C: StackIdContext>(
     ctx: &C,
@@ -55,7 +57,7 @@ pub fn note<C: StackIdContext>(
     dport: u16,
     daddr: Addr,
     add: Add,
-) -> Option<SiteRef> {
+) -> u64 {
     let id = bpf_get_current_pid_tgid();
     let pid = (id >> 32) as u32;
     let tid = id as u32;
@@ -70,10 +72,12 @@ pub fn note<C: StackIdContext>(
             [0u8; COMM_LEN]
         };
         if !passes_filters(pid, &comm, dport) {
-            return None;
+            return 0;
         }
     }
-    let m = SITE_MEMO.get_ptr_mut(0)?;
+    let Some(m) = SITE_MEMO.get_ptr_mut(0) else {
+        return 0;
+    };
     // SAFETY: helper without arguments (5.5+): a plain read of jiffies.
     let j = unsafe { bpf_jiffies64() };
     // SAFETY: this CPU's slot; nothing else runs on this CPU meanwhile. Compared field by
@@ -89,7 +93,7 @@ pub fn note<C: StackIdContext>(
         // jiffy) is that connect's call site: no second walk.
         if same && (*m).jiffy == j && add.connects == 0 {
             (*m).pending.failures += add.failures;
-            return None;
+            return 0;
         }
         if (*m).budget_jiffy != j {
             (*m).budget_jiffy = j;
@@ -100,7 +104,7 @@ pub fn note<C: StackIdContext>(
             (*m).pending.connects += add.connects;
             (*m).pending.bound += add.bound;
             (*m).pending.failures += add.failures;
-            return None;
+            return 0;
         }
         let mut stack_id = STACK_NOT_WALKED;
         if (*m).walks < WALKS_PER_JIFFY {
@@ -119,7 +123,11 @@ pub fn note<C: StackIdContext>(
             (*m).pending.bound += add.bound;
             (*m).pending.failures += add.failures;
             (*m).pending.walked += walked;
-            return (stack_id != STACK_NOT_WALKED).then_some(SiteRef { pid, stack_id });
+            return if stack_id == STACK_NOT_WALKED {
+                0
+            } else {
+                (id & 0xffff_ffff_0000_0000) | u64::from(stack_id)
+            };
         }
         flush(m);
         let prev = ((*m).key.pid, (*m).key.stack_id);
@@ -140,12 +148,12 @@ pub fn note<C: StackIdContext>(
             walked,
         };
         if stack_id == STACK_NOT_WALKED {
-            return None;
+            return 0;
         }
         if prev != (pid, stack_id) {
             announce(pid, stack_id);
         }
-        Some(SiteRef { pid, stack_id })
+        (id & 0xffff_ffff_0000_0000) | u64::from(stack_id)
     }
 }
 
@@ -217,13 +225,4 @@ pub fn opened(key: &TupleKey, site: u64) {
         stack_id: site as u32,
     };
     let _ = SOCK_SITES.insert(key, r, 0);
-}
-
-/// A `SiteRef` packed into one word, as `PENDING` carries it (0: none).
-#[inline(always)]
-pub fn pack(r: Option<SiteRef>) -> u64 {
-    match r {
-        Some(r) => (u64::from(r.pid) << 32) | u64::from(r.stack_id),
-        None => 0,
-    }
 }

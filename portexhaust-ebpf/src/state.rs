@@ -114,7 +114,7 @@ fn connect_start<C: StackIdContext>(ctx: &C, s: &impl Sock) {
     let Some((family, dport, daddr)) = s.dest() else {
         return;
     };
-    let mut site = None;
+    let mut site = 0;
     if globals::call_sites() {
         // `inet_num` is still 0 here unless the socket was bound before connect(): such a
         // socket holds its port against the whole range, whatever the destination.
@@ -127,11 +127,10 @@ fn connect_start<C: StackIdContext>(ctx: &C, s: &impl Sock) {
         site = sites::note(ctx, netns_of(s), family, dport, daddr, add);
     }
     // A walked connect is always pended: its call site must reach the connection (holders).
-    if site.is_none() && !sample_now(daddr[0] ^ daddr[1] ^ u64::from(dport)) {
+    if site == 0 && !sample_now(daddr[0] ^ daddr[1] ^ u64::from(dport)) {
         return;
     }
     let at = now_ns();
-    let site = sites::pack(site);
     // A loopback connect has its outcome before connect() returns, in this task: it waits in
     // this CPU's slot, which costs no map update (one left there by a task that moved to
     // another CPU inside connect(), rare, is overwritten: one sample lost). Every other

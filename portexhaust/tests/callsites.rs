@@ -124,11 +124,19 @@ fn check(what: &str, v: &Value, pid: u64, leaky: &str, pooled: &str, c: &Value) 
 }
 
 /// Trace the client `argv` (its command name `comm`), then check the summary and the report.
-fn run(tag: &str, comm: &str, argv: &[&str], leaky: &str, pooled: &str) {
+fn run(tag: &str, backend: &str, comm: &str, argv: &[&str], leaky: &str, pooled: &str) {
     let dir = temp_dir(tag);
     let record = dir.path().join("incident.ndjson");
     let rec = record.to_str().expect("path");
-    let t = Tracer::trace(&["--json", "--record", rec, "--comm", comm]);
+    let t = Tracer::trace(&[
+        "--json",
+        "--record",
+        rec,
+        "--comm",
+        comm,
+        "--backend",
+        backend,
+    ]);
     let c = client(argv, dir.path());
     let pid = n(&c.report["pid"]);
     // A JIT's perf map outlives its process: removed with the test.
@@ -218,13 +226,18 @@ fn a_c_client_names_its_leaky_function() {
         .expect("cc");
     assert!(status.success(), "compiling the client");
     let bin = bin.to_str().expect("path");
-    run(
-        "callsites-c",
-        "pxh-cs-client",
-        &[bin, DPORT, "40"],
-        "fetch_orders_leaky",
-        "fetch_orders_pooled",
-    );
+    // Every backend here: each has its own program for the stack walk, and the verifier
+    // judges each on its own.
+    for backend in common::backends_here() {
+        run(
+            &format!("callsites-c-{backend}"),
+            &backend,
+            "pxh-cs-client",
+            &[bin, DPORT, "40"],
+            "fetch_orders_leaky",
+            "fetch_orders_pooled",
+        );
+    }
 }
 
 #[test]
@@ -234,6 +247,7 @@ fn a_node_client_names_its_leaky_function_from_the_perf_map() {
     let script = fixture("client.js");
     run(
         "callsites-node",
+        "auto",
         "node",
         &[
             "node",

@@ -107,6 +107,9 @@ pub(super) struct Offer {
     pub(super) backends_skipped: Vec<(String, String)>,
     pub(super) default_backend: Option<String>,
     pub(super) catch: bool,
+    /// `trace --no-call-sites` exists: the default walks user stacks, and the bench measures
+    /// it without them too.
+    pub(super) call_sites: bool,
 }
 
 pub(super) fn discover(portexhaust: &Path) -> Result<Offer> {
@@ -122,6 +125,7 @@ pub(super) fn discover(portexhaust: &Path) -> Result<Offer> {
     Ok(Offer {
         default_backend: default_backend(portexhaust),
         catch: offers_catch(&help),
+        call_sites: help.contains("--no-call-sites"),
         backends_ran,
         backends_skipped,
     })

@@ -163,6 +163,9 @@ pub enum Flavor {
     /// `trace --catch bind,udp`: bind(0) EADDRINUSE and UDP EAGAIN coverage switched on, so
     /// that its extra cost shows on its own (only for a binary whose help offers `--catch`).
     Catch,
+    /// `trace --no-call-sites`: no user stack walks, so that what the call sites cost shows
+    /// against the default (only for a binary whose help offers `--no-call-sites`).
+    NoCallSites,
 }
 
 impl Flavor {
@@ -173,6 +176,7 @@ impl Flavor {
             Self::NoBlame => "no-blame",
             Self::HooksOnly => "hooks-only",
             Self::Catch => "catch",
+            Self::NoCallSites => "no-call-sites",
         }
     }
 
@@ -182,6 +186,7 @@ impl Flavor {
             Self::NoBlame => &["--no-blame"],
             Self::HooksOnly => &["--pid", "1"],
             Self::Catch => &["--catch", "bind,udp"],
+            Self::NoCallSites => &["--no-call-sites"],
         }
     }
 }

@@ -52,6 +52,13 @@ impl Sets {
         if offer.catch {
             main.extend(b.iter().map(|b| Variant::portexhaust(b, Flavor::Catch)));
         }
+        if offer.call_sites {
+            // The default walks user stacks for call sites: the same without, for their cost.
+            main.extend(
+                b.iter()
+                    .map(|b| Variant::portexhaust(b, Flavor::NoCallSites)),
+            );
+        }
         if bpftrace {
             main.push(Variant::Traced(TracerKind::Bpftrace));
         }
