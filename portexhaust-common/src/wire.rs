@@ -240,7 +240,8 @@ const _: () = assert!(core::mem::size_of::<DestStats>() == 264);
 pub const STACK_NOT_WALKED: u32 = u32::MAX;
 
 /// Key of the call-site counts: one process's connects to one destination from one user-space
-/// stack (a `STACKS` stack id, or [`STACK_NOT_WALKED`]).
+/// stack (a `STACKS` stack id, or [`STACK_NOT_WALKED`]). `netns` is 0 (not read on the hot
+/// path): user space names the process's namespace.
 // align(8): the programs store the address fields as two 64-bit words (see the eBPF
 // crate's addr.rs); every field offset stays what repr(C) gives.
 #[repr(C, align(8))]

@@ -44,20 +44,15 @@ pub struct Add {
     pub failures: u64,
 }
 
-/// Count `add` to the call site of the current task's connect to (netns, family, dport,
-/// daddr). Returns the site, packed (`pid << 32 | stack id`), when this call walked the
+/// Count `add` to the call site of the current task's connect to (family, dport, daddr).
+/// The key's namespace is left 0: a process connects from one namespace (user space names
+/// it), and reading the socket's on every connect would cost the hot path two loads, or two
+/// helper calls without BTF. Returns the site, packed (`pid << 32 | stack id`), when this call walked the
 /// stack, so that the caller can carry it to the socket (holders, see state.rs), else 0.
 /// A plain word rather than an `Option`: the verifier refuses the shifts the compiler makes
 /// of an `Option` that shares a register with a pointer on the other path.
 #[inline(always)]
-pub fn note<C: StackIdContext>(
-    ctx: &C,
-    netns: u32,
-    family: u16,
-    dport: u16,
-    daddr: Addr,
-    add: Add,
-) -> u64 {
+pub fn note<C: StackIdContext>(ctx: &C, family: u16, dport: u16, daddr: Addr, add: Add) -> u64 {
     let id = bpf_get_current_pid_tgid();
     let pid = (id >> 32) as u32;
     let tid = id as u32;
@@ -85,7 +80,6 @@ pub fn note<C: StackIdContext>(
     unsafe {
         let same = (*m).tid == tid
             && (*m).key.pid == pid
-            && (*m).key.netns == netns
             && (*m).key.family == family
             && (*m).key.dport == dport
             && addr::words(&(*m).key.daddr) == daddr;
@@ -134,7 +128,7 @@ pub fn note<C: StackIdContext>(
         (*m).key = SiteKey {
             pid,
             stack_id,
-            netns,
+            netns: 0,
             family,
             dport,
             daddr: bytes(daddr),

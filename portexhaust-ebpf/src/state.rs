@@ -124,7 +124,7 @@ fn connect_start<C: StackIdContext>(ctx: &C, s: &impl Sock) {
             bound,
             failures: 0,
         };
-        site = sites::note(ctx, netns_of(s), family, dport, daddr, add);
+        site = sites::note(ctx, family, dport, daddr, add);
     }
     // A walked connect is always pended: its call site must reach the connection (holders).
     if site == 0 && !sample_now(daddr[0] ^ daddr[1] ^ u64::from(dport)) {
@@ -291,7 +291,7 @@ fn connect_closed<C: StackIdContext>(ctx: &C, s: &impl Sock) {
             bound: 0,
             failures: 1,
         };
-        sites::note(ctx, netns, c.family, c.dport, c.daddr, add);
+        sites::note(ctx, c.family, c.dport, c.daddr, add);
     }
     if !globals::state_reports() {
         return; // the fentry/kprobe backends report from their own hooks

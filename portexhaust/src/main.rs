@@ -50,7 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Report(args) => Ok(ExitCode::from(report::run(&args)?)),
         Cmd::Doctor(args) => {
-            println!("{}", doctor::run(&args).trim_end());
+            println!("{}", doctor::run(&args)?.trim_end());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Top(args) => {

@@ -85,6 +85,72 @@ fn doctor_in_a_namespace_with_a_tiny_range_and_no_tw_reuse_flags_both() {
     drop(w);
 }
 
+/// `doctor --watch`: what the settings cannot show. The collision workload connects on
+/// sockets bound before connect() and fails on taken 4-tuples while doctor watches its
+/// namespace: the bound connects become their finding, with the call site, and the
+/// collisions are counted exactly.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_watch_sees_connects_on_bound_sockets() {
+    require_root();
+    let mut w = Workload::start("collision", 20, "pxh-f-bconn", &["--ports", "10"]);
+    let doctor = Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", w.pid))
+        .args([BIN, "doctor", "--json", "--watch", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nsenter (util-linux) runs doctor");
+    let mut doctor = common::Guard(doctor);
+    // Its programs are attached before it says it watches.
+    let mut err = std::io::BufReader::new(doctor.0.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).expect("doctor stderr");
+        assert!(n > 0, "doctor ended before watching");
+        if line.contains("watching connects") {
+            break;
+        }
+    }
+    w.go();
+    let expected = common::expected_failures(&w.finish());
+    let mut out = String::new();
+    std::io::Read::read_to_string(doctor.0.stdout.as_mut().expect("stdout"), &mut out)
+        .expect("doctor output");
+    let status = doctor.0.wait().expect("wait");
+    assert!(status.success(), "doctor --watch failed");
+    let audit: Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(audit["watched_s"], 4.0, "{audit}");
+    let c = finding(&audit, "connect_tuple_collision");
+    assert!(
+        c["title"]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("failed {expected} times"))),
+        "exact collisions ({expected}): {c}"
+    );
+    let b = finding(&audit, "connects_on_bound_sockets");
+    assert!(
+        b["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("pxh-f-bconn")),
+        "{b}"
+    );
+    assert!(
+        b["fixes"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("IP_BIND_ADDRESS_NO_PORT")),
+        "{b}"
+    );
+    let sites = audit["call_sites"].as_array().expect("call sites");
+    assert!(
+        sites
+            .iter()
+            .any(|s| s["comm"] == "pxh-f-bconn" && s["bound_connects"].as_u64() > Some(0)),
+        "{sites:?}"
+    );
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn doctor_sees_sockets_bound_before_connect() {

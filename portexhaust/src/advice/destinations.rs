@@ -3,8 +3,8 @@
 use portexhaust_common::TcpState;
 
 use super::{
-    BindHolder, Evidence, Finding, NO_PORT, POOLING, SERVER_CLOSES, SPREAD, Severity, app,
-    capacity, dominant_state, finding, pct, size_text, sysctl,
+    BindHolder, BoundConnects, Evidence, Finding, NO_PORT, POOLING, SERVER_CLOSES, SPREAD,
+    Severity, app, capacity, dominant_state, finding, pct, size_text, sysctl,
 };
 use crate::schema::{DestRow, NetSysctls};
 
@@ -161,48 +161,8 @@ pub(super) fn evidence_rules(e: Option<&Evidence>, out: &mut Vec<Finding>) {
             ],
         ));
     }
-    if let Some(top) = e.bound_connects.first() {
-        let total: u64 = e.bound_connects.iter().map(|b| b.connects).sum();
-        let who = e
-            .bound_connects
-            .iter()
-            .take(3)
-            .map(|b| {
-                let site = b
-                    .site
-                    .as_deref()
-                    .map(|s| format!(" from {s}"))
-                    .unwrap_or_default();
-                format!(
-                    "{} (pid {}) to {}: {} of {} connects{site}",
-                    b.comm, b.pid, b.dst, b.connects, b.of
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        out.push(finding(
-            "connects_on_bound_sockets",
-            if top.connects >= 100 {
-                Severity::Warning
-            } else {
-                Severity::Info
-            },
-            format!("{total} connects were made on sockets bound before connect()"),
-            format!(
-                "{who}. An unbound connect() shares each local port among all destinations; a \
-                 socket bound first (bind() to pick a source address, SO_REUSEADDR source ports, \
-                 Envoy's upstream_bind_config) takes its port from the whole range for every \
-                 destination at once, so such clients run out of ports far sooner."
-            ),
-            vec![
-                app(NO_PORT),
-                app(
-                    "Or do not bind() at all where only the source address matters: the route's \
-                     source is chosen anyway; with Envoy, drop upstream_bind_config's port or \
-                     set its IP_BIND_ADDRESS_NO_PORT socket option",
-                ),
-            ],
-        ));
+    if let Some(f) = bound_connects_finding(&e.bound_connects) {
+        out.push(f);
     }
     if e.bind_failures > 0 {
         out.push(finding(
@@ -234,4 +194,50 @@ pub(super) fn evidence_rules(e: Option<&Evidence>, out: &mut Vec<Finding>) {
             )],
         ));
     }
+}
+
+/// Connects on sockets bound before connect() (from the call-site counts): each takes its
+/// port from the whole range. `report`, `doctor --watch` and the trace summary say it alike.
+pub fn bound_connects_finding(list: &[BoundConnects]) -> Option<Finding> {
+    let top = list.first()?;
+    let total: u64 = list.iter().map(|b| b.connects).sum();
+    let who = list
+        .iter()
+        .take(3)
+        .map(|b| {
+            let site = b
+                .site
+                .as_deref()
+                .map(|s| format!(" from {s}"))
+                .unwrap_or_default();
+            format!(
+                "{} (pid {}) to {}: {} of {} connects{site}",
+                b.comm, b.pid, b.dst, b.connects, b.of
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(finding(
+        "connects_on_bound_sockets",
+        if top.connects >= 100 {
+            Severity::Warning
+        } else {
+            Severity::Info
+        },
+        format!("{total} connects were made on sockets bound before connect()"),
+        format!(
+            "{who}. An unbound connect() shares each local port among all destinations; a \
+                 socket bound first (bind() to pick a source address, SO_REUSEADDR source ports, \
+                 Envoy's upstream_bind_config) takes its port from the whole range for every \
+                 destination at once, so such clients run out of ports far sooner."
+        ),
+        vec![
+            app(NO_PORT),
+            app(
+                "Or do not bind() at all where only the source address matters: the route's \
+                     source is chosen anyway; with Envoy, drop upstream_bind_config's port or \
+                     set its IP_BIND_ADDRESS_NO_PORT socket option",
+            ),
+        ],
+    ))
 }

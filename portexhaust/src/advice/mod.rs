@@ -9,6 +9,7 @@
 use serde::Serialize;
 
 mod destinations;
+pub use destinations::bound_connects_finding;
 pub mod explain;
 mod settings;
 
@@ -149,6 +150,12 @@ pub struct Audit {
     pub destinations: Vec<DestRow>,
     /// None: could not be inspected (not root).
     pub bind_holders: Option<Vec<BindHolder>>,
+    /// `--watch`: for how long this namespace's connects were watched, and the call sites
+    /// seen meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watched_s: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<crate::schema::CallSite>,
     pub worst: Severity,
     pub findings: Vec<Finding>,
 }

@@ -261,6 +261,11 @@ pub struct DoctorArgs {
     /// IP_BIND_ADDRESS_NO_PORT, time_wait.
     #[arg(long, value_enum, value_name = "TOPIC", hide_possible_values = true)]
     pub explain: Option<Topic>,
+    /// Also watch this namespace's connects for SECS (root: loads the programs), to add what
+    /// the settings cannot show: failures, the call sites, and connects on sockets bound
+    /// before connect().
+    #[arg(long, value_name = "SECS", value_parser = parse_duration, conflicts_with = "explain")]
+    pub watch: Option<Duration>,
 }
 
 #[derive(Args, Clone, Debug)]

@@ -4,24 +4,82 @@
 //! the sockets per destination (sock_diag, grouped as `trace` and `top` group them), and, as
 //! root, looks for sockets bound before connect(). To audit another namespace (a container),
 //! run it there: `nsenter --net=/proc/PID/ns/net portexhaust doctor`.
-use portexhaust_common::TcpState;
+use std::time::Duration;
+
+use portexhaust_common::{Cause, EADDRNOTAVAIL, TcpState};
 
 use crate::{
-    advice::{Audit, Inputs, Severity, audit, explain},
+    advice::{Audit, BoundConnects, Evidence, Inputs, Severity, audit, explain},
     cli::DoctorArgs,
     engine::{
         census::{PortSpace, SockRow, busiest, destination_rows},
         whatif::with_what_if,
     },
     kernel::{
-        bindscan,
-        netns::census_here,
+        Result, bindscan,
+        gather::{Gatherer, Scope},
+        loader::{BackendRequest, Filters, Tracer, Tracking},
+        netns::{census_here, netns_path},
         procinfo::netns_of,
         sockdiag::dump_tcp_listeners,
         sysctl::{counters_current, host_and_kernel, read_current},
     },
-    schema::{ByState, Ts},
+    schema::{ByState, CallSite, Ts},
 };
+
+/// `--watch`: what the programs saw in this namespace meanwhile.
+struct Watched {
+    seconds: f64,
+    evidence: Evidence,
+    call_sites: Vec<CallSite>,
+}
+
+/// Watch this namespace's connects for `d`: its failures (exact, by cause) and its call sites.
+fn watch(netns: Option<u64>, d: Duration) -> Result<Watched> {
+    let opened = Tracer::open_with(
+        BackendRequest::Auto,
+        &Filters::default(),
+        Tracking::default(),
+    )?;
+    let mut tracer = opened.tracer;
+    eprintln!(
+        "portexhaust: doctor: watching connects for {:.0}s with the {} backend",
+        d.as_secs_f64(),
+        tracer.backend.name()
+    );
+    std::thread::sleep(d);
+    let scope = match netns {
+        Some(n) => Scope::Only(vec![(n, netns_path(std::process::id()))]),
+        None => Scope::All,
+    };
+    let mut g = Gatherer::new(scope);
+    let obs = g.observe(&mut tracer, true)?;
+    let here = |ns: Option<u64>| netns.is_none() || ns.is_none() || ns == netns;
+    let call_sites: Vec<CallSite> = obs
+        .call_sites()
+        .into_iter()
+        .filter(|c| here(c.netns))
+        .collect();
+    let mut evidence = Evidence {
+        bound_connects: BoundConnects::of_sites(&call_sites),
+        ..Default::default()
+    };
+    for (k, c) in &obs.counts {
+        let ns = g.netns_of_pid.get(&k.pid).copied().or(c.netns);
+        if !here(ns) || k.errno.0 != EADDRNOTAVAIL {
+            continue;
+        }
+        match k.cause {
+            Cause::TupleCollision => evidence.collisions += c.count,
+            _ => evidence.connect_failures += c.count,
+        }
+    }
+    Ok(Watched {
+        seconds: d.as_secs_f64(),
+        evidence,
+        call_sites,
+    })
+}
 
 /// Destinations listed in the output.
 const TOP_DESTINATIONS: usize = 20;
@@ -36,9 +94,23 @@ fn state_totals<'a>(sockets: impl Iterator<Item = &'a SockRow>) -> ByState {
     out
 }
 
-/// Audit the calling thread's network namespace.
-pub fn gather() -> Audit {
+/// Audit the calling thread's network namespace (and, with `watch`, what its connects did
+/// meanwhile).
+pub fn gather_watching(watch_for: Option<Duration>) -> Result<Audit> {
     let netns = netns_of(std::process::id());
+    let watched = match watch_for {
+        Some(d) => Some(watch(netns, d)?),
+        None => None,
+    };
+    Ok(audit_of(netns, watched))
+}
+
+/// Audit the calling thread's network namespace, now.
+pub fn gather() -> Audit {
+    audit_of(netns_of(std::process::id()), None)
+}
+
+fn audit_of(netns: Option<u64>, watched: Option<Watched>) -> Audit {
     let sysctls = read_current();
     let range = sysctls.range();
     let counters = counters_current();
@@ -76,7 +148,7 @@ pub fn gather() -> Audit {
         destinations: &destinations,
         time_wait_total: Some(states.get(&TcpState::TimeWait).copied().unwrap_or(0)),
         bind_holders: bind_holders.as_deref(),
-        evidence: None,
+        evidence: watched.as_ref().map(|w| &w.evidence),
     });
     let (host, kernel) = host_and_kernel();
     let ports = PortSpace::from(&sysctls);
@@ -95,6 +167,8 @@ pub fn gather() -> Audit {
             .map(|r| with_what_if(r, &ports))
             .collect(),
         bind_holders,
+        watched_s: watched.as_ref().map(|w| w.seconds),
+        call_sites: watched.map(|w| w.call_sites).unwrap_or_default(),
         worst: findings
             .iter()
             .map(|f| f.severity)
@@ -105,24 +179,24 @@ pub fn gather() -> Audit {
 }
 
 /// Run `doctor`: the output to print on stdout.
-pub fn run(args: &DoctorArgs) -> String {
+pub fn run(args: &DoctorArgs) -> Result<String> {
     if let Some(t) = args.explain {
         let text = explain::text(t);
-        return if args.json {
+        return Ok(if args.json {
             let topic = clap::ValueEnum::to_possible_value(&t)
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default();
             serde_json::json!({"type": "explain", "topic": topic, "text": text}).to_string()
         } else {
             text.to_string()
-        };
+        });
     }
-    let a = gather();
-    if args.json {
+    let a = gather_watching(args.watch)?;
+    Ok(if args.json {
         serde_json::to_string(&a).unwrap_or_default()
     } else {
         crate::output::doctor::render(&a)
-    }
+    })
 }
 
 #[cfg(test)]
@@ -147,12 +221,18 @@ mod tests {
         let t = run(&DoctorArgs {
             json: false,
             explain: Some(Topic::TcpTwRecycle),
-        });
+            watch: None,
+        })
+        .expect("explain");
         assert!(t.contains("4.12"));
-        let j: serde_json::Value = serde_json::from_str(&run(&DoctorArgs {
-            json: true,
-            explain: Some(Topic::TcpTwRecycle),
-        }))
+        let j: serde_json::Value = serde_json::from_str(
+            &run(&DoctorArgs {
+                json: true,
+                explain: Some(Topic::TcpTwRecycle),
+                watch: None,
+            })
+            .expect("explain"),
+        )
         .expect("json");
         assert_eq!(j["type"], "explain");
         assert_eq!(j["topic"], "tcp_tw_recycle");

@@ -133,6 +133,19 @@ pub fn what_if(row: &DestRow, ports: &PortSpace) -> Vec<WhatIf> {
             now,
         ));
     }
+    // IP_LOCAL_PORT_RANGE (Linux 6.3+) gives a socket its own range, but the kernel intersects
+    // it with the namespace's (inet_sk_get_local_port_range): it confines this client to a
+    // slice, so that it cannot starve the others, and buys it no port. Shown so that nobody
+    // expects otherwise.
+    out.push(project(
+        "ip_local_port_range_per_socket",
+        "application",
+        "IP_LOCAL_PORT_RANGE on this client's sockets (Linux 6.3+): keeps it to a slice of the \
+         range so the others keep theirs; no more ports for it"
+            .into(),
+        base,
+        now,
+    ));
     out.push(project(
         "more_sources",
         "capacity",
@@ -233,6 +246,10 @@ mod tests {
         assert_eq!(get(&w, "server_closes_first").in_use, 40.0);
         assert_eq!(get(&w, "pooling").in_use, 244.0);
         assert_eq!(get(&w, "more_sources").capacity, 6000);
+        // A per-socket range only narrows the namespace's: no port gained, and it says so.
+        let per_socket = get(&w, "ip_local_port_range_per_socket");
+        assert_eq!((per_socket.in_use, per_socket.capacity), (now.in_use, 3000));
+        assert!(per_socket.text.contains("no more ports"));
         assert_eq!(get(&w, "wider_range").capacity, 55296);
         // Not loopback, tw_reuse 0: reuse=1 would apply (timestamps are on).
         assert_eq!(get(&w, "tcp_tw_reuse").in_use, 80.0);
@@ -242,6 +259,7 @@ mod tests {
             kinds,
             [
                 "now",
+                "application",
                 "application",
                 "application",
                 "capacity",

@@ -149,13 +149,22 @@ impl Gatherer {
                 }
             }
         }
+        // The kernel leaves the namespace out of the key: the process's, from its events or
+        // /proc, once per process.
+        let mut ns_of: HashMap<u32, u64> = HashMap::new();
         obs.sites = raw
             .iter()
             .filter_map(|(k, v)| {
+                let netns = match k.netns {
+                    0 => *ns_of
+                        .entry(k.pid)
+                        .or_insert_with(|| self.netns_for(k.pid).unwrap_or(0)),
+                    n => u64::from(n),
+                };
                 Some(SiteObs {
                     pid: k.pid,
                     stack_id: (k.stack_id != STACK_NOT_WALKED).then_some(k.stack_id),
-                    netns: u64::from(k.netns),
+                    netns,
                     dst: addr(k.family, &k.daddr, k.dport)?,
                     connects: v.connects,
                     bound: v.bound,

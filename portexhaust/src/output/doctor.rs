@@ -59,8 +59,20 @@ pub fn render(a: &Audit) -> String {
             a.states.get(&TcpState::TimeWait).copied().unwrap_or(0)
         ));
     }
+    if let Some(s) = a.watched_s {
+        out.push_str(&format!("connects watched for {s:.0}s\n"));
+    }
     out.push('\n');
     out.push_str(&findings(&a.findings));
+    if !a.call_sites.is_empty() {
+        out.push_str("\nCall sites seen (the code that made the connects):\n");
+        out.push_str(&super::text::call_sites(
+            a.call_sites.iter().map(|c| (c.pid.to_string(), c)),
+            10,
+            "",
+        ));
+        out.push('\n');
+    }
     if !a.destinations.is_empty() {
         out.push_str("\nBusiest destinations (ports of the range in use):\n");
         out.push_str(&destinations(&a.destinations, ""));

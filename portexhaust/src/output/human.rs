@@ -201,6 +201,18 @@ fn call_sites_section(out: &mut String, s: &Totals) {
         "",
     ));
     out.push('\n');
+    let bound = crate::advice::BoundConnects::of_sites(&s.call_sites);
+    if let Some(f) = crate::advice::bound_connects_finding(&bound) {
+        out.push_str(&format!("\n{}: {}\n", f.severity.name(), f.title));
+        out.push_str("  ");
+        out.push_str(&super::text::wrap(&f.detail, 96, 2));
+        out.push('\n');
+        for fix in &f.fixes {
+            out.push_str("  ");
+            out.push_str(&super::text::wrap(&format!("fix: {}", fix.text), 96, 2));
+            out.push('\n');
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,8 @@ pub struct Load {
 /// One fix and what it would buy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WhatIf {
-    /// `now`, then `pooling`, `server_closes_first`, `more_sources`, `wider_range`,
-    /// `tcp_tw_reuse`.
+    /// `now`, then `pooling`, `server_closes_first`, `ip_local_port_range_per_socket`,
+    /// `more_sources`, `wider_range`, `tcp_tw_reuse`.
     pub fix: String,
     /// `now`, `application`, `capacity` or `sysctl` (in that order).
     pub kind: String,
