@@ -2,6 +2,7 @@
 //! asks for it, as Prometheus does, else the Prometheus 0.0.4 text format) and a small page at
 //! `/`.
 use std::{
+    collections::VecDeque,
     convert::Infallible,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -15,7 +16,10 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, servi
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use prometheus_client::encoding::prometheus_text;
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    task::{AbortHandle, JoinHandle},
+};
 
 use super::prometheus::Metrics;
 
@@ -46,8 +50,16 @@ const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const INDEX: &str = "<!doctype html><html><head><title>portexhaust</title></head><body>\
 <h1>portexhaust</h1><p>Linux ephemeral-port exhaustion tracer.</p>\
 <p><a href=\"/metrics\">/metrics</a></p></body></html>\n";
-/// Connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 32;
+/// Connections held at once. The next one evicts the oldest, so that a scraper always gets in
+/// however many idle or slow connections anyone else opens (each costs at most two buffers of
+/// `MAX_BUF`: the cap bounds the server's memory to a few MiB).
+pub const MAX_CONNECTIONS: usize = 256;
+/// A request's headers must arrive within this (slowloris clients are cut off).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// No connection lives longer, idle keep-alive included (a scraper reconnects).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Read buffer per connection: a request is a few hundred bytes; more is garbage (431/400).
+const MAX_BUF: usize = 16 * 1024;
 
 fn respond(
     status: StatusCode,
@@ -121,11 +133,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<Metric
 }
 
 async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Oldest first. Never waiting for a slot: an accept queue blocked by idle connections is
+    // what made scrapes time out.
+    let mut live: VecDeque<AbortHandle> = VecDeque::with_capacity(MAX_CONNECTIONS);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -135,22 +146,31 @@ async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
                 continue;
             }
         };
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let r = handle(&m, &req);
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                // A client that never finishes its headers must not hold a slot forever.
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!("metrics server: connection: {e}");
+        live.retain(|h| !h.is_finished());
+        while live.len() >= MAX_CONNECTIONS {
+            if let Some(oldest) = live.pop_front() {
+                oldest.abort();
             }
-            drop(permit);
-        });
+        }
+        let task = tokio::spawn(serve_connection(stream, metrics.clone()));
+        live.push_back(task.abort_handle());
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, m: Arc<Metrics>) {
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let r = handle(&m, &req);
+        async move { Ok::<_, Infallible>(r) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        .serve_connection(TokioIo::new(stream), svc);
+    match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+        Ok(Err(e)) => debug!("metrics server: connection: {e}"),
+        Ok(Ok(())) => {}
+        Err(_) => debug!("metrics server: connection closed after {CONNECTION_LIFETIME:?}"),
     }
 }
 
