@@ -12,8 +12,6 @@ mod inputs;
 #[cfg(test)]
 mod tests;
 
-use std::io::Write;
-
 use thiserror::Error;
 
 use crate::{
@@ -22,7 +20,7 @@ use crate::{
         report::{self, FileOut, Report},
         session::{Filter, Replay},
     },
-    output::{html, report_text},
+    output::{html, report_text, stdout::print},
     schema::{Level, Problem, read::read_file},
 };
 
@@ -108,11 +106,11 @@ pub fn run(args: &ReportArgs) -> Result<u8, ReportError> {
                 source,
             })?
         }
-        None => {
-            let mut out = std::io::stdout().lock();
-            // A closed pipe (`| head`) is not an error worth reporting.
-            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-        }
+        // A closed pipe (`| head`) is the reader's end, not an error.
+        None => print(&text).map_err(|source| ReportError::Write {
+            path: "stdout".into(),
+            source,
+        })?,
     }
     Ok(if report.files.iter().all(|f| f.usable) {
         0

@@ -6,7 +6,7 @@
 //! replays from the record.
 use std::{
     collections::HashMap,
-    io::{self, Write},
+    io,
     os::fd::{AsRawFd, RawFd},
     sync::Arc,
     time::{Duration, Instant},
@@ -42,6 +42,7 @@ use crate::{
         human::{human_header, human_summary, human_tally},
         line::EventWriter,
         prometheus::{Metrics, MetricsOptions},
+        stdout::Out,
     },
     schema::{
         ContainerInfo, Errno, Proto, RecordedFilters, Tally, Totals,
@@ -81,46 +82,6 @@ pub fn announce(tracer: &Tracer, skipped: &[(portexhaust_common::Backend, String
             Ok(hooks) => eprintln!("portexhaust: watching {}: {hooks}", c.name()),
             Err(why) => eprintln!("portexhaust: not watching {}: {why}", c.name()),
         }
-    }
-}
-
-/// Writes results to stdout; a closed pipe (`| head`) ends tracing quietly.
-struct Out {
-    w: io::BufWriter<io::Stdout>,
-    closed: bool,
-}
-
-impl Out {
-    fn line(&mut self, s: &str) {
-        if self.closed {
-            return;
-        }
-        if let Err(e) = writeln!(self.w, "{s}") {
-            self.fail(e);
-        }
-    }
-
-    /// A batch of whole lines, written as it is (one write for a drained ring buffer).
-    fn bytes(&mut self, b: &[u8]) {
-        if self.closed || b.is_empty() {
-            return;
-        }
-        if let Err(e) = self.w.write_all(b) {
-            self.fail(e);
-        }
-    }
-    fn flush(&mut self) {
-        if !self.closed
-            && let Err(e) = self.w.flush()
-        {
-            self.fail(e);
-        }
-    }
-    fn fail(&mut self, e: io::Error) {
-        if e.kind() != io::ErrorKind::BrokenPipe {
-            warn!("writing to stdout: {e}");
-        }
-        self.closed = true;
     }
 }
 
