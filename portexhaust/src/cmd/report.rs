@@ -21,7 +21,10 @@ use crate::{
         session::{Filter, Replay},
     },
     output::{html, report_text, stdout::print},
-    schema::{Level, Problem, read::read_file},
+    schema::{
+        Level, Problem,
+        read::{order_key, read_file},
+    },
 };
 
 #[derive(Debug, Error)]
@@ -53,7 +56,12 @@ pub fn build(args: &ReportArgs) -> Result<(String, Report), ReportError> {
     let mut problems: Vec<Problem> = Vec::new();
     let mut files = Vec::new();
     let mut replay = Replay::new(filter.clone());
-    for path in &args.files {
+    // The parts of a rotated record are replayed oldest first (FILE.2 FILE.1 FILE), whatever
+    // order they were given in: by the start time and part of each file's first header (a
+    // stable sort; files without one come first, as given).
+    let mut paths: Vec<&std::path::PathBuf> = args.files.iter().collect();
+    paths.sort_by_cached_key(|p| order_key(p));
+    for path in paths {
         let before = replay.sessions.len();
         let f = read_file(path, &mut replay, &mut problems);
         files.push(FileOut {

@@ -18,6 +18,8 @@
 //! With `--since`/`--until`, a session that lies wholly inside the window keeps these rules;
 //! one that straddles it is counted from its lines inside the window (snapshots are cumulative
 //! and cannot be cut in time). `--pid` applies to all three.
+//! The parts of a rotated record are one session (see `engine::session`): its latest snapshot
+//! or summary, never a sum of the parts' snapshots.
 //! Sessions are added up; the same session passed twice is counted once, and sessions of one
 //! host that overlap in time are flagged (two tracers see the same failures).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,7 +35,9 @@ use super::{
 };
 use crate::{
     advice::{Evidence, Finding},
-    schema::{BlameEntry, DestRow, Holder, Level, NetSysctls, Offender, PortRange, Problem, Ts},
+    schema::{
+        BlameEntry, DestRow, Gap, Holder, Level, NetSysctls, Offender, PortRange, Problem, Ts,
+    },
 };
 
 mod findings;
@@ -75,6 +79,19 @@ pub struct SessionOut {
     pub tracked_sockets: u64,
     pub lru_evictions: u64,
     pub note: Option<String>,
+    /// A rotated record: the files of the run's later parts, in order (`file` is the first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub more_files: Vec<String>,
+}
+
+/// Lines a record could not write (a full disk): where it says so, and what was lost.
+#[derive(Clone, Debug, Serialize)]
+pub struct GapOut {
+    pub host: String,
+    pub file: String,
+    pub line: Option<u64>,
+    #[serde(flatten)]
+    pub gap: Gap,
 }
 
 /// A value of one host.
@@ -165,6 +182,8 @@ pub struct Report {
     pub destinations: Vec<RowOut>,
     pub settings: Vec<SettingsOut>,
     pub findings: Vec<ScopedFinding>,
+    /// Where the records could not write (their failures are still counted).
+    pub gaps: Vec<GapOut>,
     pub problems: Vec<Problem>,
 }
 
@@ -323,9 +342,41 @@ pub fn build(
     let mut settings: BTreeMap<(String, Option<u64>), NetSysctls> = BTreeMap::new();
     let mut evidence: BTreeMap<(String, Option<u64>), Evidence> = BTreeMap::new();
 
+    let mut gaps = Vec::new();
     for s in &unique {
         let host = s.host();
         let c = session_counts(s, filter);
+        if let Some(p) = s.first_part.filter(|p| *p > 0) {
+            problems.push(Problem {
+                file: s.file.clone(),
+                line: s.header_line,
+                level: Level::Note,
+                message: format!(
+                    "starts at part {p} of a rotated record: the earlier parts were not given \
+                     (or were rotated away); the counts are still the run's own since it \
+                     started (snapshots are cumulative), the timeline covers the lines given"
+                ),
+            });
+        }
+        for (line, file, g) in &s.gaps {
+            problems.push(Problem {
+                file: file.clone(),
+                line: *line,
+                level: Level::Note,
+                message: format!(
+                    "a gap in the record from {} to {} ({}): {} line(s) not written, {} \
+                     snapshot(s) among them; the {} failure(s) of those lines are in the tally \
+                     lines after it, and the counts stay exact",
+                    g.from_ts, g.until_ts, g.error, g.lines, g.snapshots, g.failures
+                ),
+            });
+            gaps.push(GapOut {
+                host: host.clone(),
+                file: file.clone(),
+                line: *line,
+                gap: g.clone(),
+            });
+        }
         total += c.total;
         dropped += c.dropped;
         recorded += s.recorded;
@@ -418,6 +469,7 @@ pub fn build(
             tracked_sockets: tracked,
             lru_evictions: lru,
             note: c.note,
+            more_files: s.more_files.clone(),
         });
     }
 
@@ -539,6 +591,7 @@ pub fn build(
         destinations: dest_rows,
         settings,
         findings,
+        gaps,
         problems,
     }
 }

@@ -135,6 +135,8 @@ fn header() -> Header {
         census: Vec::new(),
         filters: None,
         tool: None,
+        run_id: None,
+        part: None,
     }
 }
 

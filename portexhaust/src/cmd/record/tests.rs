@@ -26,6 +26,8 @@ fn header() -> Header {
         census: Vec::new(),
         filters: None,
         tool: None,
+        run_id: None,
+        part: None,
     }
 }
 
