@@ -328,6 +328,14 @@ impl Session {
     }
 }
 
+/// `--record-max-size`, `--record-keep`.
+fn rotation(args: &TraceArgs) -> Option<super::record::Rotate> {
+    args.record_max_size.map(|max_size| super::record::Rotate {
+        max_size,
+        keep: args.record_keep,
+    })
+}
+
 pub async fn run(args: &TraceArgs) -> Result<Totals> {
     let filters = args.filter.filters();
     let opened = Tracer::open_with(
@@ -389,6 +397,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             path: path.clone(),
             snapshot_interval: args.snapshot_interval,
             events_per_s: args.record_events_per_s,
+            rotate: rotation(args),
         };
         s.recorder = Some(Recorder::create(&opts, h)?);
     }
