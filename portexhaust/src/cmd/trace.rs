@@ -19,6 +19,8 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+mod check;
+
 use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
     cli::TraceArgs,
@@ -337,6 +339,8 @@ fn rotation(args: &TraceArgs) -> Option<super::record::Rotate> {
 }
 
 pub async fn run(args: &TraceArgs) -> Result<Totals> {
+    // Bad arguments end here, before anything is loaded.
+    check::args(args)?;
     let filters = args.filter.filters();
     let opened = Tracer::open_with(
         args.backend.request(),
