@@ -6,13 +6,16 @@
 //!
 //! Any other write error (a full disk under `> file`) is still an error: [`print`] returns it,
 //! and [`Out`]'s infallible methods warn once and stop writing.
-use std::io::{self, BufWriter, Stdout, Write};
+use std::{
+    io::{self, BufWriter, Stdout, StdoutLock, Write},
+    os::fd::{AsFd, AsRawFd},
+};
 
 use log::warn;
 
 /// A writer whose reader may go away: once a write fails, everything after it is dropped and
 /// `closed` says so (`trace` stops at it, detaching its probes and finishing its record).
-pub struct Out<W: Write = BufWriter<Stdout>> {
+pub struct Out<W: Write + Reader = BufWriter<Stdout>> {
     pub w: W,
     pub closed: bool,
 }
@@ -22,6 +25,39 @@ pub fn reader_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::BrokenPipe
 }
 
+/// Whether the reader has gone without a write to find out: `trace --json | head -1` must end
+/// when `head` does, not at the next failure, which may be days away.
+pub trait Reader {
+    fn gone(&self) -> bool {
+        false
+    }
+}
+
+/// poll(2) sets POLLERR on the write end of a pipe with no reader left (and on a socket whose
+/// peer went); a terminal or a file never has it.
+fn pollerr(fd: impl AsFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLERR != 0
+}
+
+impl Reader for BufWriter<Stdout> {
+    fn gone(&self) -> bool {
+        pollerr(self.get_ref())
+    }
+}
+impl Reader for StdoutLock<'_> {
+    fn gone(&self) -> bool {
+        pollerr(self)
+    }
+}
+impl Reader for Vec<u8> {}
+
 impl Out {
     /// Buffered stdout (lines reach the reader at each `flush`).
     pub fn stdout() -> Self {
@@ -29,7 +65,7 @@ impl Out {
     }
 }
 
-impl<W: Write> Out<W> {
+impl<W: Write + Reader> Out<W> {
     pub fn new(w: W) -> Self {
         Self { w, closed: false }
     }
@@ -44,12 +80,18 @@ impl<W: Write> Out<W> {
         self.outcome(r)
     }
 
+    /// Flush, then look whether the reader is still there (one poll(2), no wait): a reader
+    /// that went is the same end as a write that failed with EPIPE.
     pub fn try_flush(&mut self) -> io::Result<()> {
         if self.closed {
             return Ok(());
         }
         let r = self.w.flush();
-        self.outcome(r)
+        self.outcome(r)?;
+        if !self.closed && self.w.gone() {
+            self.closed = true;
+        }
+        Ok(())
     }
 
     fn outcome(&mut self, r: io::Result<()>) -> io::Result<()> {
@@ -118,6 +160,7 @@ mod tests {
         room: usize,
         kind: io::ErrorKind,
     }
+    impl Reader for Pipe {}
     impl Write for Pipe {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
             if self.room == 0 {
@@ -152,6 +195,21 @@ mod tests {
         o.line("third");
         assert!(o.try_flush().is_ok());
         assert_eq!(o.w.got, b"first\n");
+    }
+
+    #[test]
+    fn a_pipe_without_a_reader_is_seen_without_writing() {
+        let mut fds = [0; 2];
+        // SAFETY: a two-int array for pipe(2).
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both fds are ours, just made, and each is owned once.
+        let (r, w) = unsafe {
+            use std::os::fd::{FromRawFd, OwnedFd};
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        assert!(!pollerr(&w), "a reader is there");
+        drop(r);
+        assert!(pollerr(&w), "the reader went");
     }
 
     #[test]
