@@ -1,4 +1,8 @@
-use std::os::unix::fs::MetadataExt;
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
+};
 
 use portexhaust_common::{Backend, Site};
 
@@ -414,7 +418,7 @@ fn a_full_disk_loses_lines_never_counts_and_writes_a_gap_line() {
     }
     r.flush();
     // The disk fills with 5 lines still buffered: they are kept, not lost.
-    r.file = Some(full_disk());
+    r.file.file = Some(full_disk());
     for us in 3..8 {
         r.failure(&failure_at(7, us * 1000));
     }
@@ -428,7 +432,7 @@ fn a_full_disk_loses_lines_never_counts_and_writes_a_gap_line() {
     r.flush_if_due();
     assert_eq!(r.in_gap(), Some((5, 4)));
     // Space returns: the next snapshot writes everything that waited, then itself.
-    r.file = Some(OpenOptions::new().append(true).open(&path).expect("reopen"));
+    r.file.file = Some(OpenOptions::new().append(true).open(&path).expect("reopen"));
     r.snapshot(&counted(12, 11_000));
     assert_eq!(r.in_gap(), None);
     for us in 12..14 {
@@ -477,10 +481,10 @@ fn other_write_errors_stop_recording_but_not_tracing() {
     let path = dir.path().join("rec.ndjson");
     let mut r = Recorder::create(&opts(&path), &header()).expect("create");
     // Read-only: EBADF, which no retry fixes.
-    r.file = Some(File::open(&path).expect("ro"));
+    r.file.file = Some(File::open(&path).expect("ro"));
     r.failure(&failure_at(7, 1));
     r.flush();
-    assert!(r.file.is_none());
+    assert!(r.file.stopped());
     assert!(!r.snapshot_due());
     r.finish(&counted(1, 1));
 }
