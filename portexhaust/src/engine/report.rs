@@ -41,8 +41,10 @@ use crate::{
 };
 
 mod findings;
+mod notes;
 
 use findings::findings;
+use notes::notes;
 
 const MAX_DEST_ROWS: usize = 30;
 
@@ -346,37 +348,7 @@ pub fn build(
     for s in &unique {
         let host = s.host();
         let c = session_counts(s, filter);
-        if let Some(p) = s.first_part.filter(|p| *p > 0) {
-            problems.push(Problem {
-                file: s.file.clone(),
-                line: s.header_line,
-                level: Level::Note,
-                message: format!(
-                    "starts at part {p} of a rotated record: the earlier parts were not given \
-                     (or were rotated away); the counts are still the run's own since it \
-                     started (snapshots are cumulative), the timeline covers the lines given"
-                ),
-            });
-        }
-        for (line, file, g) in &s.gaps {
-            problems.push(Problem {
-                file: file.clone(),
-                line: *line,
-                level: Level::Note,
-                message: format!(
-                    "a gap in the record from {} to {} ({}): {} line(s) not written, {} \
-                     snapshot(s) among them; the {} failure(s) of those lines are in the tally \
-                     lines after it, and the counts stay exact",
-                    g.from_ts, g.until_ts, g.error, g.lines, g.snapshots, g.failures
-                ),
-            });
-            gaps.push(GapOut {
-                host: host.clone(),
-                file: file.clone(),
-                line: *line,
-                gap: g.clone(),
-            });
-        }
+        notes(s, &host, &mut problems, &mut gaps);
         total += c.total;
         dropped += c.dropped;
         recorded += s.recorded;
