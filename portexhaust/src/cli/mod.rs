@@ -26,6 +26,8 @@ Examples:
   sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
   sudo portexhaust selftest                    # does it work on this kernel?
   sudo portexhaust trace --record incident.ndjson
+  sudo portexhaust trace --record /var/lib/portexhaust/rec.ndjson --record-max-size 64M --record-keep 4
+  portexhaust report /var/lib/portexhaust/rec.ndjson*   # rotated parts, in any order: one run
   portexhaust report incident.ndjson --format html -o incident.html
   sudo portexhaust doctor                      # what to fix on this host, now
   portexhaust doctor --explain tcp_tw_recycle";
