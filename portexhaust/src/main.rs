@@ -1,4 +1,7 @@
 //! Command-line entry point: parse, dispatch, and turn errors into one line and an exit code.
+//!
+//! Results go to stdout through `output::stdout` only: a reader that closes the pipe early
+//! (`| head`) ends any command quietly with exit status 0.
 use std::{io::Write, process::ExitCode};
 
 use anyhow::Context as _;
@@ -8,6 +11,7 @@ use portexhaust::{
     cmd::{doctor, report, selftest, top, trace},
     error::one_line,
     kernel::{Error, netns::resolve_netns},
+    output::stdout::{print, println},
 };
 use portexhaust_workload::WorkloadOptions;
 
@@ -50,7 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Report(args) => Ok(ExitCode::from(report::run(&args)?)),
         Cmd::Doctor(args) => {
-            println!("{}", doctor::run(&args)?.trim_end());
+            println(doctor::run(&args)?.trim_end())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Top(args) => {
@@ -63,22 +67,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.failures,
                 args.catch.unwrap_or(0),
             )?;
-            println!("{}", r.table());
-            if r.passed() {
-                println!("selftest passed with the {} backend", r.backend);
-                Ok(ExitCode::SUCCESS)
+            let verdict = if r.passed() { "passed" } else { "FAILED" };
+            println(&format!(
+                "{}\nselftest {verdict} with the {} backend",
+                r.table(),
+                r.backend
+            ))?;
+            Ok(if r.passed() {
+                ExitCode::SUCCESS
             } else {
-                println!("selftest FAILED with the {} backend", r.backend);
-                Ok(ExitCode::FAILURE)
-            }
+                ExitCode::FAILURE
+            })
         }
         Cmd::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "portexhaust",
-                &mut std::io::stdout(),
-            );
+            // Generated into memory: clap_complete panics on a write error, such as the EPIPE
+            // of `| head`.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "portexhaust", &mut script);
+            print(&String::from_utf8_lossy(&script))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Workload(args) => workload(args),
@@ -113,9 +119,8 @@ fn workload(a: WorkloadArgs) -> anyhow::Result<ExitCode> {
         rate: a.rate,
         seconds: a.seconds,
     })?;
-    println!("{}", serde_json::to_string(&report)?);
+    println(&serde_json::to_string(&report)?)?;
     if a.linger {
-        std::io::stdout().flush()?;
         let mut sink = Vec::new();
         let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
     }

@@ -295,14 +295,15 @@ fn a_taken_metrics_port_is_a_clear_start_error() {
             panic!("trace started although {addr} is taken:\n{err}");
         }
         Err((err, code)) => {
-            assert_eq!(code, Some(1), "{err}");
+            // A bad argument, refused before anything is loaded (tests/arguments.rs).
+            assert_eq!(code, Some(2), "{err}");
             let last = err.lines().last().unwrap_or("");
             assert!(
-                last.starts_with("portexhaust: error: serving metrics on ")
-                    && last.contains(&addr.to_string())
+                last.starts_with(&format!("portexhaust: error: --metrics-addr {addr}: "))
                     && last.contains("in use"),
                 "{err}"
             );
+            assert!(!err.contains("using backend"), "loaded first:\n{err}");
         }
     }
 }

@@ -26,6 +26,8 @@ Examples:
   sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
   sudo portexhaust selftest                    # does it work on this kernel?
   sudo portexhaust trace --record incident.ndjson
+  sudo portexhaust trace --record /var/lib/portexhaust/rec.ndjson --record-max-size 64M --record-keep 4
+  portexhaust report /var/lib/portexhaust/rec.ndjson*   # rotated parts, in any order: one run
   portexhaust report incident.ndjson --format html -o incident.html
   sudo portexhaust doctor                      # what to fix on this host, now
   portexhaust doctor --explain tcp_tw_recycle";
@@ -191,6 +193,17 @@ pub struct TraceArgs {
     /// tallied per process and destination (exact counts, bounded disk use in a storm).
     #[arg(long, value_name = "N", default_value_t = 200, requires = "record")]
     pub record_events_per_s: u32,
+    /// Rotate the record when it would grow past SIZE (bytes, or with a K, M, G or T suffix,
+    /// powers of 1024: 64M, 1G): FILE becomes FILE.1, FILE.1 becomes FILE.2, and so on, at a
+    /// line boundary, and the new FILE starts with its own header. Without it the record grows
+    /// as long as tracing runs.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "record")]
+    pub record_max_size: Option<u64>,
+    /// Rotated files to keep (FILE.1 to FILE.N); the oldest beyond that is deleted. 0 keeps
+    /// only FILE.
+    #[arg(long, value_name = "N", default_value_t = 4, requires = "record_max_size",
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub record_keep: u32,
     /// Also watch these failure kinds (comma-separated): bind (bind() to port 0 finding no
     /// free port, EADDRINUSE), udp (UDP connect() that cannot autobind, EAGAIN),
     /// connect-early (TCP EADDRNOTAVAIL before port selection), all. Where the kernel
@@ -339,6 +352,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Smallest `--record-max-size`: room for a header (a busy host's census) and some lines.
+pub const MIN_RECORD_SIZE: u64 = 64 << 10;
+
+/// `--record-max-size`: bytes, or K, M, G, T (powers of 1024, an optional `i`/`iB`/`B` after
+/// them: 64M, 64MiB, 1G).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size: give bytes or a number with K, M, G or T (64M, 1G)");
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit
+        .strip_suffix("IB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes < MIN_RECORD_SIZE {
+        return Err(format!(
+            "{s:?} is too small: a record file needs room for its header and some lines; give \
+             at least 64K"
+        ));
+    }
+    Ok(bytes)
 }
 
 pub fn parse_comm(s: &str) -> Result<String, String> {

@@ -126,3 +126,48 @@ fn max_count_keys_is_accepted_but_hidden() {
         .to_string();
     assert!(!help.contains("max-count-keys"), "{help}");
 }
+
+#[test]
+fn record_sizes_and_rotation_arguments() {
+    assert_eq!(parse_size("64M"), Ok(64 << 20));
+    assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+    assert_eq!(parse_size("1g"), Ok(1 << 30));
+    assert_eq!(parse_size("512K"), Ok(512 << 10));
+    assert_eq!(parse_size("1048576"), Ok(1 << 20));
+    assert_eq!(parse_size("2TB"), Ok(2 << 40));
+    for bad in ["", "M", "64X", "-1", "1.5G", "99999999999T"] {
+        assert!(parse_size(bad).is_err(), "{bad:?}");
+    }
+    assert!(
+        parse_size("4K").expect_err("tiny").contains("at least 64K"),
+        "a header alone may be larger"
+    );
+    let trace = |args: &[&str]| {
+        let all = [&["portexhaust", "trace"][..], args].concat();
+        match Cli::try_parse_from(all).map(|c| c.cmd) {
+            Ok(Cmd::Trace(t)) => Ok((t.record_max_size, t.record_keep)),
+            Ok(_) => panic!("not trace"),
+            Err(e) => Err(e.kind()),
+        }
+    };
+    assert_eq!(
+        trace(&["--record", "x", "--record-max-size", "64M"]),
+        Ok((Some(64 << 20), 4)),
+        "keeps 4 by default"
+    );
+    assert_eq!(
+        trace(&[
+            "--record",
+            "x",
+            "--record-max-size",
+            "1G",
+            "--record-keep",
+            "0"
+        ]),
+        Ok((Some(1 << 30), 0))
+    );
+    assert_eq!(trace(&["--record", "x"]), Ok((None, 4)));
+    // Rotation needs a record, and a kept count needs a size.
+    assert!(trace(&["--record-max-size", "64M"]).is_err());
+    assert!(trace(&["--record", "x", "--record-keep", "2"]).is_err());
+}

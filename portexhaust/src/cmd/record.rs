@@ -19,19 +19,20 @@
 //! a cut last line only if it died inside write(2). Appending to an existing record starts a new
 //! session (a new header); a cut last line left by a killed run is terminated first so that it
 //! stays one bad line rather than corrupting the new header.
+//!
+//! Long runs (`record/file.rs`): `--record-max-size` rotates the file at a line boundary, each
+//! part starting with the run's header (one `run_id`, the next `part`); a full or failing disk
+//! opens a gap in which failures are only tallied, ended by a `gap` line once writing works.
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::{File, OpenOptions},
-    io::{self, BufWriter, Read, Seek, SeekFrom, Write},
     net::SocketAddr,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use log::warn;
 use portexhaust_common::Cause;
 
+use self::file::{Kind, RecordFile};
 use crate::{
     engine::counts::KeyCount,
     kernel::{Error, Result},
@@ -47,6 +48,8 @@ pub struct RecordOptions {
     pub snapshot_interval: Duration,
     /// Failure lines written per second at most; the rest are tallied (0: tallies only).
     pub events_per_s: u32,
+    /// None: the file grows as long as tracing runs.
+    pub rotate: Option<Rotate>,
 }
 
 /// One failure as the live path knows it, before (or without) decoding it whole.
@@ -74,44 +77,23 @@ struct TallyKey {
     counted: bool,
 }
 
-/// Open (or append to) a record file, private to its owner: records name hosts, processes
-/// and peers.
-fn open_private(path: &Path) -> io::Result<File> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Ok(f); // a FIFO or a device: nothing to tighten or repair
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        warn!(
-            "{} was readable by others; making it private (0600)",
-            path.display()
-        );
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    if meta.len() > 0 {
-        let mut last = [0u8; 1];
-        f.seek(SeekFrom::End(-1))?;
-        f.read_exact(&mut last)?;
-        if last[0] != b'\n' {
-            // A previous tracer died mid-line: end that line so the new header stands alone.
-            f.write_all(b"\n")?;
-        }
-    }
-    Ok(f)
+/// Rotation: `--record-max-size`, `--record-keep`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotate {
+    /// A file is rotated before a line would take it past this size.
+    pub max_size: u64,
+    /// Rotated files kept (`FILE.1` to `FILE.keep`).
+    pub keep: u32,
 }
 
-/// Writes one session into a record file. Write errors do not stop tracing: they are reported
-/// once on stderr and recording stops (the live output goes on).
+/// Writes one session into a record file. Write errors do not stop tracing. A full or failing
+/// disk (ENOSPC, EDQUOT, EIO) opens a gap: no line is written, failures go to the tallies
+/// (one entry per key, so memory stays bounded) and the kernel's counts stay exact; writing is
+/// retried every second and at each snapshot, and once it works the lines still buffered are
+/// completed, a `gap` line says what was not written, and the tallies follow. Any other error
+/// is reported once on stderr and recording stops (the live output goes on).
 pub struct Recorder {
-    path: PathBuf,
-    out: Option<BufWriter<File>>,
-    dirty: bool,
+    file: RecordFile,
     last_flush: Instant,
     last_snapshot: Instant,
     interval: Duration,
@@ -120,7 +102,7 @@ pub struct Recorder {
     window: i64,
     in_window: u32,
     tallies: BTreeMap<TallyKey, KeyCount>,
-    /// Per pid, the newest failure the last snapshot had counted (microseconds).
+    /// Per pid, the newest failure the last snapshot written had counted (microseconds).
     snap_last: HashMap<u32, Ts>,
 }
 
@@ -128,12 +110,10 @@ impl Recorder {
     /// Create the file and write the header. Called before the tracer announces it is ready,
     /// so a bad path is an error before anything is traced.
     pub fn create(opts: &RecordOptions, header: &Header) -> Result<Self> {
-        let file = open_private(&opts.path)
+        let file = RecordFile::create(&opts.path, opts.rotate, header)
             .map_err(|e| Error::io(format!("opening record file {}", opts.path.display()), e))?;
-        let mut r = Self {
-            path: opts.path.clone(),
-            out: Some(BufWriter::with_capacity(64 * 1024, file)),
-            dirty: false,
+        Ok(Self {
+            file,
             last_flush: Instant::now(),
             last_snapshot: Instant::now(),
             interval: opts.snapshot_interval,
@@ -142,41 +122,17 @@ impl Recorder {
             in_window: 0,
             tallies: BTreeMap::new(),
             snap_last: HashMap::new(),
-        };
-        r.line(&header.line());
-        // The header goes to disk at once: a record that is only a header still says what ran.
-        r.flush();
-        if r.out.is_none() {
-            return Err(Error::io(
-                format!("writing record file {}", opts.path.display()),
-                io::Error::other("the header could not be written"),
-            ));
-        }
-        Ok(r)
+        })
     }
 
-    fn line(&mut self, s: &str) {
-        let Some(out) = self.out.as_mut() else { return };
-        let r = out
-            .write_all(s.as_bytes())
-            .and_then(|()| out.write_all(b"\n"));
-        match r {
-            Ok(()) => self.dirty = true,
-            Err(e) => self.fail(e),
-        }
-    }
-
-    fn fail(&mut self, e: io::Error) {
-        warn!(
-            "recording to {} stopped: {e} (tracing goes on)",
-            self.path.display()
-        );
-        self.out = None;
+    fn line(&mut self, s: &str, kind: Kind) {
+        self.file.line(s, kind);
     }
 
     /// The settings of a namespace first seen in a failure.
     pub fn sysctls(&mut self, l: &SysctlsLine) {
-        self.line(&l.line());
+        self.file.learn(l);
+        self.line(&l.line(), Kind::Meta);
     }
 
     /// One decoded failure, with its namespace already resolved.
@@ -201,12 +157,18 @@ impl Recorder {
             self.window = second;
             self.in_window = 0;
         }
+        // In a gap no line is written: every failure is tallied, and counted as a line the
+        // gap did not write if it would have had one.
         if self.in_window < self.cap {
             self.in_window += 1;
-            if let Some(f) = full() {
-                self.line(&f.line());
+            if self.file.in_gap() {
+                self.file.skipped_failure();
+            } else {
+                if let Some(f) = full() {
+                    self.line(&f.line(), Kind::Failure);
+                }
+                return;
             }
-            return;
         }
         let key = self.key(&seen);
         let ts = seen.ts.micros();
@@ -260,6 +222,11 @@ impl Recorder {
     fn write_tallies(&mut self) {
         let now = Ts::now();
         for (k, c) in std::mem::take(&mut self.tallies) {
+            if self.file.in_gap() {
+                // The disk filled while writing them: the rest wait in memory, still counted.
+                self.tallies.insert(k, c);
+                continue;
+            }
             let Some(last_ts) = c.last else { continue };
             let t = Tally {
                 ts: Some(now),
@@ -275,21 +242,29 @@ impl Recorder {
                 last_ts,
                 counted_by_snapshot: k.counted,
             };
-            self.line(&t.line());
+            self.line(&t.line(), Kind::Meta);
         }
     }
 
     pub fn snapshot_due(&self) -> bool {
-        self.out.is_some() && self.last_snapshot.elapsed() >= self.interval
+        !self.file.stopped() && self.last_snapshot.elapsed() >= self.interval
     }
 
     /// Write a snapshot of the exact counts: the same totals `trace --json` would print as its
     /// summary now.
     pub fn snapshot(&mut self, totals: &Totals) {
         self.last_snapshot = Instant::now();
+        if !self.file.retry(true) {
+            // Not written: the tallies keep counting against the last snapshot that was.
+            self.line("", Kind::Snapshot);
+            return;
+        }
         // Tallies so far belong before the snapshot that counted them.
         self.write_tallies();
-        self.line(&totals.snapshot_line());
+        self.line(&totals.snapshot_line(), Kind::Snapshot);
+        if self.file.in_gap() {
+            return;
+        }
         self.snap_last.clear();
         for o in &totals.offenders {
             if let Some(last) = o.last_ts {
@@ -302,7 +277,13 @@ impl Recorder {
 
     /// Hand buffered lines to the kernel if the oldest may be getting old.
     pub fn flush_if_due(&mut self) {
-        if (self.dirty || !self.tallies.is_empty()) && self.last_flush.elapsed() >= FLUSH_EVERY {
+        if self.file.in_gap() {
+            // The tallies wait in memory for the disk.
+            self.file.retry(false);
+            return;
+        }
+        if (self.file.dirty || !self.tallies.is_empty()) && self.last_flush.elapsed() >= FLUSH_EVERY
+        {
             self.write_tallies();
             self.flush();
         }
@@ -310,26 +291,25 @@ impl Recorder {
 
     pub fn flush(&mut self) {
         self.last_flush = Instant::now();
-        if let Some(out) = self.out.as_mut() {
-            match out.flush() {
-                Ok(()) => self.dirty = false,
-                Err(e) => self.fail(e),
-            }
-        }
+        self.file.flush();
     }
 
-    /// Final snapshot, the summary line, and the data on disk (fdatasync).
+    /// Final snapshot, the summary line, and the data on disk (fdatasync). A disk still full
+    /// loses them: the report then counts from the last snapshot that was written.
     pub fn finish(&mut self, totals: &Totals) {
         self.snapshot(totals);
-        self.line(&totals.summary_line());
+        self.line(&totals.summary_line(), Kind::Meta);
         self.flush();
-        if let Some(out) = self.out.as_mut()
-            && let Err(e) = out.get_ref().sync_data()
-        {
-            self.fail(e);
-        }
+        self.file.sync();
+    }
+
+    /// Lines and failures a gap has not written so far (for tests).
+    #[cfg(test)]
+    fn in_gap(&self) -> Option<(u64, u64)> {
+        self.file.gap_counts()
     }
 }
 
+mod file;
 #[cfg(test)]
 mod tests;

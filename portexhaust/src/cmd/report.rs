@@ -12,8 +12,6 @@ mod inputs;
 #[cfg(test)]
 mod tests;
 
-use std::io::Write;
-
 use thiserror::Error;
 
 use crate::{
@@ -22,8 +20,11 @@ use crate::{
         report::{self, FileOut, Report},
         session::{Filter, Replay},
     },
-    output::{html, report_text},
-    schema::{Level, Problem, read::read_file},
+    output::{html, report_text, stdout::print},
+    schema::{
+        Level, Problem,
+        read::{order_key, read_file},
+    },
 };
 
 #[derive(Debug, Error)]
@@ -55,7 +56,12 @@ pub fn build(args: &ReportArgs) -> Result<(String, Report), ReportError> {
     let mut problems: Vec<Problem> = Vec::new();
     let mut files = Vec::new();
     let mut replay = Replay::new(filter.clone());
-    for path in &args.files {
+    // The parts of a rotated record are replayed oldest first (FILE.2 FILE.1 FILE), whatever
+    // order they were given in: by the start time and part of each file's first header (a
+    // stable sort; files without one come first, as given).
+    let mut paths: Vec<&std::path::PathBuf> = args.files.iter().collect();
+    paths.sort_by_cached_key(|p| order_key(p));
+    for path in paths {
         let before = replay.sessions.len();
         let f = read_file(path, &mut replay, &mut problems);
         files.push(FileOut {
@@ -108,11 +114,11 @@ pub fn run(args: &ReportArgs) -> Result<u8, ReportError> {
                 source,
             })?
         }
-        None => {
-            let mut out = std::io::stdout().lock();
-            // A closed pipe (`| head`) is not an error worth reporting.
-            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-        }
+        // A closed pipe (`| head`) is the reader's end, not an error.
+        None => print(&text).map_err(|source| ReportError::Write {
+            path: "stdout".into(),
+            source,
+        })?,
     }
     Ok(if report.files.iter().all(|f| f.usable) {
         0

@@ -18,7 +18,7 @@ use crate::{
         gather::{Gatherer, Scope},
         loader::{BackendRequest, Filters, Tracer, Tracking},
     },
-    output::top::render,
+    output::{stdout::Out, top::render},
     schema::TopView,
 };
 use crossterm::{
@@ -147,7 +147,7 @@ pub fn run(o: TopOptions) -> Result<()> {
             o.interval.as_secs_f64()
         );
         let count = o.count.unwrap_or(if o.json { 1 } else { u64::MAX });
-        let mut out = std::io::stdout().lock();
+        let mut out = Out::new(std::io::stdout().lock());
         for i in 0..count {
             if !pause(o.interval) {
                 break;
@@ -158,8 +158,12 @@ pub fn run(o: TopOptions) -> Result<()> {
             } else {
                 format!("{}{}", if i > 0 { "\n" } else { "" }, render(&v, 20))
             };
-            if writeln!(out, "{text}").and_then(|_| out.flush()).is_err() {
-                break; // reader went away
+            out.try_bytes(text.as_bytes())
+                .and_then(|()| out.try_bytes(b"\n"))
+                .and_then(|()| out.try_flush())
+                .map_err(|e| Error::io("writing to stdout", e))?;
+            if out.closed {
+                break; // the reader went away: a normal end
             }
         }
         return Ok(());

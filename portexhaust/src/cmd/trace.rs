@@ -6,7 +6,7 @@
 //! replays from the record.
 use std::{
     collections::HashMap,
-    io::{self, Write},
+    io,
     os::fd::{AsRawFd, RawFd},
     sync::Arc,
     time::{Duration, Instant},
@@ -18,6 +18,8 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
+
+mod check;
 
 use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
@@ -42,6 +44,7 @@ use crate::{
         human::{human_header, human_summary, human_tally},
         line::EventWriter,
         prometheus::{Metrics, MetricsOptions},
+        stdout::Out,
     },
     schema::{
         ContainerInfo, Errno, Proto, RecordedFilters, Tally, Totals,
@@ -81,46 +84,6 @@ pub fn announce(tracer: &Tracer, skipped: &[(portexhaust_common::Backend, String
             Ok(hooks) => eprintln!("portexhaust: watching {}: {hooks}", c.name()),
             Err(why) => eprintln!("portexhaust: not watching {}: {why}", c.name()),
         }
-    }
-}
-
-/// Writes results to stdout; a closed pipe (`| head`) ends tracing quietly.
-struct Out {
-    w: io::BufWriter<io::Stdout>,
-    closed: bool,
-}
-
-impl Out {
-    fn line(&mut self, s: &str) {
-        if self.closed {
-            return;
-        }
-        if let Err(e) = writeln!(self.w, "{s}") {
-            self.fail(e);
-        }
-    }
-
-    /// A batch of whole lines, written as it is (one write for a drained ring buffer).
-    fn bytes(&mut self, b: &[u8]) {
-        if self.closed || b.is_empty() {
-            return;
-        }
-        if let Err(e) = self.w.write_all(b) {
-            self.fail(e);
-        }
-    }
-    fn flush(&mut self) {
-        if !self.closed
-            && let Err(e) = self.w.flush()
-        {
-            self.fail(e);
-        }
-    }
-    fn fail(&mut self, e: io::Error) {
-        if e.kind() != io::ErrorKind::BrokenPipe {
-            warn!("writing to stdout: {e}");
-        }
-        self.closed = true;
     }
 }
 
@@ -377,7 +340,17 @@ impl Session {
     }
 }
 
+/// `--record-max-size`, `--record-keep`.
+fn rotation(args: &TraceArgs) -> Option<super::record::Rotate> {
+    args.record_max_size.map(|max_size| super::record::Rotate {
+        max_size,
+        keep: args.record_keep,
+    })
+}
+
 pub async fn run(args: &TraceArgs) -> Result<Totals> {
+    // Bad arguments end here, before anything is loaded.
+    check::args(args)?;
     let filters = args.filter.filters();
     let opened = Tracer::open_with(
         args.backend.request(),
@@ -471,6 +444,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             path: path.clone(),
             snapshot_interval: args.snapshot_interval,
             events_per_s: args.record_events_per_s,
+            rotate: rotation(args),
         };
         s.recorder = Some(Recorder::create(&opts, h)?);
     }

@@ -18,6 +18,8 @@
 //! With `--since`/`--until`, a session that lies wholly inside the window keeps these rules;
 //! one that straddles it is counted from its lines inside the window (snapshots are cumulative
 //! and cannot be cut in time). `--pid` applies to all three.
+//! The parts of a rotated record are one session (see `engine::session`): its latest snapshot
+//! or summary, never a sum of the parts' snapshots.
 //! Sessions are added up; the same session passed twice is counted once, and sessions of one
 //! host that overlap in time are flagged (two tracers see the same failures).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -34,13 +36,16 @@ use super::{
 use crate::{
     advice::{BoundConnects, Evidence, Finding},
     schema::{
-        BlameEntry, CallSite, DestRow, Holder, Level, NetSysctls, Offender, PortRange, Problem, Ts,
+        BlameEntry, CallSite, DestRow, Gap, Holder, Level, NetSysctls, Offender, PortRange,
+        Problem, Ts,
     },
 };
 
 mod findings;
+mod notes;
 
 use findings::findings;
+use notes::notes;
 
 const MAX_DEST_ROWS: usize = 30;
 
@@ -77,6 +82,19 @@ pub struct SessionOut {
     pub tracked_sockets: u64,
     pub lru_evictions: u64,
     pub note: Option<String>,
+    /// A rotated record: the files of the run's later parts, in order (`file` is the first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub more_files: Vec<String>,
+}
+
+/// Lines a record could not write (a full disk): where it says so, and what was lost.
+#[derive(Clone, Debug, Serialize)]
+pub struct GapOut {
+    pub host: String,
+    pub file: String,
+    pub line: Option<u64>,
+    #[serde(flatten)]
+    pub gap: Gap,
 }
 
 /// A value of one host.
@@ -170,6 +188,8 @@ pub struct Report {
     pub destinations: Vec<RowOut>,
     pub settings: Vec<SettingsOut>,
     pub findings: Vec<ScopedFinding>,
+    /// Where the records could not write (their failures are still counted).
+    pub gaps: Vec<GapOut>,
     pub problems: Vec<Problem>,
 }
 
@@ -329,9 +349,11 @@ pub fn build(
     let mut evidence: BTreeMap<(String, Option<u64>), Evidence> = BTreeMap::new();
     let mut call_sites: Vec<OnHost<CallSite>> = Vec::new();
 
+    let mut gaps = Vec::new();
     for s in &unique {
         let host = s.host();
         let c = session_counts(s, filter);
+        notes(s, &host, &mut problems, &mut gaps);
         total += c.total;
         dropped += c.dropped;
         recorded += s.recorded;
@@ -450,6 +472,7 @@ pub fn build(
             tracked_sockets: tracked,
             lru_evictions: lru,
             note: c.note,
+            more_files: s.more_files.clone(),
         });
     }
 
@@ -577,6 +600,7 @@ pub fn build(
         destinations: dest_rows,
         settings,
         findings,
+        gaps,
         problems,
     }
 }

@@ -6,6 +6,11 @@
 //! counts), the failure and tally lines (as [`Counts`], per second, and per namespace), and the
 //! destination rows and settings seen. Lines are folded in as they come, so a long incident is
 //! replayed without holding its events in memory.
+//!
+//! A rotated record is one run in several files, each starting with the run's header (the same
+//! `run_id`, a higher `part`): fed in order, a later part continues the run's session rather
+//! than starting one, so its snapshots (cumulative since the run started) replace the earlier
+//! ones and its lines add to the earlier lines. `report` sorts its files so that they are.
 use std::collections::{BTreeMap, HashMap};
 
 use portexhaust_common::Cause;
@@ -14,8 +19,8 @@ use crate::{
     advice::Evidence,
     engine::counts::{Counts, Key, KeyCount},
     schema::{
-        DestRow, Errno, Failure, Header, Level, NetSysctls, Record, SysctlsLine, Tally, Totals, Ts,
-        read::Problems, read::Sink,
+        DestRow, Errno, Failure, Gap, Header, Level, NetSysctls, Record, SysctlsLine, Tally,
+        Totals, Ts, read::Problems, read::Sink,
     },
 };
 
@@ -107,6 +112,15 @@ pub struct Session {
     pub evidence: BTreeMap<Option<u64>, Evidence>,
     /// Namespace of each pid, from its failures.
     pub pid_netns: HashMap<u32, u64>,
+    /// The run's id (a record's header names it; every part of a rotated record has it).
+    pub run_id: Option<String>,
+    /// The first and the latest part of a rotated record read for this run.
+    pub first_part: Option<u32>,
+    pub part: Option<u32>,
+    /// The files of the run's parts after the first, in order.
+    pub more_files: Vec<String>,
+    /// What the record could not write (a full disk), with the line that says so.
+    pub gaps: Vec<(Option<u64>, String, Gap)>,
 }
 
 impl Session {
@@ -147,8 +161,44 @@ impl Session {
         for r in &h.census {
             s.rows.push((start, r.clone()));
         }
+        s.run_id = h.run_id.clone();
+        s.first_part = h.part;
+        s.part = h.part;
         s.header = Some(h);
         s
+    }
+
+    /// The next part of a rotated record: the same run goes on, its counting state intact
+    /// (snapshots are cumulative from the run's start; lines after the last one are counted
+    /// against it, whichever file they are in). The header repeats the run's: its census is
+    /// not new, its settings may be.
+    fn next_part(&mut self, file: &str, h: &Header) {
+        self.part = h.part;
+        if self
+            .more_files
+            .last()
+            .map_or(self.file.as_str(), String::as_str)
+            != file
+        {
+            self.more_files.push(file.to_string());
+        }
+        for (ns, sys) in &h.sysctls {
+            self.sysctls.insert(Some(*ns), sys.clone());
+        }
+    }
+
+    /// Whether a header continues this session: a later part of the same run.
+    fn continued_by(&self, h: &Header) -> bool {
+        match (&self.run_id, &h.run_id, self.part, h.part) {
+            (Some(a), Some(b), Some(p), Some(q)) => a == b && q > p,
+            _ => false,
+        }
+    }
+
+    fn gap(&mut self, line: Option<u64>, g: &Gap) {
+        self.touch(g.until_ts);
+        let file = self.more_files.last().unwrap_or(&self.file).clone();
+        self.gaps.push((line, file, g.clone()));
     }
 
     /// `n` failures of one key between `first` and `last`; `counted`: the last snapshot had
@@ -295,6 +345,8 @@ pub struct Replay {
     filter: Filter,
     file: String,
     cur: Option<Session>,
+    /// Where `cur` was in `sessions` before a later part of its run reopened it.
+    reopened: Option<usize>,
     pub sessions: Vec<Session>,
 }
 
@@ -304,6 +356,7 @@ impl Replay {
             filter,
             file: String::new(),
             cur: None,
+            reopened: None,
             sessions: Vec::new(),
         }
     }
@@ -329,7 +382,12 @@ impl Replay {
 
     fn close(&mut self) {
         if let Some(s) = self.cur.take() {
-            self.sessions.push(s);
+            // A continued run goes back to where it began, so that it stays the first of its
+            // identity (a copy given later is the one `report` drops).
+            match self.reopened.take() {
+                Some(i) => self.sessions.insert(i, s),
+                None => self.sessions.push(s),
+            }
         }
     }
 
@@ -339,8 +397,18 @@ impl Replay {
         match rec {
             Record::Header(h) => {
                 self.close();
-                self.cur = Some(Session::header(line, &self.file, h.as_ref().clone()));
+                let file = self.file.clone();
+                match self.sessions.iter().position(|s| s.continued_by(h)) {
+                    Some(i) => {
+                        let mut s = self.sessions.remove(i);
+                        s.next_part(&file, h);
+                        self.cur = Some(s);
+                        self.reopened = Some(i);
+                    }
+                    None => self.cur = Some(Session::header(line, &file, h.as_ref().clone())),
+                }
             }
+            Record::Gap(g) => self.session(line, problems).gap(line, g),
             Record::Sysctls(l) => self.session(line, problems).sysctls(l),
             Record::Failure(f) => self.session(line, problems).failure(f, &filter),
             Record::Tally(t) => self.session(line, problems).tally(t, &filter),

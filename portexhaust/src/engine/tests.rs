@@ -138,6 +138,8 @@ fn header() -> Header {
         census: Vec::new(),
         filters: None,
         tool: None,
+        run_id: None,
+        part: None,
     }
 }
 

@@ -37,6 +37,11 @@ pub enum Error {
         source: aya::maps::MapError,
     },
 
+    /// An argument that cannot work, found before anything was loaded: the message names the
+    /// argument and what to do instead.
+    #[error("{0}")]
+    BadArgument(String),
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -54,10 +59,11 @@ impl Error {
     }
 
     /// Process exit code: 3 tells scripts (and the VM matrix) "this kernel lacks the backend"
-    /// apart from a failure (1).
+    /// apart from a failure (1); 2 is a bad argument, as for clap's own usage errors.
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::BackendUnavailable { .. } | Self::NoBackend(_) => 3,
+            Self::BadArgument(_) => 2,
             _ => 1,
         }
     }

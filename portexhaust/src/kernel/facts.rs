@@ -49,6 +49,8 @@ pub fn header(backend: Backend, filters: RecordedFilters) -> Header {
         census: busiest(rows, CENSUS_ROWS),
         filters: Some(filters),
         tool: Some(format!("portexhaust {}", env!("CARGO_PKG_VERSION"))),
+        run_id: None,
+        part: None,
     }
 }
 

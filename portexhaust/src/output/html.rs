@@ -412,9 +412,14 @@ pub fn render(r: &Report) -> String {
     for s in &r.sessions {
         let _ = write!(
             o,
-            "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}{}</td></tr>",
+            "<tr><td>{}{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}{}</td></tr>",
             esc(&s.file),
             s.header_line.map(|l| format!(":{l}")).unwrap_or_default(),
+            // A rotated record's later parts.
+            s.more_files
+                .iter()
+                .map(|f| format!(" + {}", esc(f)))
+                .collect::<String>(),
             esc(&s.host),
             esc(s.backend.as_deref().unwrap_or("?")),
             s.start_ts

@@ -6,7 +6,7 @@ use std::{
     convert::Infallible,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -123,10 +123,53 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Bind `addr` now (so a taken port is an error before tracing starts) and serve in the
-/// background on the current tokio runtime.
+/// Listeners bound by [`bind_early`], each waiting for the [`serve`] of its address.
+static EARLY: Mutex<Vec<(SocketAddr, std::net::TcpListener)>> = Mutex::new(Vec::new());
+
+/// Accept queue of the listener, as tokio's own `bind` makes it.
+const BACKLOG: i32 = 1024;
+
+/// Bind `addr` now and keep the socket for the `serve(addr)` that follows: `trace` binds before
+/// it loads any program, so that a taken port fails in milliseconds with nothing attached, and
+/// nobody can take the port between this check and the server starting. Returns the bound
+/// address (the port the kernel chose for port 0).
+pub fn bind_early(addr: SocketAddr) -> io::Result<SocketAddr> {
+    let l = listener(addr)?;
+    let bound = l.local_addr()?;
+    EARLY
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((addr, l));
+    Ok(bound)
+}
+
+fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    // A restarted tracer must not wait for its predecessor's TIME_WAIT connections.
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+fn take_early(addr: SocketAddr) -> Option<std::net::TcpListener> {
+    let mut early = EARLY.lock().unwrap_or_else(PoisonError::into_inner);
+    let i = early.iter().position(|(a, _)| *a == addr)?;
+    Some(early.swap_remove(i).1)
+}
+
+/// Serve in the background on the current tokio runtime, on the socket [`bind_early`] bound
+/// for `addr`, else binding `addr` now (so a taken port is an error before tracing starts).
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<MetricsServer> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = match take_early(addr) {
+        Some(l) => TcpListener::from_std(l)?,
+        None => TcpListener::from_std(listener(addr)?)?,
+    };
     let addr = listener.local_addr()?;
     let task = tokio::spawn(accept_loop(listener, metrics));
     Ok(MetricsServer { addr, task })
@@ -200,6 +243,24 @@ mod tests {
             let e = parse_addr(bad).expect_err(bad);
             assert!(e.contains("invalid metrics address"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_early_bind_holds_the_port_for_its_server() {
+        let bound = bind_early("127.0.0.1:0".parse().expect("a")).expect("bind");
+        // Taken from now on: a second bind fails before any server runs.
+        assert!(std::net::TcpListener::bind(bound).is_err());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let m = Arc::new(Metrics::new(MetricsOptions::default()));
+            let server = serve("127.0.0.1:0".parse().expect("a"), m)
+                .await
+                .expect("serve");
+            assert_eq!(server.addr, bound, "the early socket is the one served");
+        });
     }
 
     #[test]

@@ -331,9 +331,14 @@ pub fn render(r: &Report) -> String {
     out.push_str("\nSessions:\n");
     for s in &r.sessions {
         out.push_str(&format!(
-            "  {}{}: {} {} {} .. {}: {} ({}){}\n",
+            "  {}{}{}: {} {} {} .. {}: {} ({}){}\n",
             s.file,
             s.header_line.map(|l| format!(":{l}")).unwrap_or_default(),
+            // A rotated record's later parts.
+            s.more_files
+                .iter()
+                .map(|f| format!(" + {f}"))
+                .collect::<String>(),
             s.host,
             s.backend.as_deref().unwrap_or("?"),
             s.start_ts

@@ -46,6 +46,15 @@ pub struct Header {
     pub filters: Option<RecordedFilters>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
+    /// One id per tracer run, the same in every file of a rotated record: `report` joins the
+    /// parts of one run into one session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Which file of its run this header starts: 0 the first, n after n rotations. A later
+    /// part repeats the run's header (its start time, settings and census), so that it
+    /// reports on its own; its snapshots count from the run's start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<u32>,
 }
 
 /// Settings (and busiest destinations) of a namespace first seen after the header, read from
@@ -60,6 +69,33 @@ pub struct SysctlsLine {
     pub sysctls: BTreeMap<u64, NetSysctls>,
     #[serde(default)]
     pub census: Vec<DestRow>,
+}
+
+/// Lines a record could not write (its disk was full, or failing) and what became of them,
+/// written once writing works again. The counts stay exact: the failures of the gap are in
+/// the tally lines after it, and every later snapshot counts them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    /// When the gap line was written.
+    #[serde(default)]
+    pub ts: Option<Ts>,
+    /// The first write that failed.
+    pub from_ts: Ts,
+    /// The first write that worked again.
+    pub until_ts: Ts,
+    /// The write error, as the kernel gave it.
+    #[serde(default)]
+    pub error: String,
+    /// Lines not written: failure lines (their failures tallied instead), snapshots and
+    /// namespace settings.
+    #[serde(default)]
+    pub lines: u64,
+    /// Failures that got no line of their own: each is in a tally line after this one.
+    #[serde(default)]
+    pub failures: u64,
+    /// Snapshots not written (the next one written has their counts).
+    #[serde(default)]
+    pub snapshots: u64,
 }
 
 /// Version 1 only (read, never written): the record's tallies, several per line. Version 2

@@ -4,7 +4,8 @@
 //!
 //! A run is `header`, then `failure` and `tally` lines as they happen (with `sysctls` lines in a
 //! record when a new namespace turns up), `snapshot`s of the exact counts in a record, and the
-//! `summary` when the tracer stops. `trace --json` writes the same lines as a record (without the
+//! `summary` when the tracer stops; a `gap` where a record's disk was full (what it could not
+//! write). `trace --json` writes the same lines as a record (without the
 //! snapshots and `sysctls`), so its output can be given to `report` as it is.
 //!
 //! Times are [`Ts`] (nanoseconds) inside and RFC 3339 only in the text; TCP states, errnos,
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use container::{ContainerInfo, Runtime};
 pub use failure::{Errno, Failure, Family, Proto, Tally};
-pub use header::{Header, RecordedFilters, Suppressed, SysctlsLine};
+pub use header::{Gap, Header, RecordedFilters, Suppressed, SysctlsLine};
 pub use ports::{Attribution, BlameEntry, ByState, DestRow, Failer, Holder, Latency, utilisation};
 pub use problem::{Level, Problem};
 pub use sites::{CallSite, Frame};
@@ -62,6 +63,8 @@ pub enum Record<'a> {
     Suppressed(Cow<'a, Suppressed>),
     Snapshot(Cow<'a, Totals>),
     Summary(Cow<'a, Totals>),
+    /// Lines a record lost to a full or failing disk (see [`Gap`]).
+    Gap(Cow<'a, Gap>),
 }
 
 impl Record<'_> {
@@ -75,6 +78,7 @@ impl Record<'_> {
             Self::Suppressed(_) => "suppressed",
             Self::Snapshot(_) => "snapshot",
             Self::Summary(_) => "summary",
+            Self::Gap(_) => "gap",
         }
     }
 
@@ -93,6 +97,11 @@ impl Header {
 impl SysctlsLine {
     pub fn line(&self) -> String {
         Record::Sysctls(Cow::Borrowed(self)).to_line()
+    }
+}
+impl Gap {
+    pub fn line(&self) -> String {
+        Record::Gap(Cow::Borrowed(self)).to_line()
     }
 }
 impl Failure {

@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{
-    BlameEntry, DestRow, Failure, Header, Level, Offender, Problem, READS, Record, Suppressed,
-    SysctlsLine, Tally, Totals,
+    BlameEntry, DestRow, Failure, Gap, Header, Level, Offender, Problem, READS, Record, Suppressed,
+    SysctlsLine, Tally, Totals, Ts,
 };
 
 /// Longest line accepted; longer ones are skipped (no record line comes close).
@@ -266,6 +266,11 @@ impl<S: Sink> Reader<'_, '_, S> {
                     self.deliver(n, Record::Summary(Cow::Owned(t)));
                 }
             }
+            "gap" => {
+                if let Some(g) = self.whole::<Gap>(n, v, "gap") {
+                    self.deliver(n, Record::Gap(Cow::Owned(g)));
+                }
+            }
             "sysctls" => {
                 keep_good::<DestRow>(
                     &mut v,
@@ -400,6 +405,30 @@ pub fn read_file(path: &Path, sink: &mut impl Sink, problems: &mut Vec<Problem>)
         return out;
     }
     read_from(&name, file, sink, problems)
+}
+
+/// Where a file belongs among the parts of rotated records: its first header's start time
+/// and part. None for standard input, and for a file that does not start with a header.
+pub fn order_key(path: &Path) -> Option<(Ts, u32)> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        start_ts: Option<Ts>,
+        #[serde(default)]
+        part: Option<u32>,
+    }
+    if path == Path::new("-") {
+        return None;
+    }
+    let mut first = Vec::new();
+    BufReader::new(File::open(path).ok()?)
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut first)
+        .ok()?;
+    let p: Peek = serde_json::from_slice(&first).ok()?;
+    (p.kind == "header").then_some((p.start_ts?, p.part.unwrap_or(0)))
 }
 
 /// Refuse the wrong file (a pcap, a tarball, a core dump) before a flood of bad lines.

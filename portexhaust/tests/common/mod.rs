@@ -1,5 +1,5 @@
-//! What the privileged integration tests (privileged.rs, blame.rs, fleet.rs, forensics.rs)
-//! share: a root check, processes killed on drop, the paused workload, a tracer (or `top`)
+//! What the integration tests (privileged.rs, blame.rs, fleet.rs, forensics.rs, pipes.rs,
+//! service.rs, ...) share: a root check, processes killed on drop, the paused workload, a tracer (or `top`)
 //! whose output is drained while it runs, and the NDJSON of `trace --json`.
 //!
 //! Every test binary compiles its own copy of this module (`mod common;`) and uses only a

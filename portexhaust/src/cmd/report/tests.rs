@@ -501,3 +501,73 @@ fn fixture_records_read_as_documented() {
 
 // ---------------------------------------------------------------------------------------------
 // Property tests.
+
+/// The header of part `part` of run "r1" (a rotated record repeats the run's header).
+fn part_header(part: u32) -> Value {
+    let mut h = header("h1", 10, 0);
+    h["version"] = json!(2);
+    h["run_id"] = json!("r1");
+    h["part"] = json!(part);
+    h
+}
+
+#[test]
+fn the_parts_of_a_rotated_run_are_one_session_whose_last_counts_win() {
+    let off = |n: u64, last: i64| vec![(7u32, "app", vec![("10.0.0.1:80", 99u32, n)], 100, last)];
+    let p0 = ndjson(&[
+        part_header(0),
+        failure(7, "app", "10.0.0.1:80", 99, 100),
+        failure(7, "app", "10.0.0.1:80", 99, 101),
+        snapshot(500, 2, 0, &off(2, 101)),
+        failure(7, "app", "10.0.0.1:80", 99, 600),
+    ]);
+    let p1 = ndjson(&[
+        part_header(1),
+        failure(7, "app", "10.0.0.1:80", 99, 700),
+        snapshot(900, 4, 0, &off(4, 700)),
+        json!({"type":"gap","ts":ts(1500),"from_ts":ts(1000),"until_ts":ts(1500),
+            "error":"No space left on device (os error 28)","lines":3,"failures":2,"snapshots":1}),
+        json!({"type":"tally","ts":ts(1500),"pid":7,"comm":"app","proto":"tcp",
+            "dst":"10.0.0.1:80","errno":99,"errname":"EADDRNOTAVAIL","cause":"exhausted",
+            "count":2,"first_ts":ts(1100),"last_ts":ts(1200)}),
+    ]);
+    // Killed during part 1: its last snapshot (4, cumulative) plus the 2 tallied after it;
+    // summing the snapshots of the parts would say 6 + 2.
+    let r = report_of(
+        &[("x.1", p0.as_str()), ("x", p1.as_str())],
+        &Filter::default(),
+    );
+    assert_eq!(r.sessions.len(), 1, "{:?}", problem_texts(&r));
+    assert_eq!(r.failures_total, 6);
+    assert_eq!(r.recorded_events, 6);
+    assert_eq!(r.sessions[0].counts_from, CountSource::SnapshotAndEvents);
+    assert_eq!(r.sessions[0].more_files, ["x"]);
+    assert_eq!(r.gaps.len(), 1);
+    assert_eq!(r.gaps[0].file, "x");
+    assert_eq!(r.gaps[0].line, Some(4));
+    assert_eq!(
+        problem_texts(&r),
+        [format!(
+            "x:4: a gap in the record from {} to {} (No space left on device (os error 28)): \
+             3 line(s) not written, 1 snapshot(s) among them; the 2 failure(s) of those lines \
+             are in the tally lines after it, and the counts stay exact",
+            at(1000),
+            at(1500)
+        )]
+    );
+    let shown = text::render(&r);
+    assert!(shown.contains("x.1:1 + x: h1"), "{shown}");
+    // The same part twice is counted once; part 1 alone still has the run's counts.
+    let twice = report_of(
+        &[
+            ("x.1", p0.as_str()),
+            ("x.1 copy", p0.as_str()),
+            ("x", p1.as_str()),
+        ],
+        &Filter::default(),
+    );
+    assert_eq!(twice.failures_total, 6);
+    let alone = one(&p1);
+    assert_eq!(alone.failures_total, 6);
+    assert!(problem_texts(&alone)[0].contains("starts at part 1 of a rotated record"));
+}
