@@ -1,9 +1,10 @@
-//! Developer tasks: `cargo xtask setup | build | run | install | test | vmtest | bench`.
+//! Developer tasks: `cargo xtask setup | build | run | install | test | vmtest | bench | soak`.
 //!
 //! Everything that needs root or the network namespace machinery lives here rather than in a
 //! cargo `runner`, so that a plain `cargo test` stays unprivileged.
 mod bench;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 mod vmtest;
@@ -41,6 +42,9 @@ enum Cmd {
     /// Measure cost and exactness against the untraced kernel and bpftrace; writes
     /// BENCHMARKS.md and bench/results.json (as root).
     Bench(bench::BenchArgs),
+    /// Run `trace` as a service does for N minutes under a mixed load, sampling its RSS, fds,
+    /// CPU, maps and record every 10 s; fails if they grow or the counts drift (as root).
+    Soak(soak::SoakArgs),
     /// Inside a `bench --vm` guest: run the plan the host wrote (started by the guest's /init).
     #[command(hide = true)]
     BenchGuest(bench::GuestArgs),
@@ -56,6 +60,7 @@ fn main() -> Result<()> {
         Cmd::Test(args) => test::test(&args),
         Cmd::Vmtest(args) => vmtest::vmtest(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Soak(args) => soak::soak(&args),
         Cmd::BenchGuest(args) => bench::bench_guest(&args),
     }
 }

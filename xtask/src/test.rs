@@ -111,5 +111,16 @@ pub fn test(args: &TestArgs) -> Result<()> {
     if let Some(f) = &args.filter {
         cmd.arg(f);
     }
-    run_checked(&mut cmd)
+    run_checked(&mut cmd)?;
+    if args.filter.is_none() {
+        // Two minutes of the soak: growth, bounds and exact counts as a service runs it
+        // (BENCHMARKS.md has a 30-minute run).
+        eprintln!("xtask: soak, 2 minutes");
+        crate::soak::soak(&crate::soak::SoakArgs {
+            minutes: 2.0,
+            out_dir: "target/soak-test".into(),
+            no_build: true,
+        })?;
+    }
+    Ok(())
 }

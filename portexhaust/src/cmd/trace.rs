@@ -395,9 +395,10 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
     // Scripts and benchmarks wait for this line. Everything is attached: from here on every
     // failure is counted in the kernel and queued in the ring buffer, even while the header
     // below (a census and the settings of every namespace, ~100 ms on a busy host) is gathered,
-    // so the line does not wait for it.
+    // so the line does not wait for it; with --record it waits for the record, which must
+    // exist, header written, once the tracer says it is ready.
     let started = Instant::now();
-    eprintln!(
+    let ready_line = format!(
         "portexhaust: ready: tracing port-exhaustion failures with the {} backend{}",
         opened.tracer.backend.name(),
         match args.duration {
@@ -405,6 +406,9 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             None => "; Ctrl-C to stop".to_string(),
         }
     );
+    if args.record.is_none() {
+        eprintln!("{ready_line}");
+    }
     let recorded = RecordedFilters {
         pids: filters.pids.clone(),
         comms: filters.comms.clone(),
@@ -447,6 +451,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             rotate: rotation(args),
         };
         s.recorder = Some(Recorder::create(&opts, h)?);
+        eprintln!("{ready_line}");
     }
     let ready_fd = unsafe { AsyncFd::register(Fd(ring_fd)) }
         .map_err(|e| Error::io("watching the ring buffer", e.into()))?;
