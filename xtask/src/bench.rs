@@ -30,7 +30,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::setup::{is_root, run_checked, setup, workspace_root};
+use crate::setup::{is_root, workspace_root};
 use offer::discover;
 use plan::Plan;
 use results::{Results, VmResults};
@@ -269,16 +269,7 @@ fn render_only(args: &BenchArgs, json: &Path) -> Result<()> {
 fn binaries(args: &BenchArgs) -> Result<(PathBuf, PathBuf)> {
     let root = workspace_root();
     if !args.no_build {
-        setup()?;
-        eprintln!("xtask: building portexhaust and pxh-loadgen (release)");
-        run_checked(Command::new("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "--package",
-            "portexhaust",
-            "--package",
-            "pxh-loadgen",
-        ]))?;
+        crate::setup::build_tools()?;
     }
     let bins = (
         root.join("target/release/portexhaust"),

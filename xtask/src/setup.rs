@@ -325,3 +325,18 @@ pub fn install(prefix: &str) -> Result<()> {
     log(format!("installed {}", dest.display()));
     Ok(())
 }
+
+/// Set up if needed, then build the release binaries the bench and the soak run:
+/// portexhaust and the pxh-loadgen load generators.
+pub fn build_tools() -> Result<()> {
+    setup()?;
+    eprintln!("xtask: building portexhaust and pxh-loadgen (release)");
+    run_checked(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "--package",
+        "portexhaust",
+        "--package",
+        "pxh-loadgen",
+    ]))
+}

@@ -30,7 +30,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::setup::{is_root, run_checked, setup, workspace_root};
+use crate::setup::{build_tools, is_root, run_checked, workspace_root};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SoakArgs {
@@ -299,16 +299,7 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
     }
     let root = workspace_root();
     if !args.no_build {
-        setup()?;
-        eprintln!("xtask: soak: building portexhaust and pxh-loadgen (release)");
-        run_checked(Command::new("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "--package",
-            "portexhaust",
-            "--package",
-            "pxh-loadgen",
-        ]))?;
+        build_tools()?;
     }
     let pxh = root.join("target/release/portexhaust");
     let loadgen_bin = root.join("target/release/pxh-loadgen");

@@ -69,6 +69,25 @@ pub fn bookkeeping(r: &Report) -> String {
     out
 }
 
+/// How a process is named in the report's tables: its pid, or host/pid when the sessions
+/// come from more than one host.
+fn pid_label(r: &Report) -> impl Fn(&str, u32) -> String {
+    let multi_host = r
+        .sessions
+        .iter()
+        .map(|s| &s.host)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        > 1;
+    move |host, pid| {
+        if multi_host {
+            format!("{host}/{pid}")
+        } else {
+            pid.to_string()
+        }
+    }
+}
+
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let hosts: std::collections::BTreeSet<&str> =
@@ -170,22 +189,11 @@ pub fn render(r: &Report) -> String {
     if r.offenders.is_empty() {
         out.push_str("  none\n");
     } else {
-        let multi_host = r
-            .sessions
-            .iter()
-            .map(|s| &s.host)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-            > 1;
+        let label = pid_label(r);
         out.push_str(&offenders(
-            r.offenders.iter().map(|o| {
-                let label = if multi_host {
-                    format!("{}/{}", o.host, o.item.pid)
-                } else {
-                    o.item.pid.to_string()
-                };
-                (label, &o.item)
-            }),
+            r.offenders
+                .iter()
+                .map(|o| (label(&o.host, o.item.pid), &o.item)),
             "  ",
         ));
         out.push('\n');
@@ -238,22 +246,11 @@ pub fn render(r: &Report) -> String {
     if r.call_sites.is_empty() {
         out.push_str("  not in these records (recorded by tracers with call sites on)\n");
     } else {
-        let multi_host = r
-            .call_sites
-            .iter()
-            .map(|c| &c.host)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-            > 1;
+        let label = pid_label(r);
         out.push_str(&super::text::call_sites(
-            r.call_sites.iter().map(|c| {
-                let label = if multi_host {
-                    format!("{}/{}", c.host, c.item.pid)
-                } else {
-                    c.item.pid.to_string()
-                };
-                (label, &c.item)
-            }),
+            r.call_sites
+                .iter()
+                .map(|c| (label(&c.host, c.item.pid), &c.item)),
             20,
             "  ",
         ));
