@@ -281,7 +281,22 @@ impl Gatherer {
             return Ok(obs);
         };
         // at_ns comes from bpf_ktime_get_ns(): CLOCK_MONOTONIC, like now_mono.
-        let expired = expired_owners(&kernel_owners, now_mono);
+        let mut expired = expired_owners(&kernel_owners, now_mono);
+        // A namespace destroyed while its sockets were closing takes them with it, and they
+        // never reach TIME_WAIT's CLOSE: their owners would linger for STUCK_CLOSING_NS (the
+        // soak saw them pile up a hold cycle at a time). A census sees only namespaces with
+        // processes, so an owner in any other one can name nothing: forgotten.
+        if kernel_owners.iter().any(|(k, _)| k.netns != 0) {
+            let live = netns::namespaces();
+            expired.extend(
+                kernel_owners
+                    .iter()
+                    .filter(|(k, _)| k.netns != 0 && !live.contains_key(&u64::from(k.netns)))
+                    .map(|(k, _)| *k),
+            );
+            expired.sort();
+            expired.dedup();
+        }
         if !expired.is_empty() {
             tracer.forget_owners(&expired)?;
         }
