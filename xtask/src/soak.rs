@@ -368,40 +368,31 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
             Ok(())
         },
     )];
-    let g = loadgen_bin.clone();
-    let storms = STORM_FAILURES.to_string();
-    loops.push(load_loop(
-        stop.clone(),
-        Duration::from_secs(60),
-        expected.clone(),
-        move |e| {
-            let r = loadgen(
-                &g,
-                &["storm", "--failures", &storms, "--comm", "pxhs-storm"],
-            )?;
-            // +1: before its loop each storm proves its range full with one connect that fails
-            // (not in its own count, which is the loop's); the tracer sees that one too.
-            e.failures += r["failures"].as_u64().unwrap_or(0) + 1;
-            e.storms += 1;
-            Ok(())
-        },
-    ));
-    let g = loadgen_bin.clone();
-    let shorts = SHORT_FAILURES.to_string();
-    loops.push(load_loop(
-        stop.clone(),
-        Duration::from_secs(7),
-        expected.clone(),
-        move |e| {
-            let r = loadgen(
-                &g,
-                &["storm", "--failures", &shorts, "--comm", "pxhs-short"],
-            )?;
-            e.failures += r["failures"].as_u64().unwrap_or(0) + 1;
-            e.short_lived += 1;
-            Ok(())
-        },
-    ));
+    // The storms and the short-lived failing processes: one generator, two paces.
+    for (comm, failures, every, short) in [
+        ("pxhs-storm", STORM_FAILURES, 60, false),
+        ("pxhs-short", SHORT_FAILURES, 7, true),
+    ] {
+        let g = loadgen_bin.clone();
+        let n = failures.to_string();
+        loops.push(load_loop(
+            stop.clone(),
+            Duration::from_secs(every),
+            expected.clone(),
+            move |e| {
+                let r = loadgen(&g, &["storm", "--failures", &n, "--comm", comm])?;
+                // +1: before its loop each storm proves its range full with one connect that
+                // fails (not in its own count, which is the loop's); the tracer sees it too.
+                e.failures += r["failures"].as_u64().unwrap_or(0) + 1;
+                if short {
+                    e.short_lived += 1;
+                } else {
+                    e.storms += 1;
+                }
+                Ok(())
+            },
+        ));
+    }
     let g = loadgen_bin.clone();
     loops.push(load_loop(
         stop.clone(),
