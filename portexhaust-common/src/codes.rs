@@ -16,15 +16,20 @@ pub enum Site {
     Bind = 4,
     /// `connect()` on an unbound datagram socket could not autobind (`inet_autobind`).
     UdpAutobind = 5,
+    /// A source-NAT (masquerade/SNAT) found no free source port one hop away: the connection's
+    /// conntrack entry could not be confirmed (`__nf_conntrack_confirm`) and its packet was
+    /// dropped. connect() itself does not fail: the SYN is lost.
+    NfNat = 6,
 }
 
 impl Site {
-    pub const ALL: [Site; 5] = [
+    pub const ALL: [Site; 6] = [
         Self::InetHashConnect,
         Self::TcpV4Connect,
         Self::TcpV6Connect,
         Self::Bind,
         Self::UdpAutobind,
+        Self::NfNat,
     ];
 
     pub const fn from_u8(v: u8) -> Option<Self> {
@@ -34,6 +39,7 @@ impl Site {
             3 => Some(Self::TcpV6Connect),
             4 => Some(Self::Bind),
             5 => Some(Self::UdpAutobind),
+            6 => Some(Self::NfNat),
             _ => None,
         }
     }
@@ -45,6 +51,7 @@ impl Site {
             Self::TcpV6Connect => "tcp_v6_connect",
             Self::Bind => "bind",
             Self::UdpAutobind => "udp_autobind",
+            Self::NfNat => "nf_nat",
         }
     }
 
@@ -59,6 +66,7 @@ impl Site {
             Self::TcpV4Connect | Self::TcpV6Connect => KIND_CONNECT_EARLY,
             Self::Bind => KIND_BIND,
             Self::UdpAutobind => KIND_UDP,
+            Self::NfNat => KIND_NAT,
         }
     }
 }
@@ -81,16 +89,20 @@ pub enum Cause {
     BindExhausted = 4,
     /// A datagram socket could not be given a port automatically.
     AutobindExhausted = 5,
+    /// A source NAT on the path had no free source port towards this destination: the NAT'd
+    /// tuple clashed with a connection it already tracks, and the packet was dropped.
+    SnatExhausted = 6,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 6] = [
+    pub const ALL: [Cause; 7] = [
         Self::Unknown,
         Self::Exhausted,
         Self::TupleCollision,
         Self::NoSourceAddress,
         Self::BindExhausted,
         Self::AutobindExhausted,
+        Self::SnatExhausted,
     ];
 
     pub const fn from_u8(v: u8) -> Option<Self> {
@@ -101,6 +113,7 @@ impl Cause {
             3 => Some(Self::NoSourceAddress),
             4 => Some(Self::BindExhausted),
             5 => Some(Self::AutobindExhausted),
+            6 => Some(Self::SnatExhausted),
             _ => None,
         }
     }
@@ -113,6 +126,7 @@ impl Cause {
             Self::NoSourceAddress => "no_source_address",
             Self::BindExhausted => "bind_exhausted",
             Self::AutobindExhausted => "autobind_exhausted",
+            Self::SnatExhausted => "snat_exhausted",
         }
     }
 
@@ -189,9 +203,13 @@ pub const KIND_BIND: u32 = 4;
 /// UDP connect() that cannot autobind a port (EAGAIN).
 pub const KIND_UDP: u32 = 8;
 pub const KIND_ALL: u32 = KIND_CONNECT | KIND_CONNECT_EARLY | KIND_BIND | KIND_UDP;
+/// Source-NAT port exhaustion one hop away (a router or container host's masquerade): drops
+/// seen at `skb:kfree_skb`. Not in `KIND_ALL`: its hook fires on every dropped packet of the
+/// machine, so it is attached only when named (`--catch nat`).
+pub const KIND_NAT: u32 = 16;
 
 /// (bit, name as `--catch` takes it, what it catches)
-pub const KINDS: [(u32, &str, &str); 4] = [
+pub const KINDS: [(u32, &str, &str); 5] = [
     (
         KIND_CONNECT,
         "connect",
@@ -211,6 +229,11 @@ pub const KINDS: [(u32, &str, &str); 4] = [
         KIND_UDP,
         "udp",
         "UDP connect() that cannot autobind a port (EAGAIN)",
+    ),
+    (
+        KIND_NAT,
+        "nat",
+        "SYNs dropped by a source NAT with no free port (nf_nat, conntrack insert_failed)",
     ),
 ];
 
@@ -247,6 +270,6 @@ mod tests {
             assert_eq!(kind_from_name(name), Some(bit));
             assert_eq!(kind_name(bit), name);
         }
-        assert_eq!(KINDS.iter().fold(0, |a, k| a | k.0), KIND_ALL);
+        assert_eq!(KINDS.iter().fold(0, |a, k| a | k.0), KIND_ALL | KIND_NAT);
     }
 }

@@ -22,6 +22,7 @@
 extern crate std;
 
 pub mod codes;
+pub mod nat;
 pub mod net;
 #[cfg(feature = "std")]
 pub mod procns;
@@ -31,6 +32,7 @@ mod serde_names;
 pub mod wire;
 
 pub use codes::*;
+pub use nat::{NAT_EVENT_MAGIC, NatEvent, NatKey, NatOffsets};
 pub use net::*;
 #[cfg(feature = "std")]
 pub use procns::{netns_of, parse_ns_link};
@@ -57,6 +59,8 @@ pub mod names {
     pub const SITES: &str = "SITES";
     pub const SITE_MEMO: &str = "SITE_MEMO";
     pub const SOCK_SITES: &str = "SOCK_SITES";
+    /// Exact source-NAT drop counts (`NatKey` -> u64), see `nat`.
+    pub const NAT_COUNTS: &str = "NAT_COUNTS";
 
     /// Global: which backend the object was loaded for ([`super::Backend`] code, `u32`).
     pub const GLOBAL_BACKEND: &str = "BACKEND";

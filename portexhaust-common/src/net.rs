@@ -24,6 +24,8 @@ pub const fn errno_name(errno: u32) -> Option<&'static str> {
         EAGAIN => Some("EAGAIN"),
         EADDRINUSE => Some("EADDRINUSE"),
         EADDRNOTAVAIL => Some("EADDRNOTAVAIL"),
+        // A source NAT's drop: connect() got no errno (the SYN was lost one hop away).
+        0 => Some("none"),
         _ => None,
     }
 }

@@ -77,6 +77,9 @@ pub enum Set {
     SyscallConnect,
     SyscallBind,
     SyscallSocket,
+    /// `skb:kfree_skb` as tp_btf, keeping source-NAT clash drops (`--catch nat` only: it runs
+    /// on every packet the machine drops).
+    NatBtf,
 }
 
 pub struct Program {
@@ -230,6 +233,7 @@ pub const PROGRAMS: &[Program] = &[
         tp("syscalls", "sys_exit_socket"),
         Set::SyscallSocket,
     ),
+    p("tp_btf_kfree_skb", BtfTracePoint("kfree_skb"), Set::NatBtf),
 ];
 
 /// The programs of one set, in table order.
@@ -264,6 +268,7 @@ mod tests {
             Set::SyscallConnect,
             Set::SyscallBind,
             Set::SyscallSocket,
+            Set::NatBtf,
         ] {
             assert!(of(set).next().is_some(), "{set:?}");
             let syscall = matches!(
