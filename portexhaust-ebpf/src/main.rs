@@ -10,6 +10,7 @@
 //! | kprobe.rs   | kprobe/kretprobe on the same functions, `__inet_hash_connect` | kprobe backend; bind/UDP |
 //! | sites.rs    | (called from state.rs)                                   | call sites: user stacks per connect |
 //! | syscalls.rs | syscall tracepoints                                      | bind/UDP/early connect, on request only |
+//! | nat.rs      | tp_btf `kfree_skb`                                       | source-NAT port exhaustion, on request only |
 //!
 //! Shared: `globals` (load-time settings), `maps`, `emit` (exact counts and events), `sock`
 //! and `task` (kernel structs through BTF offsets), `kfunc` (function-hook logic), `perf`,
@@ -29,6 +30,7 @@ mod globals;
 mod kfunc;
 mod kprobe;
 mod maps;
+mod nat;
 mod perf;
 mod sites;
 mod sock;
