@@ -206,7 +206,8 @@ pub struct TraceArgs {
     pub record_keep: u32,
     /// Also watch these failure kinds (comma-separated): bind (bind() to port 0 finding no
     /// free port, EADDRINUSE), udp (UDP connect() that cannot autobind, EAGAIN),
-    /// connect-early (TCP EADDRNOTAVAIL before port selection), all. Where the kernel
+    /// connect-early (TCP EADDRNOTAVAIL before port selection), nat (SYNs a source NAT
+    /// dropped for want of a port; not in all), all. Where the kernel
     /// offers fexit or kprobes, bind and udp are watched anyway, at no cost to other
     /// syscalls; elsewhere this attaches syscall tracepoints, which slow every syscall on
     /// the machine a little. TCP connect exhaustion is always watched.

@@ -488,5 +488,7 @@ impl Resolved {
     }
 }
 
+pub mod nat;
+
 #[cfg(test)]
 mod tests;

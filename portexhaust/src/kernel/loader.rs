@@ -20,6 +20,7 @@ use portexhaust_common::{
 
 mod attach;
 mod maps;
+mod nat;
 
 pub use attach::set_hooks;
 use attach::{KernelBtf, attach_plan, filter_map, load_object, static_unavailability};
@@ -210,7 +211,12 @@ impl Tracer {
             let attempt = match static_unavailability(backend, &caps, &btf) {
                 Some(reason) => Err(reason),
                 None => {
-                    let plan = Plan::new(backend, &offer, tracking.catch);
+                    let mut plan = Plan::new(backend, &offer, tracking.catch);
+                    if plan.watches_nat()
+                        && let Err(why) = btf.nat()
+                    {
+                        plan.refuse_nat(why);
+                    }
                     load_object(&plan, filters, tracking, &mut btf).and_then(|mut ebpf| {
                         debug!("start-up: object loaded after {:?}", t0.elapsed());
                         attach_plan(&mut ebpf, &plan, btf.aya(&plan)).map(|a| (ebpf, a))

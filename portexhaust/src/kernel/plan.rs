@@ -2,7 +2,8 @@
 //! before the object is loaded (map sizes and the programs' globals depend on it). Pure: unit
 //! tested without a kernel.
 use portexhaust_common::{
-    Backend, KIND_BIND, KIND_CONNECT, KIND_CONNECT_EARLY, KIND_UDP, kind_name, programs::Set,
+    Backend, KIND_BIND, KIND_CONNECT, KIND_CONNECT_EARLY, KIND_NAT, KIND_UDP, kind_name,
+    programs::Set,
 };
 
 /// How one failure kind is watched.
@@ -29,6 +30,9 @@ pub struct Plan {
     pub early: Watch,
     pub bind: Watch,
     pub udp: Watch,
+    /// Source-NAT drops (`skb:kfree_skb`): only on request, whatever the backend (the hook
+    /// does not depend on it).
+    pub nat: Watch,
 }
 
 /// What the planner needs to know about the kernel (see `preflight::Caps`).
@@ -89,7 +93,29 @@ impl Plan {
             early,
             bind: functions(Set::BindFexit, Set::BindKprobe, KIND_BIND),
             udp: functions(Set::UdpFexit, Set::UdpKprobe, KIND_UDP),
+            nat: if catch & KIND_NAT != 0 {
+                Watch::Functions(vec![Set::NatBtf])
+            } else {
+                Watch::No(
+                    "off by default: its hook (tp_btf kfree_skb) runs on every packet the \
+                     machine drops; --catch nat turns it on"
+                        .to_string(),
+                )
+            },
         }
+    }
+
+    /// The kernel cannot run the NAT program (no drop reason, no conntrack in its BTF): say
+    /// why instead of attaching it.
+    pub fn refuse_nat(&mut self, why: String) {
+        if matches!(self.nat, Watch::Functions(_)) {
+            self.nat = Watch::No(why);
+        }
+    }
+
+    /// Whether the NAT program is to be attached.
+    pub fn watches_nat(&self) -> bool {
+        matches!(self.nat, Watch::Functions(_))
     }
 
     /// Kinds the syscall tracepoints report (the `SYSCALL_KINDS` global).
@@ -145,11 +171,12 @@ impl Plan {
     }
 
     /// The planned watch of each kind, `KIND_CONNECT` first.
-    pub fn kinds(&self) -> [(u32, &Watch); 3] {
+    pub fn kinds(&self) -> [(u32, &Watch); 4] {
         [
             (KIND_CONNECT_EARLY, &self.early),
             (KIND_BIND, &self.bind),
             (KIND_UDP, &self.udp),
+            (KIND_NAT, &self.nat),
         ]
     }
 }
@@ -215,6 +242,20 @@ mod tests {
         );
         let p = Plan::new(Backend::TpBtf, &offer(false, false), KIND_UDP);
         assert_eq!(p.syscall_sets(), vec![Set::SyscallConnect]);
+    }
+
+    #[test]
+    fn nat_only_on_request_and_never_on_the_syscall_path() {
+        for backend in Backend::ALL {
+            let p = Plan::new(backend, &offer(false, false), 0);
+            assert!(matches!(&p.nat, Watch::No(why) if why.contains("--catch nat")));
+            let mut p = Plan::new(backend, &offer(false, false), KIND_NAT);
+            assert_eq!(p.nat, Watch::Functions(vec![Set::NatBtf]));
+            assert!(p.all_sets().contains(&Set::NatBtf));
+            assert!(p.syscall_sets().is_empty());
+            p.refuse_nat("no reason argument".into());
+            assert!(!p.watches_nat());
+        }
     }
 
     #[test]

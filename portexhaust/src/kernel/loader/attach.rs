@@ -14,6 +14,8 @@ pub(super) struct KernelBtf {
     /// An `EbpfLoader`, made on another thread too: `EbpfLoader::new()` parses the kernel BTF
     /// itself (aya 0.14 offers no constructor that does not).
     pub(super) loader: Option<std::thread::JoinHandle<EbpfLoader<'static>>>,
+    /// What the source-NAT program reads, resolved when a plan first asks for it.
+    pub(super) nat: Option<std::result::Result<portexhaust_common::NatOffsets, String>>,
 }
 
 impl KernelBtf {
@@ -26,6 +28,7 @@ impl KernelBtf {
                 aya: Some(None),
                 resolved: None,
                 loader,
+                nat: None,
             };
         }
         let t = std::time::Instant::now();
@@ -53,7 +56,21 @@ impl KernelBtf {
             aya: None,
             resolved,
             loader,
+            nat: None,
         }
+    }
+
+    /// The source-NAT program's offsets, or why this kernel cannot run it.
+    pub(super) fn nat(&mut self) -> std::result::Result<portexhaust_common::NatOffsets, String> {
+        if self.nat.is_none() {
+            self.nat = Some(match &self.ours {
+                Some(btf) => crate::kernel::btf::nat::resolve(btf),
+                None => Err("no kernel BTF to read the dropped packets with".to_string()),
+            });
+        }
+        self.nat
+            .clone()
+            .unwrap_or_else(|| Err("unresolved".to_string()))
     }
 
     /// The ids of the tp_btf and fentry/fexit targets `plan` may attach, in a BTF aya can read
@@ -271,6 +288,13 @@ pub(super) fn load_object(
     let have_sock = u32::from(resolved.sock);
     let values = resolved.offsets.values();
     let log_level = klog::ebpf_level();
+    // The NAT program's offsets (its plan entry was refused earlier if they are missing).
+    let nat = if plan.watches_nat() {
+        btf.nat().ok()
+    } else {
+        None
+    };
+    let nat_values = nat.unwrap_or_default().values();
     let mut loader = btf.loader();
     // No kernel BTF for the object: it carries no CO-RE relocations (Rust eBPF emits none);
     // the offsets it needs come in as globals.
@@ -288,6 +312,14 @@ pub(super) fn load_object(
         .override_global(klog::LEVEL_GLOBAL, &log_level, false);
     for (name, v) in Offsets::GLOBALS.iter().zip(values.iter()) {
         loader.override_global(name, v, true);
+    }
+    if nat.is_some() {
+        for (name, v) in portexhaust_common::NatOffsets::GLOBALS
+            .iter()
+            .zip(nat_values.iter())
+        {
+            loader.override_global(name, v, true);
+        }
     }
     // Hash maps reserve every entry's memory up front: a map whose programs are not attached
     // gets one entry, so nothing is preallocated that is not used.
@@ -313,7 +345,8 @@ pub(super) fn load_object(
         .map_max_entries(names::SOCK_TYPES, sized(socket_types, 65536))
         .map_max_entries(names::FILTER_PIDS, sized(flags & FILTER_PID != 0, 1024))
         .map_max_entries(names::FILTER_COMMS, sized(flags & FILTER_COMM != 0, 1024))
-        .map_max_entries(names::FILTER_DPORTS, sized(flags & FILTER_DPORT != 0, 1024));
+        .map_max_entries(names::FILTER_DPORTS, sized(flags & FILTER_DPORT != 0, 1024))
+        .map_max_entries(names::NAT_COUNTS, sized(nat.is_some(), 4096));
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|e| format!("loading the eBPF object: {}", one_line(&e)))?;
