@@ -5,6 +5,7 @@ pub mod attached;
 pub mod bindscan;
 pub mod btf;
 pub mod clock;
+pub mod conntrack;
 pub mod container;
 pub mod error;
 pub mod facts;
