@@ -458,6 +458,7 @@ mod tests {
             site: Site::InetHashConnect,
             backend: Backend::Tracepoint,
             container: None,
+            nat: None,
         }
     }
 

@@ -20,6 +20,7 @@ use tokio::{
 };
 
 mod check;
+mod nat;
 
 use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
@@ -127,6 +128,8 @@ struct Session {
     recorder: Option<Recorder>,
     namespaces: Namespaces,
     blame: bool,
+    /// `--catch nat`: the source-NAT drops.
+    nat: Option<nat::NatWatch>,
 }
 
 impl Session {
@@ -148,11 +151,17 @@ impl Session {
             gatherer,
             recorder,
             namespaces,
+            nat: nat_watch,
             ..
         } = self;
         let want = std::mem::size_of::<FailureEvent>();
         let mut announced: Vec<(u32, u32)> = Vec::new();
+        let mut nat_events = Vec::new();
         tracer.drain(|bytes| {
+            if let Some(n) = nat::nat_event(bytes) {
+                nat_events.push(n);
+                return;
+            }
             if let Some(s) = site_event(bytes) {
                 announced.push((s.pid, s.stack_id));
                 return;
@@ -231,6 +240,32 @@ impl Session {
         });
         out.bytes(writer.bytes());
         writer.clear();
+        // NAT drops after the batch: naming them may take a listing of every namespace's
+        // sockets, which the failure lines above must not wait for.
+        if let Some(w) = nat_watch.as_mut()
+            && !nat_events.is_empty()
+        {
+            let drops = nat::decode(&nat_events, |ns| clock.ts(ns));
+            for f in w.named(drops, containers) {
+                if let Some(r) = recorder.as_mut() {
+                    let seen = Seen {
+                        pid: f.pid,
+                        netns: f.netns,
+                        ts: f.ts,
+                        dst: f.dst,
+                        errno: f.errno,
+                        proto: f.proto,
+                        cause: f.cause,
+                    };
+                    r.observe(seen, || Some(f.clone()));
+                }
+                if *json {
+                    out.line(&f.line());
+                } else {
+                    out.line(&crate::output::nat::live(&f));
+                }
+            }
+        }
         out.flush();
         if let Some(r) = recorder.as_mut() {
             r.flush_if_due();
@@ -336,6 +371,11 @@ impl Session {
         let mut totals = live::totals(&obs, &run);
         self.gatherer
             .label(&mut totals.blame, &mut totals.destinations);
+        if let Some(n) = self.nat.as_mut()
+            && let Err(e) = n.fold(&self.tracer, &mut totals, &self.containers)
+        {
+            warn!("reading the NAT drops: {e}");
+        }
         Ok(totals)
     }
 }
@@ -365,6 +405,11 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
         },
     )?;
     announce(&opened.tracer, &opened.skipped);
+    // Before the ready line: the NAT namespaces' insert_failed counters to compare with.
+    let nat_watch = opened
+        .tracer
+        .watches_nat()
+        .then(|| nat::NatWatch::start(opened.tracer.backend));
     // SAFETY: the fd belongs to the ring buffer map inside the Tracer, which `s` owns for the
     // whole loop below and drops only after `ready_fd` (declared later, dropped first).
     let ring_fd = opened.tracer.ring_fd();
@@ -442,6 +487,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             .map(Namespaces::from_header)
             .unwrap_or_default(),
         blame: !args.no_blame,
+        nat: nat_watch,
     };
     if let (Some(path), Some(h)) = (&args.record, &header) {
         let opts = RecordOptions {

@@ -180,6 +180,8 @@ pub fn totals(obs: &Observed, run: &Run) -> Totals {
         },
         watched: run.watched.clone(),
         not_watched: run.not_watched.iter().cloned().collect(),
+        // Filled in by the NAT watch (`--catch nat`), which has its own kernel counts.
+        nat: Vec::new(),
     }
 }
 

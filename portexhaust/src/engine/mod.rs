@@ -10,6 +10,7 @@ pub mod blame;
 pub mod census;
 pub mod counts;
 pub mod live;
+pub mod nat;
 pub mod rates;
 pub mod report;
 pub mod session;

@@ -161,6 +161,7 @@ fn failure(ms: i128) -> Failure {
         site: Site::InetHashConnect,
         backend: Backend::TpBtf,
         container: None,
+        nat: None,
     }
 }
 

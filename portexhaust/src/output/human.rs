@@ -183,6 +183,7 @@ pub fn human_summary(s: &Totals) -> String {
         out.push_str("\nWho holds the ports:");
         out.push_str(&human_blame(&s.blame));
     }
+    out.push_str(&super::nat::summary(s));
     call_sites_section(&mut out, s);
     out
 }

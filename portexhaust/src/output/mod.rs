@@ -9,6 +9,7 @@ pub mod html;
 pub mod http;
 pub mod human;
 pub mod line;
+pub mod nat;
 pub mod prometheus;
 pub mod report_text;
 pub mod stdout;

@@ -130,6 +130,7 @@ pub fn failure_from_event(
         site,
         backend,
         container: None,
+        nat: None,
     })
 }
 

@@ -125,6 +125,9 @@ pub struct Failure {
     /// `{"runtime","id","pod"}` or null. Shared: a storm repeats the same few.
     #[serde(default)]
     pub container: Option<Arc<ContainerInfo>>,
+    /// Site `nf_nat` only: the NAT that dropped the packet, and where it tried to map it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<super::NatInfo>,
 }
 
 /// Failures of one (process, destination, errno, cause) not written one by one: over the

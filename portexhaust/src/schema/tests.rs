@@ -24,6 +24,7 @@ pub(crate) fn failure() -> Failure {
         site: Site::InetHashConnect,
         backend: Backend::Tracepoint,
         container: None,
+        nat: None,
     }
 }
 
@@ -181,6 +182,7 @@ fn totals() -> Totals {
         lru_evictions: 4,
         watched: vec!["connect".into()],
         not_watched: [("bind".to_string(), "no fexit or kprobe".to_string())].into(),
+        nat: Vec::new(),
     }
 }
 

@@ -90,6 +90,10 @@ pub struct Totals {
     /// Failure kinds nothing watched, and why: their 0 is "not watched", not "none".
     #[serde(default)]
     pub not_watched: BTreeMap<String, String>,
+    /// Source-NAT drops (`--catch nat`), per NAT namespace, destination and NAT address. They
+    /// are also in `failures_total` and in the offenders (cause `snat_exhausted`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<super::NatEntry>,
 }
 
 fn v1() -> u64 {
@@ -122,6 +126,7 @@ impl Default for Totals {
             lru_evictions: 0,
             watched: Vec::new(),
             not_watched: BTreeMap::new(),
+            nat: Vec::new(),
         }
     }
 }

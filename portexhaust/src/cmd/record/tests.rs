@@ -127,6 +127,7 @@ fn failure_at(pid: u32, us: i128) -> Failure {
         dst: "10.0.0.1:80".parse().expect("addr"),
         src: None,
         container: None,
+        nat: None,
         errno: Errno::EADDRNOTAVAIL,
         cause: portexhaust_common::Cause::Exhausted,
         site: Site::InetHashConnect,

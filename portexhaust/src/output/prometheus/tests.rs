@@ -48,6 +48,7 @@ fn failure(pid: u32, container: Option<ContainerInfo>) -> Failure {
         site: Site::InetHashConnect,
         backend: Backend::Tracepoint,
         container: container.map(Arc::new),
+        nat: None,
     }
 }
 

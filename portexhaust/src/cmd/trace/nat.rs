@@ -1,0 +1,265 @@
+//! `trace --catch nat`: the source-NAT drops of the ring buffer, named and written as `nf_nat`
+//! failures, and the summary's NAT section.
+//!
+//! Who caused a drop: the packet's original tuple (client address and port -> destination) is
+//! the client socket's own 4-tuple, still in SYN_SENT while its SYN is being dropped (the
+//! kernel retransmits it). The ownership map `OWNERS` cannot name it: it learns owners only at
+//! the active close. So the sockets of every namespace are listed (sock_diag, in-kernel
+//! filtering by nothing: a few ms per namespace) and the socket's inode leads to the process
+//! holding it (/proc/PID/fd), as the port holders are found. A listing is taken at most every
+//! `REFRESH` while drops name tuples it does not know.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use portexhaust_common::{Backend, NAT_EVENT_MAGIC, NatEvent};
+
+use crate::{
+    engine::nat::{self, Client, CtRow, NatBook, NatDrop, NatId, NsView},
+    kernel::{
+        Result,
+        conntrack::{self, NatView},
+        container::Resolver,
+        loader::Tracer,
+        netns::{self, socket_owners},
+        sockdiag,
+    },
+    schema::{Family, NatRange, Proto, Totals, event::ip_from_raw},
+};
+
+/// Longest between two listings of every namespace's sockets while drops need one.
+const REFRESH: Duration = Duration::from_millis(250);
+/// How long a NAT namespace's conntrack table is reused for the clash check of new drops.
+const VIEW_TTL: Duration = Duration::from_secs(1);
+
+/// The ring-buffer record of a NAT drop, told from the others by size and magic.
+pub fn nat_event(bytes: &[u8]) -> Option<NatEvent> {
+    if bytes.len() != std::mem::size_of::<NatEvent>() {
+        return None;
+    }
+    // SAFETY: NatEvent is a Pod (integers and byte arrays only) and `bytes` holds exactly its
+    // size; read_unaligned copes with any alignment.
+    let ev: NatEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    (ev.magic == NAT_EVENT_MAGIC).then_some(ev)
+}
+
+/// Client sockets by (source, destination), from the last listing.
+#[derive(Default)]
+struct Sockets {
+    by_tuple: HashMap<(SocketAddr, SocketAddr), Client>,
+    at: Option<Instant>,
+}
+
+impl Sockets {
+    fn refresh(&mut self, containers: &Resolver) {
+        let owners = socket_owners();
+        let mut by_tuple = HashMap::new();
+        for (ino, path) in netns::namespaces() {
+            let rows = match netns::in_netns(ino, &path, sockdiag::dump_tcp) {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) | Err(e) => {
+                    log::debug!("listing the sockets of netns {ino}: {e}");
+                    continue;
+                }
+            };
+            for r in rows {
+                let Some(o) = owners.get(&r.inode).filter(|_| r.inode != 0) else {
+                    continue;
+                };
+                by_tuple.insert(
+                    (
+                        SocketAddr::new(r.src, r.sport),
+                        SocketAddr::new(r.dst, r.dport),
+                    ),
+                    Client {
+                        pid: o.pid,
+                        comm: o.comm.clone(),
+                        netns: ino,
+                        uid: r.uid,
+                        container: containers.by_pid(o.pid),
+                    },
+                );
+            }
+        }
+        self.by_tuple = by_tuple;
+        self.at = Some(Instant::now());
+    }
+
+    /// The client behind `(src, dst)`, listing again if that is not recent.
+    fn find(&mut self, src: SocketAddr, dst: SocketAddr, containers: &Resolver) -> Option<Client> {
+        if let Some(c) = self.by_tuple.get(&(src, dst)) {
+            return Some(c.clone());
+        }
+        if self.at.is_none_or(|t| t.elapsed() >= REFRESH) {
+            self.refresh(containers);
+            return self.by_tuple.get(&(src, dst)).cloned();
+        }
+        None
+    }
+}
+
+/// Every handle to a namespace: the ones with processes, and the named ones of `ip netns`
+/// (a router namespace often has no process in it).
+fn handles() -> HashMap<u64, PathBuf> {
+    let mut all: HashMap<u64, PathBuf> = netns::namespaces().into_iter().collect();
+    use std::os::unix::fs::MetadataExt;
+    for dir in ["/run/netns", "/var/run/netns"] {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                all.entry(m.ino()).or_insert(e.path());
+            }
+        }
+    }
+    all
+}
+
+fn rows_of(v: &NatView) -> Vec<CtRow> {
+    v.entries
+        .iter()
+        .filter(|e| e.snat())
+        .filter_map(|e| {
+            Some(CtRow {
+                proto: Proto::from_ipproto(e.proto)?,
+                src: e.orig.src,
+                dst: e.orig.dst,
+                nat: e.reply.dst,
+            })
+        })
+        .collect()
+}
+
+/// The NAT side of a trace session.
+pub struct NatWatch {
+    book: NatBook,
+    sockets: Sockets,
+    /// `insert_failed` of every namespace when tracing started.
+    baseline: HashMap<u64, u64>,
+    /// Each NAT namespace's conntrack table, for the clash check.
+    views: HashMap<u64, (Instant, NatView)>,
+    backend: Backend,
+}
+
+impl NatWatch {
+    /// Read every namespace's `insert_failed` before the first drop can be counted.
+    pub fn start(backend: Backend) -> Self {
+        let mut baseline = HashMap::new();
+        for (ino, path) in handles() {
+            if let Ok(Ok((failed, _))) = netns::in_netns(ino, &path, conntrack::stat_here) {
+                baseline.insert(ino, failed);
+            }
+        }
+        Self {
+            book: NatBook::default(),
+            sockets: Sockets::default(),
+            baseline,
+            views: HashMap::new(),
+            backend,
+        }
+    }
+
+    fn view(&mut self, ino: u64, max_age: Duration) -> Option<&NatView> {
+        let fresh = self
+            .views
+            .get(&ino)
+            .is_some_and(|(t, _)| t.elapsed() < max_age);
+        if !fresh {
+            let path = conntrack::netns_handle(ino)?;
+            let v = conntrack::view_of(ino, &path)?;
+            self.views.insert(ino, (Instant::now(), v));
+        }
+        self.views.get(&ino).map(|(_, v)| v)
+    }
+
+    /// Name a batch of drops and turn each into its failure line.
+    pub fn named(
+        &mut self,
+        drops: Vec<NatDrop>,
+        containers: &Resolver,
+    ) -> Vec<crate::schema::Failure> {
+        let mut out = Vec::with_capacity(drops.len());
+        for d in drops {
+            let client = self.sockets.find(d.client, d.dst, containers);
+            let clash = self
+                .view(d.router_netns, VIEW_TTL)
+                .map(|v| nat::clashes(&rows_of(v), d.dst, d.nat));
+            self.book.add(&d, client.as_ref());
+            out.push(nat::failure(&d, client.as_ref(), self.backend, clash));
+        }
+        out
+    }
+
+    /// The NAT drops into the summary (or a snapshot): the kernel's exact counts, the NAT's
+    /// view of each destination now, and who holds its ports.
+    pub fn fold(
+        &mut self,
+        tracer: &Tracer,
+        totals: &mut Totals,
+        containers: &Resolver,
+    ) -> Result<()> {
+        let kernel: Vec<(NatId, u64)> = tracer
+            .nat_counts()?
+            .into_iter()
+            .filter_map(|(k, n)| {
+                let f = Family::from_af(k.family)?;
+                let dst = SocketAddr::new(ip_from_raw(f, &k.daddr), k.dport);
+                Some((
+                    NatId {
+                        router_netns: u64::from(k.netns),
+                        proto: Proto::from_ipproto(k.proto)?,
+                        dst,
+                        nat_addr: ip_from_raw(f, &k.nat_addr),
+                    },
+                    n,
+                ))
+            })
+            .collect();
+        if kernel.is_empty() {
+            return Ok(());
+        }
+        let mut views = HashMap::new();
+        let mut routers: Vec<u64> = kernel.iter().map(|(id, _)| id.router_netns).collect();
+        routers.sort_unstable();
+        routers.dedup();
+        for ino in routers {
+            let Some(v) = self.view(ino, Duration::ZERO).cloned() else {
+                continue;
+            };
+            let delta = v
+                .stat
+                .zip(self.baseline.get(&ino))
+                .map(|((now, _), before)| now.saturating_sub(*before));
+            views.insert(
+                ino,
+                NsView {
+                    rows: rows_of(&v),
+                    range: v.range.map(|(lo, hi, source)| NatRange {
+                        lo,
+                        hi,
+                        source: source.to_string(),
+                    }),
+                    insert_failed_delta: delta,
+                },
+            );
+        }
+        self.sockets.refresh(containers);
+        let sockets = &self.sockets;
+        let holder_of =
+            |src: SocketAddr, dst: SocketAddr| sockets.by_tuple.get(&(src, dst)).cloned();
+        let entries = nat::entries(&kernel, &self.book, &views, &holder_of);
+        nat::fold(totals, entries, &self.book);
+        Ok(())
+    }
+}
+
+/// Decode a batch of records (the clock converts the kernel's monotonic times).
+pub fn decode(evs: &[NatEvent], ts: impl Fn(u64) -> crate::schema::Ts) -> Vec<NatDrop> {
+    evs.iter()
+        .filter_map(|e| nat::decode(e, ts(e.ts_ns)))
+        .collect()
+}
