@@ -25,6 +25,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",        // tests/report_html.rs: the HTML report in a headless browser
     "bpftrace",        // bench: the one-liner portexhaust is compared with
     "bpftool",         // bench: BPF program names in the profile
+    "nftables",        // tests/nat.rs: the router namespace's masquerade and drop rules
 ];
 
 /// PyPI tools the tests use, pinned, with the command each provides. They go into a private
