@@ -357,7 +357,9 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
         assert_eq!(n["failers"][0]["count"], r.insert_failed, "{s}");
         assert_eq!(n["holders"][0]["pid"], r.client_pid, "{s}");
         assert_eq!(n["holders"][0]["count"], 10, "{s}");
-        assert_eq!(s["failures_total"], r.insert_failed, "{s}");
+        // Unfiltered: other exhaustion on the machine (another test's namespace) may add to the
+        // total, never take from it.
+        assert!(s["failures_total"].as_u64() >= Some(r.insert_failed), "{s}");
         let offender = s["offenders"]
             .as_array()
             .and_then(|o| o.iter().find(|o| o["pid"] == r.client_pid))
@@ -400,7 +402,49 @@ fn a_firewall_drop_rule_is_not_reported() {
         r.events
     );
     assert!(r.summary.get("nat").is_none(), "{}", r.summary);
-    assert_eq!(r.summary["failures_total"], 0, "{}", r.summary);
+    assert!(!snat_offenders(&r.summary), "{}", r.summary);
+}
+
+fn snat_offenders(summary: &Value) -> bool {
+    summary["offenders"].as_array().is_some_and(|o| {
+        o.iter().any(|o| {
+            o["destinations"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["cause"] == "snat_exhausted"))
+        })
+    })
+}
+
+/// The case the kernel filter cannot tell: a drop rule placed after srcnat (POSTROUTING,
+/// priority 200) drops a new connection's first packet once it has been source-NATed, before
+/// the conntrack confirm. Same reason, `IPS_SRC_NAT` set, never in the table: it is counted,
+/// but the NAT's own table shows no clash (`"clash":false`) and its insert_failed does not
+/// move, and the summary says so.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_drop_rule_after_srcnat_is_flagged_as_no_clash() {
+    require_root();
+    require_nft();
+    let ruleset = format!(
+        "table ip pxhnat {{\n  chain post {{\n    type nat hook postrouting priority srcnat; \
+         policy accept;\n    oifname \"pxr1\" meta l4proto tcp masquerade to :{NAT_LO}-{NAT_HI}\n  }}\n  \
+         chain late {{\n    type filter hook postrouting priority 200; policy accept;\n    \
+         ct state new tcp dport 5000 drop\n  }}\n}}\n"
+    );
+    let backend = backends_here().remove(0);
+    let r = exhaust(&backend, &ruleset, 2);
+    let ctx = format!("client {}\n{}", r.client_line, r.stderr);
+    assert!(r.client_line.contains("ok=0 failed=2"), "{ctx}");
+    assert_eq!(r.insert_failed, 0, "{ctx}");
+    let nat: Vec<&Value> = r.events.iter().filter(|e| e["site"] == "nf_nat").collect();
+    assert!(!nat.is_empty(), "the kernel filter keeps these: {ctx}");
+    for e in &nat {
+        assert_eq!(e["nat"]["clash"], false, "{e}");
+        assert_eq!(e["pid"], r.client_pid, "{e}");
+    }
+    let n = &r.summary["nat"][0];
+    assert_eq!(n["insert_failed_delta"], 0, "{}", r.summary);
+    assert_eq!(n["drops"], nat.len(), "{}", r.summary);
 }
 
 /// The binary the tests run is the one `cargo test` built.

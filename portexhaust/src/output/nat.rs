@@ -68,6 +68,14 @@ pub fn summary(s: &Totals) -> String {
                 .unwrap_or_default(),
             range
         ));
+        if let Some(d) = e.insert_failed_delta
+            && d < e.drops
+        {
+            out.push_str(&format!(
+                "  note: only {d} of these were conntrack insert failures: the others were \
+                 dropped after srcnat by something else (a firewall rule in POSTROUTING?)\n"
+            ));
+        }
         let failing: Vec<String> = e
             .failers
             .iter()
