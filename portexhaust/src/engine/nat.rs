@@ -292,7 +292,8 @@ pub fn fold(totals: &mut Totals, entries: Vec<NatEntry>, book: &NatBook) {
                 Some(o) => {
                     o.failures += f.count;
                     o.destinations.push(dc);
-                    o.destinations.sort_by_key(|d| std::cmp::Reverse(d.failures));
+                    o.destinations
+                        .sort_by_key(|d| std::cmp::Reverse(d.failures));
                 }
                 None => totals.offenders.push(Offender {
                     pid,
