@@ -226,14 +226,26 @@ impl NatWatch {
         let mut routers: Vec<u64> = kernel.iter().map(|(id, _)| id.router_netns).collect();
         routers.sort_unstable();
         routers.dedup();
+        // The counters first, right after the kernel's counts: drops still happening while
+        // the conntrack tables are dumped would otherwise land in one and not the other.
+        let stats: HashMap<u64, u64> = routers
+            .iter()
+            .filter_map(|&ino| {
+                let path = conntrack::netns_handle(ino)?;
+                let (failed, _) = netns::in_netns(ino, &path, conntrack::stat_here)
+                    .ok()?
+                    .ok()?;
+                Some((ino, failed))
+            })
+            .collect();
         for ino in routers {
             let Some(v) = self.view(ino, Duration::ZERO).cloned() else {
                 continue;
             };
-            let delta = v
-                .stat
+            let delta = stats
+                .get(&ino)
                 .zip(self.baseline.get(&ino))
-                .map(|((now, _), before)| now.saturating_sub(*before));
+                .map(|(now, before)| now.saturating_sub(*before));
             views.insert(
                 ino,
                 NsView {
