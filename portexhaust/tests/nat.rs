@@ -19,7 +19,9 @@ use std::{
     time::Duration,
 };
 
-use common::{BIN, Guard, Tracer, backends_here, events_and_summary, require_root};
+use common::{
+    BIN, Guard, Tracer, backends_here, events_and_summary, report_json, require_root, temp_dir,
+};
 use serde_json::Value;
 
 const CLIENT_IP: &str = "10.201.1.2";
@@ -254,6 +256,8 @@ struct Run {
     router_netns: u64,
     client_line: String,
     stderr: String,
+    /// The `--json` stream: a record `report` reads.
+    stdout: String,
 }
 
 fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
@@ -273,6 +277,7 @@ fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
     let (out, stderr, code) = tracer.stop();
     assert_eq!(code, 0, "{stderr}");
     let (events, summary) = events_and_summary(&out);
+    let stdout = out;
     drop(client);
     drop(server);
     Run {
@@ -286,6 +291,7 @@ fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
         router_netns: Topology::inode(&t.router),
         client_line,
         stderr,
+        stdout,
     }
 }
 
@@ -369,6 +375,21 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
             offender["destinations"][0]["cause"], "snat_exhausted",
             "{s}"
         );
+        // The stream is a record: report names the client and says what to do.
+        let dir = temp_dir("nat");
+        let file = dir.path().join("trace.ndjson");
+        std::fs::write(&file, &r.stdout).expect("write record");
+        let (rep, _) = report_json(&[&file], &[]);
+        let client = rep["offenders"]
+            .as_array()
+            .and_then(|o| o.iter().find(|o| o["pid"] == r.client_pid))
+            .unwrap_or_else(|| panic!("report names the client: {rep}"));
+        assert_eq!(client["failures"], r.insert_failed, "{rep}");
+        let ids: Vec<&str> = rep["findings"]
+            .as_array()
+            .map(|f| f.iter().filter_map(|f| f["id"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(ids.contains(&"snat_port_exhaustion"), "{ids:?}");
         eprintln!(
             "backend {backend}: {} drops = insert_failed +{} = drop +{}; client {} ({}) in netns {}",
             nat.len(),

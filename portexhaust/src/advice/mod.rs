@@ -11,6 +11,7 @@ use serde::Serialize;
 mod destinations;
 pub use destinations::bound_connects_finding;
 pub mod explain;
+mod nat;
 mod settings;
 
 use portexhaust_common::TcpState;
@@ -89,6 +90,8 @@ pub struct Evidence {
     pub udp_failures: u64,
     /// connect() EADDRNOTAVAIL on a socket bound before connect(): its 4-tuple was taken.
     pub collisions: u64,
+    /// SYNs a source NAT one hop away dropped for want of a free port (`--catch nat`).
+    pub snat_drops: u64,
     /// Processes that connect on sockets bound before connect() (from the call-site counts),
     /// most first.
     pub bound_connects: Vec<BoundConnects>,
@@ -297,6 +300,7 @@ pub fn audit(i: &Inputs<'_>) -> Vec<Finding> {
     let range = i.sysctls.range();
     let mut out = Vec::new();
     destinations::evidence_rules(i.evidence, &mut out);
+    nat::snat_rule(i.evidence, &mut out);
     destinations::destination_rules(i.sysctls, i.destinations, &mut out);
     settings::recycle_rule(i.sysctls, &mut out);
     settings::range_rule(range, &mut out);

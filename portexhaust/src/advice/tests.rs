@@ -221,6 +221,7 @@ fn bind_holders_and_record_evidence() {
         bind_failures: 3,
         udp_failures: 2,
         collisions: 4,
+        snat_drops: 0,
         bound_connects: vec![BoundConnects {
             pid: 7,
             comm: "envoy".into(),

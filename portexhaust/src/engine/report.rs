@@ -449,6 +449,7 @@ pub fn build(
             e.connect_failures += ev.connect_failures;
             e.bind_failures += ev.bind_failures;
             e.collisions += ev.collisions;
+            e.snat_drops += ev.snat_drops;
             e.udp_failures += ev.udp_failures;
             e.bound_connects.extend(ev.bound_connects.iter().cloned());
         }

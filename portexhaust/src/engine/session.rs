@@ -238,6 +238,7 @@ impl Session {
             Errno::EADDRNOTAVAIL => ev.connect_failures += n,
             Errno::EADDRINUSE => ev.bind_failures += n,
             Errno::EAGAIN => ev.udp_failures += n,
+            _ if key.cause == Cause::SnatExhausted => ev.snat_drops += n,
             _ => {}
         }
         self.lines
