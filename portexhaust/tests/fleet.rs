@@ -1,7 +1,7 @@
 //! Fleet tests: Prometheus metrics scraped by a real Prometheus during a real exhaustion, and
 //! container attribution through a real cgroup (the deployment files are in deploy.rs).
 //!
-//! Run by `cargo xtask test` after `cargo xtask setup` installed the tools (Debian's
+//! Run by `cargo xtask test` after `cargo xtask setup --tests` installed the tools (Debian's
 //! `prometheus`, PyPI's `kubernetes-validate`), as root and one at a time: they load eBPF
 //! programs, create network namespaces and cgroups. They panic rather than skip when they
 //! cannot run. Every process they start is killed on drop, every cgroup removed, and every
@@ -114,7 +114,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("starting prometheus: {e} (install it with `cargo xtask setup`)")
+                panic!("starting prometheus: {e} (install it with `cargo xtask setup --tests`)")
             });
         let p = Self {
             _guard: Guard(child),
