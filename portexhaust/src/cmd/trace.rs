@@ -350,8 +350,9 @@ fn rotation(args: &TraceArgs) -> Option<super::record::Rotate> {
 
 pub async fn run(args: &TraceArgs) -> Result<Totals> {
     // Bad arguments end here, before anything is loaded.
-    check::args(args)?;
-    let filters = args.filter.filters();
+    let cgroups = check::args(args)?;
+    let mut filters = args.filter.filters();
+    filters.cgroups = cgroups;
     let opened = Tracer::open_with(
         args.backend.request(),
         &filters,
@@ -413,6 +414,12 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
         pids: filters.pids.clone(),
         comms: filters.comms.clone(),
         dports: filters.dports.clone(),
+        cgroups: filters
+            .cgroups
+            .targets
+            .iter()
+            .map(|t| t.rel.clone())
+            .collect(),
     };
     // The header: a record starts with the settings and census of every namespace; the
     // `--json` stream with the same header (so `report` can read it) when there is no record
@@ -505,6 +512,13 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
                 let mut counts = Counted::default();
                 s.tally(&mut counts)?;
                 s.tracer.drain_log();
+                // Before 5.14 a cgroup created under a filtered one since the last tick
+                // passes only once its id is in the map.
+                if filters.cgroups.needs_refresh()
+                    && let Err(e) = s.tracer.refresh_cgroup_filter(&filters.cgroups)
+                {
+                    warn!("refreshing the --cgroup/--container filter: {e}");
+                }
                 ticks += 1;
                 // Drops mean the reader fell behind; the counts stay exact, but say so now.
                 if let Ok(d) = s.tracer.dropped_events()
