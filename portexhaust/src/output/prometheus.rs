@@ -224,6 +224,10 @@ impl EncodeMetric for Log2Histogram {
     }
 }
 
+/// One entry of the kernel's connect statistics, as the rows name it: (netns, destination,
+/// protocol).
+type ConnId = (Option<u64>, SocketAddr, String);
+
 /// What the kernel last said of one (netns, destination) of `DEST_STATS`, and the series it
 /// feeds (fixed at first sight, like a failure key's).
 struct ConnKey {
@@ -305,7 +309,7 @@ struct State {
     counts_at: Option<u64>,
     recheck: bool,
     /// Connect statistics by kernel key (netns, destination, proto), and their series.
-    conn_keys: HashMap<(Option<u64>, SocketAddr, String), ConnKey>,
+    conn_keys: HashMap<ConnId, ConnKey>,
     conn_series: HashMap<ConnectLabels, ConnSeries>,
 }
 
@@ -556,8 +560,7 @@ impl Metrics {
     /// carries the same statistics) and adds what it grew by since the last update; an entry
     /// the kernel's LRU map evicted and made again restarts from zero, and counts again.
     fn update_connects(&self, rows: &[DestRow]) {
-        let mut now: HashMap<(Option<u64>, SocketAddr, String), (u64, [u64; LATENCY_BUCKETS])> =
-            HashMap::new();
+        let mut now: HashMap<ConnId, (u64, [u64; LATENCY_BUCKETS])> = HashMap::new();
         for r in rows {
             if r.connects.is_none() && r.latency_us.is_none() {
                 continue;
