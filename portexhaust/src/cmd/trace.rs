@@ -25,16 +25,15 @@ use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
     cli::TraceArgs,
     engine::{
-        census::destination_rows,
         counts::{Exact, ExactId},
-        live,
+        live::{self, Viewer},
     },
     kernel::{
         Error, Result,
         clock::Clock,
         container::Resolver,
         facts::{self, Namespaces},
-        gather::{Gatherer, Scope, exact_counts, run_of},
+        gather::{Gatherer, Scope, dest_stats, exact_counts, run_of},
         loader::{Tracer, Tracking},
         netns,
         procinfo::NetnsCache,
@@ -127,6 +126,10 @@ struct Session {
     recorder: Option<Recorder>,
     namespaces: Namespaces,
     blame: bool,
+    /// The metrics' destination rows over time (rates and the exhaustion forecast need the
+    /// samples before), as `top` keeps them; and when tracing started.
+    viewer: Viewer,
+    started: Instant,
 }
 
 impl Session {
@@ -291,8 +294,8 @@ impl Session {
     }
 
     /// The metrics of one second: the kernel's totals, and its exact counts when failures
-    /// happened; every fifth second the ports in use per destination (a sock_diag census of
-    /// every namespace).
+    /// happened; every fifth second the destinations (a sock_diag census of every namespace
+    /// and the kernel's connect statistics), with their forecast from the samples so far.
     fn metrics_tick(&mut self, ticks: u64, counts: &mut Counted) -> Result<()> {
         let Some(m) = &self.metrics else {
             return Ok(());
@@ -306,7 +309,14 @@ impl Session {
         }
         m.set_failures_seen(seen);
         if ticks % 5 == 1 {
-            m.set_destinations(&destination_rows(&netns::census(None)));
+            // The rows `top` shows (one engine): ports, forecast, connect counts and latency.
+            let stats = dest_stats(&self.tracer)?;
+            let rows = self.viewer.destinations(
+                self.started.elapsed().as_secs_f64(),
+                &netns::census(None),
+                &stats,
+            );
+            m.set_destinations(&rows);
             m.set_lru_evictions(self.tracer.lru_evictions()?);
         }
         Ok(())
@@ -449,6 +459,8 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             .map(Namespaces::from_header)
             .unwrap_or_default(),
         blame: !args.no_blame,
+        viewer: Viewer::new(),
+        started,
     };
     if let (Some(path), Some(h)) = (&args.record, &header) {
         let opts = RecordOptions {

@@ -99,6 +99,24 @@ pub fn exact_counts(raw: &[(CountKey, CountValue)], clock: &Clock) -> Vec<Exact>
         .collect()
 }
 
+/// The kernel's connect statistics per destination, named: established connects and the
+/// latency histogram (`top`, the summary's observation and the metrics all read them here).
+/// Keys of an unknown family are left out.
+pub fn dest_stats(tracer: &Tracer) -> Result<Vec<DestStat>> {
+    Ok(tracer
+        .dest_stats()?
+        .into_iter()
+        .filter_map(|(k, v)| {
+            Some(DestStat {
+                netns: u64::from(k.netns),
+                dst: addr(k.family, &k.daddr, k.dport)?,
+                connects: v.connects,
+                hist: v.hist,
+            })
+        })
+        .collect())
+}
+
 /// Gathers [`Observed`] moments for one tracer, remembering what events taught it (where and
 /// in which cgroup each failer ran: still known after it exited).
 pub struct Gatherer {
@@ -393,18 +411,7 @@ impl Gatherer {
         if !obs.sites.is_empty() {
             obs.sock_sites = tracer.sock_sites()?;
         }
-        obs.dest_stats = tracer
-            .dest_stats()?
-            .into_iter()
-            .filter_map(|(k, v)| {
-                Some(DestStat {
-                    netns: u64::from(k.netns),
-                    dst: addr(k.family, &k.daddr, k.dport)?,
-                    connects: v.connects,
-                    hist: v.hist,
-                })
-            })
-            .collect();
+        obs.dest_stats = dest_stats(tracer)?;
         Ok(obs)
     }
 
