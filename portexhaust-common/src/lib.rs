@@ -46,6 +46,7 @@ pub mod names {
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const FILTER_COMMS: &str = "FILTER_COMMS";
     pub const FILTER_DPORTS: &str = "FILTER_DPORTS";
+    pub const FILTER_CGROUPS: &str = "FILTER_CGROUPS";
     pub const SYSCALL_INFLIGHT: &str = "SYSCALL_INFLIGHT";
     pub const KFUNC_INFLIGHT: &str = "KFUNC_INFLIGHT";
     pub const SOCKET_ARGS: &str = "SOCKET_ARGS";
@@ -66,6 +67,11 @@ pub mod names {
     pub const GLOBAL_BACKEND: &str = "BACKEND";
     /// Global: bit set of active filters (`FILTER_*` bits, `u32`).
     pub const GLOBAL_FILTER_FLAGS: &str = "FILTER_FLAGS";
+    /// Global: the cgroup v2 levels (bit i: level i) at which `FILTER_CGROUPS` holds an
+    /// ancestor to match with `bpf_get_current_ancestor_cgroup_id()` (tracing programs 5.14+);
+    /// 0: match the task's own cgroup id (`bpf_get_current_cgroup_id()`, 4.18+), the map then
+    /// holding every descendant too (`u32`).
+    pub const GLOBAL_CGROUP_LEVELS: &str = "CGROUP_LEVELS";
     /// Global: ownership tracking and latency histograms on (1) or off (0), `u32`.
     pub const GLOBAL_TRACK_BLAME: &str = "TRACK_BLAME";
     /// Global: failure events each CPU may stream per second (`u32`; 0: no limit). Beyond it a
@@ -85,6 +91,10 @@ pub mod names {
 pub const FILTER_PID: u32 = 1;
 pub const FILTER_COMM: u32 = 2;
 pub const FILTER_DPORT: u32 = 4;
+/// The task is in one of `FILTER_CGROUPS`'s cgroups or below one (`--cgroup`, `--container`).
+pub const FILTER_CGROUP: u32 = 8;
+/// Deepest cgroup v2 level `--cgroup` can name in ancestor mode (bits of `CGROUP_LEVELS`).
+pub const MAX_CGROUP_FILTER_LEVEL: u32 = 31;
 
 /// Indices into the per-CPU `STATS` array.
 pub mod stat {

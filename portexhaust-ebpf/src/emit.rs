@@ -3,17 +3,20 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns},
 };
 use portexhaust_common::{
-    COMM_LEN, Cause, CountKey, CountValue, FILTER_COMM, FILTER_DPORT, FILTER_PID, FailureEvent,
-    Site, stat,
+    COMM_LEN, Cause, CountKey, CountValue, FILTER_CGROUP, FILTER_COMM, FILTER_DPORT, FILTER_PID,
+    FailureEvent, MAX_CGROUP_FILTER_LEVEL, Site, stat,
 };
 
 use crate::{
     addr::{Addr, bytes},
     cold, globals,
-    maps::{BUDGET, COUNTS, EVENTS, FILTER_COMMS, FILTER_DPORTS, FILTER_PIDS, LAST_WAKEUP, STATS},
+    maps::{
+        BUDGET, COUNTS, EVENTS, FILTER_CGROUPS, FILTER_COMMS, FILTER_DPORTS, FILTER_PIDS,
+        LAST_WAKEUP, STATS,
+    },
 };
 
 #[inline(always)]
@@ -89,7 +92,35 @@ pub fn passes_filters(pid: u32, comm: &[u8; COMM_LEN], dport: u16) -> bool {
     if flags & FILTER_DPORT != 0 && FILTER_DPORTS.get_ptr(dport).is_none() {
         return false;
     }
+    if flags & FILTER_CGROUP != 0 && !in_filtered_cgroup() {
+        return false;
+    }
     true
+}
+
+/// Whether the current task is in a `--cgroup`/`--container` subtree. Every caller runs in the
+/// connecting (or binding) task's context, so the current task's cgroup is the socket's.
+#[inline(always)]
+fn in_filtered_cgroup() -> bool {
+    let levels = globals::cgroup_levels();
+    if levels == 0 {
+        // SAFETY: no arguments; allowed in every tracing program type since 4.18.
+        let id = unsafe { bpf_get_current_cgroup_id() };
+        return FILTER_CGROUPS.get_ptr(id).is_some();
+    }
+    let mut level: u32 = 0;
+    while level <= MAX_CGROUP_FILTER_LEVEL {
+        if levels & (1 << level) != 0 {
+            // SAFETY: any level is valid; beyond the task's own depth it returns 0, which
+            // is never a cgroup id.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if FILTER_CGROUPS.get_ptr(id).is_some() {
+                return true;
+            }
+        }
+        level += 1;
+    }
+    false
 }
 
 /// What a hook knows about a failure.

@@ -13,6 +13,14 @@ static BACKEND: u32 = Backend::TpBtf as u32;
 #[unsafe(no_mangle)]
 static FILTER_FLAGS: u32 = 0;
 
+/// `--cgroup`: bit i set when `FILTER_CGROUPS` holds a cgroup at level i, matched against the
+/// task's ancestor at that level; 0 matches the task's own cgroup (the map then lists the whole
+/// subtree). Frozen, so on kernels without the ancestor helper for tracing programs (before
+/// 5.14, Namhyung Kim's "bpf: Allow bpf_get_current_ancestor_cgroup_id for tracing") that
+/// branch is dead code the verifier never checks.
+#[unsafe(no_mangle)]
+static CGROUP_LEVELS: u32 = 0;
+
 /// 0: skip socket-ownership tracking and the latency histograms (`trace --no-blame`).
 #[unsafe(no_mangle)]
 static TRACK_BLAME: u32 = 1;
@@ -101,6 +109,11 @@ pub fn state_reports() -> bool {
 #[inline(always)]
 pub fn filter_flags() -> u32 {
     get(&FILTER_FLAGS)
+}
+
+#[inline(always)]
+pub fn cgroup_levels() -> u32 {
+    get(&CGROUP_LEVELS)
 }
 
 #[inline(always)]

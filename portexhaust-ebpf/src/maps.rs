@@ -43,6 +43,10 @@ pub static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 pub static FILTER_COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static FILTER_DPORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+/// `--cgroup`/`--container`: cgroup ids (cgroup v2 directory inodes) whose tasks pass; see
+/// `CGROUP_LEVELS` for whether they are ancestors or every cgroup of the subtree.
+#[map]
+pub static FILTER_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
 
 /// connect()/bind() syscalls between entry and exit, by thread id (syscall tracepoints, only
 /// attached on request). LRU: a thread killed inside the syscall never reaches the exit

@@ -5,7 +5,7 @@
 use std::{io::Write, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use portexhaust::{
     cli::{Cli, Cmd, TopArgs, WorkloadArgs},
     cmd::{doctor, report, selftest, top, trace},
@@ -16,7 +16,7 @@ use portexhaust::{
 use portexhaust_workload::WorkloadOptions;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked();
     // RUST_LOG, when set, wins over -v.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(cli.log_filter()))
         .format(|buf, rec| {

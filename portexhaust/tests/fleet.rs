@@ -1,7 +1,7 @@
 //! Fleet tests: Prometheus metrics scraped by a real Prometheus during a real exhaustion, and
 //! container attribution through a real cgroup (the deployment files are in deploy.rs).
 //!
-//! Run by `cargo xtask test` after `cargo xtask setup` installed the tools (Debian's
+//! Run by `cargo xtask test` after `cargo xtask setup --tests` installed the tools (Debian's
 //! `prometheus`, PyPI's `kubernetes-validate`), as root and one at a time: they load eBPF
 //! programs, create network namespaces and cgroups. They panic rather than skip when they
 //! cannot run. Every process they start is killed on drop, every cgroup removed, and every
@@ -114,7 +114,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("starting prometheus: {e} (install it with `cargo xtask setup`)")
+                panic!("starting prometheus: {e} (install it with `cargo xtask setup --tests`)")
             });
         let p = Self {
             _guard: Guard(child),
@@ -465,4 +465,228 @@ fn failures_are_attributed_to_the_container_of_their_cgroup() {
     }
     drop(cg);
     assert!(!root.join(&top).exists(), "test cgroups left behind");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dashboard and the alerts against a real scrape.
+
+/// node_exporter's series the dashboard joins on `instance`: never in portexhaust's scrape.
+const EXTERNAL: &[&str] = &[
+    "node_sockstat_TCP_tw",
+    "node_nf_conntrack_entries",
+    "node_nf_conntrack_entries_limit",
+];
+
+/// The metric names a PromQL expression selects: identifiers right before a `{` matcher (every
+/// query of the dashboard selects by `instance`), and every `portexhaust_` or `node_` word.
+fn metric_names(expr: &str) -> Vec<String> {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut out = Vec::new();
+    let mut word = String::new();
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if ident(c) {
+            word.push(c);
+            continue;
+        }
+        let selected =
+            c == '{' && !word.is_empty() && !word.starts_with(|d: char| d.is_ascii_digit());
+        if selected || word.starts_with("portexhaust_") || word.starts_with("node_") {
+            out.push(word.clone());
+        }
+        word.clear();
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The sample names of a text exposition.
+fn scraped_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(String::from)
+        .collect()
+}
+
+/// Values of the samples of `name` whose labels contain every `k="v"` of `labels`.
+fn samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| {
+            let (head, v) = l.rsplit_once(' ')?;
+            Some((head.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn every_dashboard_and_alert_metric_is_in_a_real_scrape() {
+    require_root();
+    // Metric names of every dashboard query and every alert.
+    let dash: Value = serde_json::from_str(
+        &fs::read_to_string(repo().join("deploy/grafana/portexhaust.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().expect("expr");
+            let names = metric_names(e);
+            assert!(!names.is_empty(), "no metric in {e:?}");
+            wanted.extend(
+                names
+                    .into_iter()
+                    .map(|n| (n, format!("panel {}", p["title"]))),
+            );
+        }
+    }
+    let alerts = fs::read_to_string(repo().join("deploy/alerts.yaml")).expect("alerts");
+    for l in alerts.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        wanted.extend(
+            metric_names(l)
+                .into_iter()
+                .filter(|n| n.starts_with("portexhaust_"))
+                .map(|n| (n, "deploy/alerts.yaml".to_string())),
+        );
+    }
+    for ext in EXTERNAL {
+        assert!(
+            wanted.iter().any(|(n, _)| n == ext),
+            "{ext} is listed as external but nothing queries it"
+        );
+    }
+    for name in [
+        "portexhaust_connect_duration_seconds_bucket",
+        "portexhaust_connections_opened_total",
+        "portexhaust_exhaustion_eta_seconds",
+        "node_sockstat_TCP_tw",
+    ] {
+        assert!(
+            wanted.iter().any(|(n, _)| n == name),
+            "nothing queries {name}"
+        );
+    }
+
+    // Pressure that grows (40 new connections a second into 2000 ports, each left in
+    // TIME_WAIT: a forecast, established connects and their latency), and real failures.
+    let mut churn = Workload::lingering(&[
+        "--scenario",
+        "churn",
+        "--ports",
+        "2000",
+        "--rate",
+        "40",
+        "--seconds",
+        "60",
+        "--comm",
+        "pxh-dash-churn",
+    ]);
+    let churn_ns = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(churn.netns_path())
+            .expect("netns")
+            .ino()
+            .to_string()
+    };
+    let mut failer = Workload::start("v4", 37, "pxh-dash-fail", &[]);
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let t = Tracer::trace(&["--metrics-addr", &metrics.to_string()]);
+    churn.go();
+    failer.go();
+    let (_, n) = finished(failer);
+
+    // Scrape as Prometheus would until every name is there (a new series is served at 0 once
+    // first; the forecast needs two censuses 5 s apart with growth between them).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let (status, _, text) = http_get(metrics, "/metrics", None);
+        assert_eq!(status, 200);
+        let have = scraped_names(&text);
+        let missing: Vec<&(String, String)> = wanted
+            .iter()
+            .filter(|(n, _)| !EXTERNAL.contains(&n.as_str()) && !have.contains(n))
+            .collect();
+        let eta = samples(
+            &text,
+            "portexhaust_exhaustion_eta_seconds",
+            &[("netns", &churn_ns)],
+        );
+        let opened = samples(
+            &text,
+            "portexhaust_connections_opened_total",
+            &[("netns", &churn_ns)],
+        );
+        let failed = samples(
+            &text,
+            "portexhaust_failures_total",
+            &[("comm", "pxh-dash-fail")],
+        );
+        let ready = missing.is_empty()
+            && !eta.is_empty()
+            && opened.iter().any(|(_, v)| *v > 0.0)
+            && failed.iter().map(|(_, v)| v).sum::<f64>() == n as f64;
+        if ready {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 60 s: missing {missing:?}; churn's forecast {eta:?}, opened {opened:?}, \
+             failures {failed:?} of {n}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(500));
+    };
+    // What the new series say of the churner, checked for sense rather than presence.
+    let eta = samples(
+        &text,
+        "portexhaust_exhaustion_eta_seconds",
+        &[("netns", &churn_ns)],
+    );
+    assert!(
+        eta.iter()
+            .all(|(_, v)| v.is_finite() && *v >= 0.0 && *v < 600.0),
+        "2000 ports at 40 a second fill in under a minute: {eta:?}"
+    );
+    let count = samples(
+        &text,
+        "portexhaust_connect_duration_seconds_count",
+        &[("netns", &churn_ns)],
+    );
+    let inf = samples(
+        &text,
+        "portexhaust_connect_duration_seconds_bucket",
+        &[("netns", &churn_ns), ("le", "+Inf")],
+    );
+    let opened = samples(
+        &text,
+        "portexhaust_connections_opened_total",
+        &[("netns", &churn_ns)],
+    );
+    assert_eq!(count.len(), 1, "{text}");
+    assert_eq!(inf.first().map(|x| x.1), Some(count[0].1), "+Inf != _count");
+    assert!(count[0].1 > 0.0, "no connect timed: {count:?}");
+    assert!(
+        count[0].1 <= opened[0].1,
+        "timed connects are a sample of the opened ones: {count:?} {opened:?}"
+    );
+    // The failures carry their cause.
+    let failed = samples(
+        &text,
+        "portexhaust_failures_total",
+        &[("comm", "pxh-dash-fail"), ("cause", "exhausted")],
+    );
+    assert_eq!(failed.iter().map(|x| x.1).sum::<f64>(), n as f64, "{text}");
+    assert!(
+        !text.contains("instance=\""),
+        "the exporter must leave `instance` to the scrape"
+    );
+    drop(churn);
+    let (_, err, code) = t.stop();
+    assert_eq!(code, 0, "trace failed:\n{err}");
 }

@@ -54,7 +54,7 @@ fn a_recording_killed_between_snapshots_still_reports_exact_counts() {
         "--record",
         &rec_s,
         "--snapshot-interval",
-        "3",
+        "8",
         "--comm",
         "pxh-f-tw",
         "--comm",
@@ -71,12 +71,29 @@ fn a_recording_killed_between_snapshots_still_reports_exact_counts() {
     );
 
     // Phase 1: TIME_WAIT exhaustion (tcp_tw_reuse=0 in its namespace), counted by a snapshot.
-    // Enough failures that the tracer reads the namespace's settings while the process lives.
-    let k1 = Workload::run("timewait", 2000, "pxh-f-tw", &["--ports", "16"]);
+    // The namespace lingers until the tracer has read its settings from inside it (a loaded
+    // machine may take longer than the failures do; a namespace gone first is not described).
+    let mut w = Workload::lingering(&[
+        "--scenario",
+        "timewait",
+        "--failures",
+        "2000",
+        "--comm",
+        "pxh-f-tw",
+        "--ports",
+        "16",
+    ]);
+    w.go();
+    let k1 = common::expected_failures(&w.report());
     assert_eq!(k1, 2000);
+    wait_for("the namespace's settings", Duration::from_secs(10), || {
+        record_lines(&rec).iter().any(|v| v["type"] == "sysctls")
+    });
+    w.release();
+    // Snapshots are 8 s apart: phase 2 and the kill fit between two even on a loaded machine.
     wait_for(
         "a snapshot that counted phase 1",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || {
             record_lines(&rec)
                 .iter()
@@ -87,7 +104,7 @@ fn a_recording_killed_between_snapshots_still_reports_exact_counts() {
     // before the next snapshot is due.
     let k2 = Workload::run("v4", 25, "pxh-f-v4", &[]);
     assert_eq!(k2, 25);
-    wait_for("phase 2 flushed", Duration::from_secs(3), || {
+    wait_for("phase 2 flushed", Duration::from_secs(5), || {
         flushed_failures(&record_lines(&rec)) == k1 + k2
     });
     let (_, err, code) = t.signal(libc::SIGKILL);

@@ -61,7 +61,7 @@ impl Cdp {
                     .output()
                     .is_ok_and(|o| o.status.success())
             })
-            .expect("Chromium is missing: `cargo xtask setup` installs Debian's chromium");
+            .expect("Chromium is missing: `cargo xtask setup --tests` installs Debian's chromium");
         let profile = tempfile::tempdir().expect("profile dir");
         let (to_r, to_w) = high_pipe();
         let (from_r, from_w) = high_pipe();

@@ -325,8 +325,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let bpftrace_skipped = match &bpftrace {
         Some(_) => None,
         None => {
-            ctx.say("bpftrace is not installed: `cargo xtask setup` installs it");
-            Some("bpftrace is not installed (`cargo xtask setup` installs it)".to_string())
+            ctx.say("bpftrace is not installed: `cargo xtask setup --tests` installs it");
+            Some("bpftrace is not installed (`cargo xtask setup --tests` installs it)".to_string())
         }
     };
     let sets = Sets::new(&offer, bpftrace.is_some(), true);

@@ -21,8 +21,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what a fresh machine lacks (idempotent): nightly rust-src, bpf-linker, Debian packages.
-    Setup,
+    /// Install what a fresh machine lacks to build and run (idempotent): nightly rust-src and
+    /// bpf-linker. With --tests also what the tests use: nightly clippy, Debian packages
+    /// (qemu, prometheus, chromium, bpftrace, ...) and a PyPI validator.
+    Setup {
+        #[arg(long)]
+        tests: bool,
+    },
     /// Set up if needed, then build the release binary (eBPF object embedded).
     Build,
     /// Set up if needed, build, and run portexhaust as root with the given arguments.
@@ -53,7 +58,12 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::setup().map(|_| ()),
+        Cmd::Setup { tests } => setup::setup(if tests {
+            setup::Scope::Tests
+        } else {
+            setup::Scope::Run
+        })
+        .map(|_| ()),
         Cmd::Build => setup::build_release().map(|_| ()),
         Cmd::Run { args } => setup::run(&args),
         Cmd::Install { prefix } => setup::install(&prefix),

@@ -1,9 +1,12 @@
 //! Fresh-machine set-up, build, run and install.
 //!
 //! What a fresh machine of this kind lacks (see shared/notes/toolchain.md): nightly `rust-src`
-//! (for `-Z build-std=core`), `bpf-linker` built against the nightly toolchain's own LLVM (the
-//! crates.io default wants a newer LLVM than the toolchain ships), and a few Debian packages the
-//! tests use. Every step checks first and only acts when something is missing.
+//! (for `-Z build-std=core`) and `bpf-linker` built against the nightly toolchain's own LLVM
+//! (the crates.io default wants a newer LLVM than the toolchain ships) to build and run; for
+//! the tests also nightly clippy, Debian packages and a PyPI validator. `cargo xtask run`
+//! installs only the first group, `cargo xtask test` and `setup --tests` both. Every step
+//! checks first and only acts when something is missing, and everything it and the commands
+//! it runs print goes to stderr: `cargo xtask run -- trace --json | jq` gets only the trace.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -12,8 +15,16 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// Debian packages the test suite and the VM matrix use.
-pub const DEBIAN_PACKAGES: &[&str] = &[
+/// What to install: what building and running need, or that and what the tests need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Run,
+    Tests,
+}
+
+/// Debian packages the test suite, the VM matrix and the benchmarks use (building and running
+/// portexhaust needs none: it talks to the kernel through bpf(2) and netlink, not tools).
+pub const TEST_DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",        // ip, ss: namespaces and socket listings in tests
     "procps",          // sysctl
     "qemu-system-x86", // vmtest: boots other kernels
@@ -25,6 +36,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",        // tests/report_html.rs: the HTML report in a headless browser
     "bpftrace",        // bench: the one-liner portexhaust is compared with
     "bpftool",         // bench: BPF program names in the profile
+    "jq",              // test: `cargo xtask run -- trace --json | jq` on a fresh set-up
     "nftables",        // tests/nat.rs: the router namespace's masquerade and drop rules
 ];
 
@@ -62,6 +74,12 @@ fn output(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Run a set-up or build step with its stdout sent to our stderr (apt-get and pip print
+/// progress on stdout), so that `cargo xtask run -- ... | consumer` sees only portexhaust.
+pub fn run_step(cmd: &mut Command) -> Result<()> {
+    run_checked(cmd.stdout(std::io::stderr()))
 }
 
 pub fn run_checked(cmd: &mut Command) -> Result<()> {
@@ -138,7 +156,7 @@ fn install_bpf_linker() -> Result<()> {
         "installing bpf-linker against the nightly toolchain's LLVM {major} (about a minute)"
     ));
     let prefix = shim.parent().context("shim has a parent")?;
-    run_checked(
+    run_step(
         Command::new("cargo")
             .args([
                 "install",
@@ -172,12 +190,12 @@ fn install_pypi_tools() -> Result<Vec<String>> {
             "creating a Python virtualenv in {}",
             venv.display()
         ));
-        run_checked(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+        run_step(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
             "python3 -m venv failed: install python3 and python3-venv (apt-get install python3-venv)",
         )?;
     }
     log(format!("installing from PyPI: {}", missing.join(" ")));
-    run_checked(
+    run_step(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .args(&missing),
@@ -190,7 +208,7 @@ fn install_pypi_tools() -> Result<Vec<String>> {
 }
 
 fn missing_debian_packages() -> Vec<&'static str> {
-    DEBIAN_PACKAGES
+    TEST_DEBIAN_PACKAGES
         .iter()
         .copied()
         .filter(|p| {
@@ -200,14 +218,15 @@ fn missing_debian_packages() -> Vec<&'static str> {
         .collect()
 }
 
-/// Install what is missing; returns what was done (empty when nothing was needed).
-pub fn setup() -> Result<Vec<String>> {
+/// `cargo xtask setup [--tests]`: install what `scope` needs and is missing; returns what was
+/// done (empty when nothing was needed).
+pub fn setup(scope: Scope) -> Result<Vec<String>> {
     let mut did = Vec::new();
 
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         log("installing the nightly toolchain");
-        run_checked(Command::new("rustup").args([
+        run_step(Command::new("rustup").args([
             "toolchain",
             "install",
             "nightly",
@@ -225,11 +244,16 @@ pub fn setup() -> Result<Vec<String>> {
         "--installed",
     ]))
     .unwrap_or_default();
-    // rust-src for -Z build-std=core; clippy because the eBPF crate is linted with nightly.
-    for comp in ["rust-src", "clippy"] {
+    // rust-src for -Z build-std=core; clippy only for the tests' lint of the eBPF crate, which
+    // is built with nightly.
+    let wanted: &[&str] = match scope {
+        Scope::Run => &["rust-src"],
+        Scope::Tests => &["rust-src", "clippy"],
+    };
+    for comp in wanted {
         if !comps.lines().any(|l| l.starts_with(comp)) {
             log(format!("adding {comp} to the nightly toolchain"));
-            run_checked(Command::new("rustup").args([
+            run_step(Command::new("rustup").args([
                 "component",
                 "add",
                 comp,
@@ -245,31 +269,39 @@ pub fn setup() -> Result<Vec<String>> {
         did.push("installed bpf-linker".to_string());
     }
 
-    let missing = missing_debian_packages();
-    if !missing.is_empty() {
-        if !is_root() {
-            bail!(
-                "Debian packages missing: {}; run `sudo apt-get install -y {}` or run this as root",
-                missing.join(" "),
-                missing.join(" ")
-            );
+    if scope == Scope::Tests {
+        let missing = missing_debian_packages();
+        if !missing.is_empty() {
+            if !is_root() {
+                bail!(
+                    "Debian packages the tests need are missing: {}; run `sudo apt-get install -y \
+                     {}` or run this as root",
+                    missing.join(" "),
+                    missing.join(" ")
+                );
+            }
+            log(format!("installing Debian packages: {}", missing.join(" ")));
+            run_step(Command::new("apt-get").args(["update", "-qq"]))?;
+            run_step(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+            did.push(format!("installed Debian packages: {}", missing.join(" ")));
         }
-        log(format!("installing Debian packages: {}", missing.join(" ")));
-        run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_checked(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-        did.push(format!("installed Debian packages: {}", missing.join(" ")));
+        // PyPI tools last: the virtualenv needs python3, which these machines have.
+        did.extend(install_pypi_tools()?);
     }
 
-    // PyPI tools last: the virtualenv needs python3, which these machines have.
-    did.extend(install_pypi_tools()?);
-
+    let what = match scope {
+        Scope::Run => "building and running",
+        Scope::Tests => "building, running and the tests",
+    };
     if did.is_empty() {
-        log("setup: everything was already in place");
+        log(format!(
+            "setup: everything {what} need was already in place"
+        ));
     } else {
         for d in &did {
             log(format!("setup: {d}"));
@@ -280,10 +312,10 @@ pub fn setup() -> Result<Vec<String>> {
 
 /// Build the release binary and return its path.
 pub fn build_release() -> Result<PathBuf> {
-    setup()?;
+    setup(Scope::Run)?;
     let root = workspace_root();
     log("building portexhaust (release, eBPF object embedded)");
-    run_checked(Command::new("cargo").current_dir(&root).args([
+    run_step(Command::new("cargo").current_dir(&root).args([
         "build",
         "--release",
         "--package",
@@ -330,9 +362,10 @@ pub fn install(prefix: &str) -> Result<()> {
 /// Set up if needed, then build the release binaries the bench and the soak run:
 /// portexhaust and the pxh-loadgen load generators.
 pub fn build_tools() -> Result<()> {
-    setup()?;
+    // The bench and the soak compare with bpftrace and name programs with bpftool.
+    setup(Scope::Tests)?;
     eprintln!("xtask: building portexhaust and pxh-loadgen (release)");
-    run_checked(Command::new("cargo").current_dir(workspace_root()).args([
+    run_step(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--release",
         "--package",

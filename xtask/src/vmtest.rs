@@ -137,7 +137,7 @@ pub fn check_host_tools(offline: bool) -> Result<PathBuf> {
     }
     if !missing.is_empty() {
         bail!(
-            "missing on this machine: {}; run `cargo xtask setup` as root",
+            "missing on this machine: {}; run `cargo xtask setup --tests` as root",
             missing.join(", ")
         );
     }
@@ -192,6 +192,8 @@ pub fn vmtest(args: &VmtestArgs) -> Result<()> {
     } else {
         selected_backends(args)
     };
+    // qemu, busybox and cpio are test packages: install them first (a no-op when present).
+    crate::setup::setup(crate::setup::Scope::Tests)?;
     let busybox = check_host_tools(args.offline)?;
     let cache = args
         .cache_dir

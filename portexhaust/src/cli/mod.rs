@@ -20,7 +20,9 @@ Examples:
   sudo portexhaust trace                       # every exhaustion failure, live, then offenders
   sudo portexhaust trace --json | jq .         # NDJSON for pipelines
   sudo portexhaust trace --pid 4242 --duration 60
-  sudo portexhaust trace --comm python3 --dport 27017
+  sudo portexhaust trace -n python3 -P 27017,443 -d 30   # bcc-style short options
+  sudo portexhaust trace --container 4f1c2a9b8e7d -o json
+  sudo portexhaust trace --cgroup /kubepods.slice/kubepods-burstable.slice
   sudo portexhaust top                         # live: destinations by pressure, failers, holders
   sudo portexhaust top --json --netns /run/netns/app
   sudo portexhaust trace --metrics-addr 9977      # Prometheus metrics on 127.0.0.1:9977
@@ -48,6 +50,29 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Parse the command line, exiting with clap's usage error (status 2) on arguments that
+    /// parse but contradict each other.
+    pub fn parse_checked() -> Self {
+        let mut cli = Self::parse();
+        if let Err(msg) = cli.fold_output() {
+            use clap::CommandFactory as _;
+            Self::command()
+                .error(clap::error::ErrorKind::ArgumentConflict, msg)
+                .exit();
+        }
+        cli
+    }
+
+    /// `-o json` turns on the command's `--json`, so that one flag is read downstream.
+    pub fn fold_output(&mut self) -> Result<(), String> {
+        match &mut self.cmd {
+            Cmd::Trace(a) => a.output.fold(&mut a.json),
+            Cmd::Top(a) => a.output.fold(&mut a.json),
+            Cmd::Doctor(a) => a.output.fold(&mut a.json),
+            _ => Ok(()),
+        }
+    }
+
     /// The `log` filter `--verbose` asks for.
     pub fn log_filter(&self) -> &'static str {
         match self.verbose {
@@ -119,6 +144,39 @@ impl From<BackendArg> for BackendRequest {
     }
 }
 
+/// Output formats as Inspektor Gadget's `-o` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// The command's JSON (NDJSON for streams): the same as --json
+    Json,
+    /// Text for people (the default)
+    Text,
+}
+
+/// `-o json|text`, beside `--json`, for the commands that print either.
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct OutputArg {
+    /// Output format: json (the same as --json) or text.
+    #[arg(short = 'o', long = "output", value_enum, value_name = "FORMAT")]
+    pub format: Option<OutputFormat>,
+}
+
+impl OutputArg {
+    /// Fold `-o` into the command's `--json`; `-o text` with `--json` is a contradiction.
+    fn fold(self, json: &mut bool) -> Result<(), String> {
+        match (self.format, *json) {
+            (Some(OutputFormat::Text), true) => {
+                Err("-o text contradicts --json: give one of them".into())
+            }
+            (Some(OutputFormat::Json), _) => {
+                *json = true;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `--backend`, for every command that loads the programs.
 #[derive(Args, Clone, Debug)]
 pub struct BackendArgs {
@@ -143,18 +201,35 @@ pub struct TrackingArgs {
     pub max_tracked_sockets: u32,
 }
 
-/// Which failures `trace` reports.
+/// Which failures `trace` reports. Every filter is applied in the kernel: what it drops is
+/// neither counted nor streamed. The short options are bcc's (opensnoop, execsnoop, tcpconnect).
 #[derive(Args, Clone, Debug, Default)]
 pub struct FilterArgs {
-    /// Only this process id (repeatable).
-    #[arg(long, value_name = "PID")]
+    /// Only these process ids (repeatable, or comma-separated: -p 4242,4243).
+    #[arg(short = 'p', long, value_name = "PID", value_delimiter = ',')]
     pub pid: Vec<u32>,
-    /// Only this command name, as in /proc/PID/comm (repeatable).
-    #[arg(long, value_name = "NAME", value_parser = parse_comm)]
+    /// Only this command name, exactly as in /proc/PID/comm (repeatable).
+    #[arg(short = 'n', long, value_name = "NAME", value_parser = parse_comm)]
     pub comm: Vec<String>,
-    /// Only failures towards this destination port (repeatable; bind(): the local port, 0).
-    #[arg(long, value_name = "PORT")]
+    /// Only failures towards these destination ports (repeatable, or comma-separated:
+    /// -P 443,27017; bind(): the local port, 0).
+    #[arg(
+        short = 'P',
+        long,
+        visible_alias = "port",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
     pub dport: Vec<u16>,
+    /// Only processes in this cgroup v2 or below it: a directory on the cgroup2 mount, or a
+    /// path as /proc/PID/cgroup prints it (/system.slice/app.service, a pod's slice). Cgroups
+    /// created below it while tracing count too (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Vec<String>,
+    /// Only processes in this container: its id, 12 to 64 hex digits as `docker ps` or
+    /// `crictl ps` print it (docker, containerd, cri-o, podman; repeatable).
+    #[arg(long, value_name = "ID")]
+    pub container: Vec<String>,
 }
 
 impl FilterArgs {
@@ -164,6 +239,8 @@ impl FilterArgs {
             pid_whitelist: false,
             comms: self.comm.clone(),
             dports: self.dport.clone(),
+            // Resolved on the cgroup mount by `trace`'s argument check, not here.
+            cgroups: Default::default(),
         }
     }
 }
@@ -173,10 +250,12 @@ pub struct TraceArgs {
     /// NDJSON on stdout: a {"type":"header"} line, one {"type":"failure"} object per failure
     /// ({"type":"tally"} for those counted but not streamed), then one {"type":"summary"}. The
     /// output is a record `portexhaust report` reads.
-    #[arg(long)]
+    #[arg(short = 'j', long)]
     pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Stop after this many seconds (fractions allowed).
-    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    #[arg(short = 'd', long, value_name = "SECS", value_parser = parse_duration)]
     pub duration: Option<Duration>,
     #[command(flatten)]
     pub filter: FilterArgs,
@@ -250,8 +329,10 @@ pub struct TopArgs {
     #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_duration)]
     pub interval: Duration,
     /// Print NDJSON snapshots instead (one by default, taken one interval after start).
-    #[arg(long)]
+    #[arg(short = 'j', long)]
     pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Number of snapshots before exiting.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
@@ -268,8 +349,10 @@ pub struct TopArgs {
 #[derive(Args, Clone, Debug)]
 pub struct DoctorArgs {
     /// One JSON object on stdout instead of text.
-    #[arg(long)]
+    #[arg(short = 'j', long)]
     pub json: bool,
+    #[command(flatten)]
+    pub output: OutputArg,
     /// Explain a setting instead of auditing: tcp_tw_recycle, tcp_tw_reuse, tcp_fin_timeout,
     /// tcp_max_tw_buckets, ip_local_port_range, ip_local_reserved_ports, tcp_timestamps,
     /// IP_BIND_ADDRESS_NO_PORT, time_wait.

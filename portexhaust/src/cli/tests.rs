@@ -171,3 +171,117 @@ fn record_sizes_and_rotation_arguments() {
     assert!(trace(&["--record-max-size", "64M"]).is_err());
     assert!(trace(&["--record", "x", "--record-keep", "2"]).is_err());
 }
+
+#[test]
+fn bcc_short_options_and_comma_lists() {
+    let cli = Cli::try_parse_from([
+        "portexhaust",
+        "trace",
+        "-p",
+        "42,43",
+        "-p",
+        "44",
+        "-n",
+        "python3",
+        "-P",
+        "443,27017",
+        "-d",
+        "2.5",
+        "-j",
+    ])
+    .expect("parses");
+    let Cmd::Trace(a) = cli.cmd else {
+        panic!("not trace")
+    };
+    assert_eq!(a.filter.pid, [42, 43, 44]);
+    assert_eq!(a.filter.comm, ["python3"]);
+    assert_eq!(a.filter.dport, [443, 27017]);
+    assert_eq!(a.duration, Some(Duration::from_secs_f64(2.5)));
+    assert!(a.json);
+    // --port is the long form bcc users know from tcpconnect's -P.
+    let cli = Cli::try_parse_from(["portexhaust", "trace", "--port", "80"]).expect("alias");
+    let Cmd::Trace(a) = cli.cmd else {
+        panic!("not trace")
+    };
+    assert_eq!(a.filter.dport, [80]);
+    for bad in [
+        &["portexhaust", "trace", "-P", "443,x"][..],
+        &["portexhaust", "trace", "-p", "1,,2"],
+        &["portexhaust", "trace", "-o", "yaml"],
+        &["portexhaust", "trace", "-d", "0"],
+    ] {
+        assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn output_flag_folds_into_json() {
+    for (args, json) in [
+        (&["portexhaust", "trace", "-o", "json"][..], true),
+        (&["portexhaust", "trace", "--output", "text"], false),
+        (&["portexhaust", "trace"], false),
+        (&["portexhaust", "trace", "-o", "json", "--json"], true),
+        (&["portexhaust", "top", "-o", "json"], true),
+        (&["portexhaust", "doctor", "-o", "json"], true),
+        (&["portexhaust", "doctor", "-j"], true),
+    ] {
+        let mut cli = Cli::try_parse_from(args).expect("parses");
+        cli.fold_output().expect("consistent");
+        let got = match &cli.cmd {
+            Cmd::Trace(a) => a.json,
+            Cmd::Top(a) => a.json,
+            Cmd::Doctor(a) => a.json,
+            _ => unreachable!(),
+        };
+        assert_eq!(got, json, "{args:?}");
+    }
+    let mut cli =
+        Cli::try_parse_from(["portexhaust", "trace", "-o", "text", "--json"]).expect("parses");
+    let err = cli.fold_output().expect_err("contradiction");
+    assert!(err.contains("-o text"), "{err}");
+    // report keeps -o for its output file.
+    assert!(Cli::try_parse_from(["portexhaust", "report", "r.ndjson", "-o", "r.html"]).is_ok());
+}
+
+#[test]
+fn cgroup_and_container_filters_parse() {
+    let cli = Cli::try_parse_from([
+        "portexhaust",
+        "trace",
+        "--cgroup",
+        "/system.slice/app.service",
+        "--container",
+        "4f1c2a9b8e7d",
+    ])
+    .expect("parses");
+    let Cmd::Trace(a) = cli.cmd else {
+        panic!("not trace")
+    };
+    assert_eq!(a.filter.cgroup, ["/system.slice/app.service"]);
+    assert_eq!(a.filter.container, ["4f1c2a9b8e7d"]);
+}
+
+#[test]
+fn completions_know_the_short_options() {
+    let mut out = Vec::new();
+    clap_complete::generate(
+        clap_complete::Shell::Bash,
+        &mut Cli::command(),
+        "portexhaust",
+        &mut out,
+    );
+    let bash = String::from_utf8(out).expect("utf-8");
+    for opt in [
+        "-p",
+        "-n",
+        "-P",
+        "-d",
+        "-j",
+        "-o",
+        "--cgroup",
+        "--container",
+        "--port",
+    ] {
+        assert!(bash.contains(opt), "bash completion lacks {opt}");
+    }
+}

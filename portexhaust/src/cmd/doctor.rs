@@ -222,6 +222,7 @@ mod tests {
             json: false,
             explain: Some(Topic::TcpTwRecycle),
             watch: None,
+            output: Default::default(),
         })
         .expect("explain");
         assert!(t.contains("4.12"));
@@ -230,6 +231,7 @@ mod tests {
                 json: true,
                 explain: Some(Topic::TcpTwRecycle),
                 watch: None,
+                output: Default::default(),
             })
             .expect("explain"),
         )

@@ -26,16 +26,15 @@ use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
     cli::TraceArgs,
     engine::{
-        census::destination_rows,
         counts::{Exact, ExactId},
-        live,
+        live::{self, Viewer},
     },
     kernel::{
         Error, Result,
         clock::Clock,
         container::Resolver,
         facts::{self, Namespaces},
-        gather::{Gatherer, Scope, exact_counts, run_of},
+        gather::{Gatherer, Scope, dest_stats, exact_counts, run_of},
         loader::{Tracer, Tracking},
         netns,
         procinfo::NetnsCache,
@@ -128,6 +127,10 @@ struct Session {
     recorder: Option<Recorder>,
     namespaces: Namespaces,
     blame: bool,
+    /// The metrics' destination rows over time (rates and the exhaustion forecast need the
+    /// samples before), as `top` keeps them; and when tracing started.
+    viewer: Viewer,
+    started: Instant,
     /// `--catch nat`: the source-NAT drops.
     nat: Option<nat::NatWatch>,
 }
@@ -326,8 +329,8 @@ impl Session {
     }
 
     /// The metrics of one second: the kernel's totals, and its exact counts when failures
-    /// happened; every fifth second the ports in use per destination (a sock_diag census of
-    /// every namespace).
+    /// happened; every fifth second the destinations (a sock_diag census of every namespace
+    /// and the kernel's connect statistics), with their forecast from the samples so far.
     fn metrics_tick(&mut self, ticks: u64, counts: &mut Counted) -> Result<()> {
         let Some(m) = &self.metrics else {
             return Ok(());
@@ -341,7 +344,14 @@ impl Session {
         }
         m.set_failures_seen(seen);
         if ticks % 5 == 1 {
-            m.set_destinations(&destination_rows(&netns::census(None)));
+            // The rows `top` shows (one engine): ports, forecast, connect counts and latency.
+            let stats = dest_stats(&self.tracer)?;
+            let rows = self.viewer.destinations(
+                self.started.elapsed().as_secs_f64(),
+                &netns::census(None),
+                &stats,
+            );
+            m.set_destinations(&rows);
             m.set_lru_evictions(self.tracer.lru_evictions()?);
         }
         Ok(())
@@ -390,8 +400,9 @@ fn rotation(args: &TraceArgs) -> Option<super::record::Rotate> {
 
 pub async fn run(args: &TraceArgs) -> Result<Totals> {
     // Bad arguments end here, before anything is loaded.
-    check::args(args)?;
-    let filters = args.filter.filters();
+    let cgroups = check::args(args)?;
+    let mut filters = args.filter.filters();
+    filters.cgroups = cgroups;
     let opened = Tracer::open_with(
         args.backend.request(),
         &filters,
@@ -458,6 +469,12 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
         pids: filters.pids.clone(),
         comms: filters.comms.clone(),
         dports: filters.dports.clone(),
+        cgroups: filters
+            .cgroups
+            .targets
+            .iter()
+            .map(|t| t.rel.clone())
+            .collect(),
     };
     // The header: a record starts with the settings and census of every namespace; the
     // `--json` stream with the same header (so `report` can read it) when there is no record
@@ -487,6 +504,8 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
             .map(Namespaces::from_header)
             .unwrap_or_default(),
         blame: !args.no_blame,
+        viewer: Viewer::new(),
+        started,
         nat: nat_watch,
     };
     if let (Some(path), Some(h)) = (&args.record, &header) {
@@ -551,6 +570,13 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
                 let mut counts = Counted::default();
                 s.tally(&mut counts)?;
                 s.tracer.drain_log();
+                // Before 5.14 a cgroup created under a filtered one since the last tick
+                // passes only once its id is in the map.
+                if filters.cgroups.needs_refresh()
+                    && let Err(e) = s.tracer.refresh_cgroup_filter(&filters.cgroups)
+                {
+                    warn!("refreshing the --cgroup/--container filter: {e}");
+                }
                 ticks += 1;
                 // Drops mean the reader fell behind; the counts stay exact, but say so now.
                 if let Ok(d) = s.tracer.dropped_events()

@@ -243,6 +243,22 @@ impl Viewer {
         }
     }
 
+    /// The destination rows alone, at `t` seconds since start: what `top` shows of each
+    /// destination (ports, rates, forecast, connect counts and latency), without holders,
+    /// blame or call sites. `trace --metrics-addr` serves these, so its metrics and `top` are
+    /// one answer.
+    pub fn destinations(
+        &mut self,
+        t: f64,
+        census: &[NsCensus],
+        stats: &[DestStat],
+    ) -> Vec<DestRow> {
+        let usage_rows = usage(census, &HashMap::new(), &HashMap::new());
+        let rows = self.rows(t, &usage_rows, stats);
+        self.rates.prune(t);
+        rows
+    }
+
     fn rows(&mut self, t: f64, usage_rows: &[DestUsage], stats: &[DestStat]) -> Vec<DestRow> {
         let by_dst: HashMap<(u64, SocketAddr), &DestStat> =
             stats.iter().map(|s| ((s.netns, s.dst), s)).collect();
@@ -265,6 +281,7 @@ impl Viewer {
                     tw_expiring_per_s: Some(u.tw_expiring_10s as f64 / 10.0),
                     forecast_s: forecast_seconds(u.range_size, u.in_use, r.growth_per_s),
                     latency_us: st.and_then(|s| latency(&s.hist)),
+                    connects: st.map(|s| s.connects),
                     holders: u.holders.clone(),
                     ..u.row()
                 }

@@ -125,6 +125,7 @@ pub fn latency(hist: &[u64; LATENCY_BUCKETS]) -> Option<Latency> {
         p50: pct(0.50),
         p90: pct(0.90),
         p99: pct(0.99),
+        buckets: hist.to_vec(),
     })
 }
 
@@ -180,5 +181,7 @@ mod tests {
         assert_eq!(l.p50, 2.048);
         assert_eq!(l.p90, 2.048);
         assert_eq!(l.p99, 2097.152);
+        // The histogram itself travels with its percentiles (the metrics serve it).
+        assert_eq!(l.buckets, h.to_vec());
     }
 }

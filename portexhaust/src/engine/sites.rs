@@ -46,6 +46,43 @@ pub struct Stack {
 /// Rows listed at most; the rest are the least busy.
 pub const MAX_ROWS: usize = 50;
 
+/// Exited processes that failed whose call sites are kept after they hold no port; beyond
+/// this many, those that failed least are forgotten too (their failures stay in the exact
+/// counts; only their call-site rows go).
+pub const MAX_EXITED_SITE_PIDS: usize = 64;
+
+/// Whose call sites a long run can forget, so that they do not pile up a process at a time (a
+/// host that starts connecting processes all day would otherwise keep a symbolised stack per
+/// process, ~4 KiB each, and fill the kernel's call-site map): processes that exited and hold
+/// no port, unless they failed; of those that failed, all but the `MAX_EXITED_SITE_PIDS` that
+/// failed most. `failures`: each process's failures at its call sites; `alive` and `holding`
+/// (a socket still remembered as theirs): what keeps a process's rows.
+pub fn pids_to_forget(
+    failures: &BTreeMap<u32, u64>,
+    alive: impl Fn(u32) -> bool,
+    holding: &std::collections::HashSet<u32>,
+) -> Vec<u32> {
+    let mut forget = Vec::new();
+    let mut failed = Vec::new();
+    for (&pid, &n) in failures {
+        if alive(pid) || holding.contains(&pid) {
+            continue;
+        }
+        if n == 0 {
+            forget.push(pid);
+        } else {
+            failed.push((n, pid));
+        }
+    }
+    if failed.len() > MAX_EXITED_SITE_PIDS {
+        // Most failures first; among equals the newest pids (pids grow until they wrap) stay.
+        failed.sort_by(|a, b| b.cmp(a));
+        forget.extend(failed[MAX_EXITED_SITE_PIDS..].iter().map(|&(_, pid)| pid));
+    }
+    forget.sort_unstable();
+    forget
+}
+
 type Dest = (u32, u64, SocketAddr);
 
 #[derive(Default, Clone, Copy)]
@@ -283,6 +320,28 @@ fn share(n: u64, weights: &[u64]) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn exited_idle_processes_are_forgotten_and_failers_bounded() {
+        use std::collections::HashSet;
+        let mut failures = BTreeMap::new();
+        failures.insert(10, 0); // alive, idle: kept
+        failures.insert(11, 0); // exited, idle: forgotten
+        failures.insert(12, 0); // exited, still holds a TIME_WAIT socket: kept
+        failures.insert(13, 5); // exited, failed: kept (under the bound)
+        let holding = HashSet::from([12]);
+        let alive = |p: u32| p == 10;
+        assert_eq!(pids_to_forget(&failures, alive, &holding), [11]);
+        // Over the bound, the exited failers that failed least go first.
+        let mut many = BTreeMap::new();
+        for pid in 0..(MAX_EXITED_SITE_PIDS as u32 + 3) {
+            many.insert(1000 + pid, u64::from(pid % 7) + 1);
+        }
+        let gone = pids_to_forget(&many, |_| false, &HashSet::new());
+        assert_eq!(gone.len(), 3);
+        let least = many.values().min().copied().unwrap_or(0);
+        assert!(gone.iter().all(|p| many[p] == least), "{gone:?}");
+    }
     use super::*;
     use crate::engine::census::{PortSpace, SockRow};
 

@@ -238,3 +238,47 @@ fn trace_json_output_is_a_record() {
     same_answer(&live, &r);
     assert_eq!(r.sessions[0].host, "h1");
 }
+
+/// The metrics' destination rows are `top`'s: the same rows, forecast, connect counts and
+/// latency histogram, without the holders and what-ifs the metrics do not serve.
+#[test]
+fn the_metrics_rows_are_tops_rows() {
+    use super::live::{DestStat, Viewer};
+    let mut obs = observed();
+    let mut hist = [0u64; portexhaust_common::LATENCY_BUCKETS];
+    hist[14] = 7;
+    hist[20] = 1;
+    obs.dest_stats = vec![DestStat {
+        netns: NS,
+        dst: "10.0.0.1:80".parse().expect("addr"),
+        connects: 120,
+        hist,
+    }];
+    let (mut top, mut metrics) = (Viewer::new(), Viewer::new());
+    // Two refreshes with growth in between, so that there is a forecast.
+    let mut later = obs.clone();
+    later.census[0].sockets.truncate(6);
+    let _ = top.view(1.0, &later);
+    let _ = metrics.destinations(1.0, &later.census, &later.dest_stats);
+    let view = top.view(6.0, &obs);
+    let rows = metrics.destinations(6.0, &obs.census, &obs.dest_stats);
+    assert_eq!(rows.len(), view.destinations.len());
+    // Holders are named with the owners `top` reads and the metrics do not: compared apart.
+    let bare = |r: &crate::schema::DestRow| crate::schema::DestRow {
+        holders: Vec::new(),
+        what_if: Vec::new(),
+        load: None,
+        ..r.clone()
+    };
+    for (m, t) in rows.iter().zip(&view.destinations) {
+        assert_eq!(bare(m), bare(t));
+    }
+    let r = &rows[0];
+    assert_eq!(r.connects, Some(120));
+    let l = r.latency_us.as_ref().expect("latency");
+    assert_eq!(l.count, 8);
+    assert_eq!(l.buckets.len(), portexhaust_common::LATENCY_BUCKETS);
+    assert_eq!((l.buckets[14], l.buckets[20]), (7, 1));
+    // 6 -> 10 ports in use in 5 s of a 10-port range: full now.
+    assert_eq!(r.forecast_s, Some(0.0));
+}

@@ -3,12 +3,14 @@
 //! that matter. Gathered here (BPF maps, /proc, netns) and handed over as an
 //! [`Observed`]; the answers are worked out by the engine, the same code `report` replays.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     path::PathBuf,
 };
 
-use portexhaust_common::{Cause, CountKey, CountValue, ProcKey, STACK_NOT_WALKED, TupleKey};
+use portexhaust_common::{
+    Cause, CountKey, CountValue, Owner, ProcKey, STACK_NOT_WALKED, SiteKey, SiteValue, TupleKey,
+};
 
 use super::{
     Result,
@@ -24,7 +26,7 @@ use crate::{
         census::{NsCensus, OwnerView, expired_owners},
         counts::{Counts, Exact, ExactId, of_exact},
         live::{DestStat, KernelTotals, Observed, Run},
-        sites::SiteObs,
+        sites::{self, SiteObs},
     },
     schema::{
         BlameEntry, ContainerInfo, DestRow, Errno, Family, Holder, Proto,
@@ -97,6 +99,24 @@ pub fn exact_counts(raw: &[(CountKey, CountValue)], clock: &Clock) -> Vec<Exact>
         .collect()
 }
 
+/// The kernel's connect statistics per destination, named: established connects and the
+/// latency histogram (`top`, the summary's observation and the metrics all read them here).
+/// Keys of an unknown family are left out.
+pub fn dest_stats(tracer: &Tracer) -> Result<Vec<DestStat>> {
+    Ok(tracer
+        .dest_stats()?
+        .into_iter()
+        .filter_map(|(k, v)| {
+            Some(DestStat {
+                netns: u64::from(k.netns),
+                dst: addr(k.family, &k.daddr, k.dport)?,
+                connects: v.connects,
+                hist: v.hist,
+            })
+        })
+        .collect())
+}
+
 /// Gathers [`Observed`] moments for one tracer, remembering what events taught it (where and
 /// in which cgroup each failer ran: still known after it exited).
 pub struct Gatherer {
@@ -139,8 +159,14 @@ impl Gatherer {
 
     /// The kernel's call-site counts, named, with every stack they refer to symbolised (the
     /// ones not announced yet are symbolised now, if their process still lives).
-    fn sites(&mut self, tracer: &Tracer, obs: &mut Observed) -> Result<()> {
-        let raw = tracer.sites()?;
+    fn sites(
+        &mut self,
+        tracer: &mut Tracer,
+        obs: &mut Observed,
+        owners: Option<&[(TupleKey, Owner)]>,
+    ) -> Result<()> {
+        let mut raw = tracer.sites()?;
+        self.forget_exited_sites(tracer, &mut raw, owners)?;
         for (k, _) in &raw {
             if k.stack_id != STACK_NOT_WALKED {
                 self.learn_stack(tracer, k.pid, k.stack_id);
@@ -179,6 +205,67 @@ impl Gatherer {
                 raw.iter().map(|(k, _)| (k.pid, k.stack_id)).collect();
             self.symbols.retain(|p, s| live.contains(&(p, s)));
         }
+        Ok(())
+    }
+
+    /// Drop the call sites of processes that exited and no longer matter (see
+    /// [`sites::pids_to_forget`]) from `raw`, the kernel's maps and the symbol cache.
+    fn forget_exited_sites(
+        &mut self,
+        tracer: &mut Tracer,
+        raw: &mut Vec<(SiteKey, SiteValue)>,
+        owners: Option<&[(TupleKey, Owner)]>,
+    ) -> Result<()> {
+        let mut failures: BTreeMap<u32, u64> = BTreeMap::new();
+        for (k, v) in raw.iter() {
+            *failures.entry(k.pid).or_default() += v.failures;
+        }
+        let exited: HashSet<u32> = failures
+            .keys()
+            .copied()
+            .filter(|&p| !is_alive(p, 0))
+            .collect();
+        if exited.is_empty() {
+            return Ok(());
+        }
+        // Who still holds a port: the owner map (read anyway when blame is on; here only when
+        // some process with call sites has exited).
+        let fetched;
+        let owners = match owners {
+            Some(o) => o,
+            None => {
+                fetched = tracer.owners()?;
+                &fetched
+            }
+        };
+        let holding: HashSet<u32> = owners.iter().map(|(_, o)| o.pid).collect();
+        let forget: HashSet<u32> =
+            sites::pids_to_forget(&failures, |p| !exited.contains(&p), &holding)
+                .into_iter()
+                .collect();
+        if forget.is_empty() {
+            return Ok(());
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            raw.drain(..).partition(|(k, _)| forget.contains(&k.pid));
+        *raw = kept;
+        let still_used: HashSet<u32> = raw.iter().map(|(k, _)| k.stack_id).collect();
+        let mut stacks: Vec<u32> = gone
+            .iter()
+            .map(|(k, _)| k.stack_id)
+            .filter(|id| *id != STACK_NOT_WALKED && !still_used.contains(id))
+            .collect();
+        stacks.sort_unstable();
+        stacks.dedup();
+        let keys: Vec<SiteKey> = gone.iter().map(|(k, _)| *k).collect();
+        tracer.forget_sites(&keys, &stacks)?;
+        self.symbols.retain(|p, _| !forget.contains(&p));
+        log::debug!(
+            "forgot the call sites of {} exited process(es): {} key(s), {} stack(s)",
+            forget.len(),
+            keys.len(),
+            stacks.len()
+        );
         Ok(())
     }
 
@@ -266,7 +353,7 @@ impl Gatherer {
             sock_sites: HashMap::new(),
         };
         if blame {
-            self.sites(tracer, &mut obs)?;
+            self.sites(tracer, &mut obs, kernel_owners.as_deref())?;
         }
         // Where each failer ran: from its events, else (still alive) from /proc.
         obs.netns_of_pid = obs
@@ -324,18 +411,7 @@ impl Gatherer {
         if !obs.sites.is_empty() {
             obs.sock_sites = tracer.sock_sites()?;
         }
-        obs.dest_stats = tracer
-            .dest_stats()?
-            .into_iter()
-            .filter_map(|(k, v)| {
-                Some(DestStat {
-                    netns: u64::from(k.netns),
-                    dst: addr(k.family, &k.daddr, k.dport)?,
-                    connects: v.connects,
-                    hist: v.hist,
-                })
-            })
-            .collect();
+        obs.dest_stats = dest_stats(tracer)?;
         Ok(obs)
     }
 

@@ -11,9 +11,9 @@ use aya::{
 };
 use log::{debug, info};
 use portexhaust_common::{
-    Backend, ConnMemo, CountKey, CountValue, DestKey, DestStats, FILTER_COMM, FILTER_DPORT,
-    FILTER_PID, KIND_CONNECT, LATENCY_BUCKETS, Offsets, Owner, ProcInfo, ProcKey, SiteKey,
-    SiteMemo, SiteRef, SiteValue, TupleKey, kind_name, names,
+    Backend, ConnMemo, CountKey, CountValue, DestKey, DestStats, FILTER_CGROUP, FILTER_COMM,
+    FILTER_DPORT, FILTER_PID, KIND_CONNECT, LATENCY_BUCKETS, Offsets, Owner, ProcInfo, ProcKey,
+    SiteKey, SiteMemo, SiteRef, SiteValue, TupleKey, kind_name, names,
     programs::{self, Hook, Program, Set},
     stat,
 };
@@ -78,6 +78,8 @@ pub struct Filters {
     pub pid_whitelist: bool,
     pub comms: Vec<String>,
     pub dports: Vec<u16>,
+    /// `--cgroup`/`--container`: the cgroup v2 subtrees whose tasks pass.
+    pub cgroups: super::cgroups::Subtrees,
 }
 
 impl Filters {
@@ -91,6 +93,9 @@ impl Filters {
         }
         if !self.dports.is_empty() {
             f |= FILTER_DPORT;
+        }
+        if !self.cgroups.targets.is_empty() {
+            f |= FILTER_CGROUP;
         }
         f
     }
@@ -304,6 +309,28 @@ impl Tracer {
     /// Pass the programs' pending log records (cold-path warnings) on to `log`.
     pub fn drain_log(&mut self) {
         self.klog.drain();
+    }
+
+    /// Bring `FILTER_CGROUPS` up to date with the cgroups that exist now under the filtered
+    /// subtrees (only needed without the ancestor helper, before 5.14: see kernel/cgroups.rs).
+    /// Returns how many ids were added.
+    pub fn refresh_cgroup_filter(&mut self, cgroups: &super::cgroups::Subtrees) -> Result<usize> {
+        let want: std::collections::HashSet<u64> = cgroups.ids().into_iter().collect();
+        let mut m = filter_map::<u64>(&mut self.ebpf, names::FILTER_CGROUPS)?;
+        let have: std::collections::HashSet<u64> = m.keys().filter_map(|k| k.ok()).collect();
+        for gone in have.difference(&want) {
+            // Already gone is fine: nothing else deletes from this map.
+            let _ = m.remove(gone);
+        }
+        let mut added = 0;
+        for id in want.difference(&have) {
+            m.insert(*id, 1, 0).map_err(|source| Error::Map {
+                map: names::FILTER_CGROUPS,
+                source,
+            })?;
+            added += 1;
+        }
+        Ok(added)
     }
 
     /// Add a pid to the pid whitelist (needs `Filters::pid_whitelist` at open time).

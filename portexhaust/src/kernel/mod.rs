@@ -4,6 +4,7 @@
 pub mod attached;
 pub mod bindscan;
 pub mod btf;
+pub mod cgroups;
 pub mod clock;
 pub mod conntrack;
 pub mod container;

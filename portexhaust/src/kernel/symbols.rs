@@ -6,7 +6,11 @@
 //! the kernel announces it (a ring-buffer event) or a read of the call sites finds it, and the
 //! result is cached by (pid, stack id). A stack of a process that exited before that keeps its
 //! addresses and says why it has no names.
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use blazesym::{
     Addr, Pid,
@@ -25,10 +29,22 @@ use crate::schema::Frame;
 /// Frames kept per stack (innermost first): enough for any label and a reader's context.
 const MAX_FRAMES: usize = 24;
 
+/// How long blazesym's caches live. It keeps every ELF file it opened (an fd each, holding a
+/// deleted binary's space, say a removed container's) and its parsed DWARF (megabytes for a
+/// large binary) for as long as the symbolizer lives; a service that sees binaries come and go
+/// for weeks must let them go. Each stack is symbolised once anyway, so a fresh symbolizer
+/// costs one re-parse per binary that connects again.
+const CACHE_LIFETIME: Duration = Duration::from_secs(600);
+
 pub struct Symbols {
     symbolizer: Symbolizer,
     normalizer: Normalizer,
     cache: HashMap<(u32, u32), Arc<Stack>>,
+    since: Instant,
+}
+
+fn normalizer() -> Normalizer {
+    Normalizer::builder().enable_build_ids(true).build()
 }
 
 impl Default for Symbols {
@@ -41,8 +57,9 @@ impl Symbols {
     pub fn new() -> Self {
         Self {
             symbolizer: Symbolizer::new(),
-            normalizer: Normalizer::builder().enable_build_ids(true).build(),
+            normalizer: normalizer(),
             cache: HashMap::new(),
+            since: Instant::now(),
         }
     }
 
@@ -58,6 +75,9 @@ impl Symbols {
     pub fn learn(&mut self, pid: u32, stack_id: u32, ips: &[u64]) -> Arc<Stack> {
         if let Some(s) = self.cache.get(&(pid, stack_id)) {
             return s.clone();
+        }
+        if self.since.elapsed() >= CACHE_LIFETIME {
+            self.renew();
         }
         let stack = Arc::new(self.symbolise(pid, ips));
         self.cache.insert((pid, stack_id), stack.clone());
@@ -150,6 +170,20 @@ impl Symbols {
     /// (keeps the cache bounded over weeks; the rows already built keep their names).
     pub fn retain(&mut self, mut keep: impl FnMut(u32, u32) -> bool) {
         self.cache.retain(|(p, s), _| keep(*p, *s));
+    }
+
+    /// Drop blazesym's file and DWARF caches (see [`CACHE_LIFETIME`]), and give the freed heap
+    /// back to the system: glibc keeps it otherwise, and RSS is what a service is judged by.
+    fn renew(&mut self) {
+        self.symbolizer = Symbolizer::new();
+        self.normalizer = normalizer();
+        self.since = Instant::now();
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only returns free memory at the top of heaps to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        debug!("symbolizer caches renewed");
     }
 
     pub fn len(&self) -> usize {

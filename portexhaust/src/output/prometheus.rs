@@ -7,7 +7,16 @@
 //! - [`Metrics::observe_failure`] (per decoded event, cheap: one hash lookup, no allocation
 //!   once a pid is known): teaches which container each pid ran in, from the event's cgroup id.
 //! - [`Metrics::set_destinations`], [`Metrics::set_lru_evictions`], [`Metrics::set_backend`]:
-//!   per-destination port usage and bookkeeping, from whoever computes them.
+//!   per-destination port usage and bookkeeping, from whoever computes them. The destination
+//!   rows are the ones `top` shows (`engine::live::Viewer::destinations`): besides the ports
+//!   in use they carry the exhaustion forecast and the kernel's connect statistics (exact
+//!   established connects, a log2 latency histogram of a sample of them), which become
+//!   `portexhaust_exhaustion_eta_seconds`, `portexhaust_connections_opened_total` and
+//!   `portexhaust_connect_duration_seconds`. Nothing here computes an answer of its own.
+//!
+//! No `instance` label is set here: the scrape adds it, and it must be the same one
+//! node_exporter's series get (`node_sockstat_TCP_tw`, `node_nf_conntrack_*`) for dashboards
+//! and alerts to join on it.
 //!
 //! Cardinality is bounded. Destinations of the failure counters are admitted first come,
 //! first served: the first [`MetricsOptions::top_k`] distinct destinations (within one refresh,
@@ -17,19 +26,27 @@
 //! most [`MetricsOptions::max_series`] label sets exist; past that, new (pid, destination)
 //! keys fold into `comm="other",dst="other"`. The per-destination gauges are re-ranked on
 //! every update instead (gauges may go down): the `top_k` most utilised destinations are
-//! shown, the rest summed into one `dst="other"` row.
+//! shown, the rest summed into one `dst="other"` row (its forecast is the soonest). The
+//! connect counter and histogram are cumulative, so they are admitted like the failure
+//! counters: the first `top_k` (netns, destination) pairs keep a series for the life of the
+//! process, every later one adds into `dst="other"`; like the failure counters, a new series is
+//! served at 0 for one scrape before it gets its counts.
 //!
 //! Served by [`super::http`].
 use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
+    net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use portexhaust_common::LATENCY_BUCKETS;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, prometheus_text, text},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
-    registry::Registry,
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text, text},
+    metrics::{
+        MetricType, TypedMetric, counter::Counter, family::Family, gauge::Gauge, info::Info,
+    },
+    registry::{Registry, Unit},
 };
 
 use crate::{
@@ -87,6 +104,17 @@ pub struct DestLabels {
     pub proto: String,
 }
 
+/// Labels of the connect statistics. No source address: the kernel counts connects and their
+/// latency per network namespace and destination.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectLabels {
+    /// Network namespace inode; empty for `other` or unknown.
+    pub netns: String,
+    /// `ip:port`, `[ipv6]:port`, or `other`.
+    pub dst: String,
+    pub proto: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: String,
@@ -106,6 +134,8 @@ struct DestinationGauge {
     /// in_use / range_size, 0.0..=1.0.
     utilisation: f64,
     time_wait: u64,
+    /// Seconds until the range is full at the recent growth; None: not growing (no sample).
+    eta_s: Option<f64>,
 }
 
 impl From<&DestRow> for DestinationGauge {
@@ -115,9 +145,112 @@ impl From<&DestRow> for DestinationGauge {
             in_use: r.in_use,
             utilisation: r.utilisation.unwrap_or(0.0),
             time_wait: r.time_wait(),
+            eta_s: r.forecast_s.filter(|s| s.is_finite()),
         }
     }
 }
+
+/// The kernel's log2 buckets below this one are served in it: bucket 9 ends at 2^10 ns
+/// (1.024 µs), and no connect() through port selection takes less (33 µs on loopback, measured
+/// for `top`), so 10 more `le` series per destination would only ever hold zeros. The
+/// histogram stays exact: buckets are cumulative, and the first `le` counts everything below.
+const FIRST_SERVED_BUCKET: usize = 9;
+
+/// A histogram whose buckets the kernel filled (`DEST_STATS`: bucket i counts connects that
+/// took [2^i, 2^(i+1)) ns, the last one everything above). prometheus-client's own Histogram
+/// takes observations one at a time; this one is set from the counts.
+#[derive(Debug, Default)]
+struct Log2Histogram {
+    buckets: Mutex<[u64; LATENCY_BUCKETS]>,
+}
+
+impl Log2Histogram {
+    fn set(&self, b: &[u64; LATENCY_BUCKETS]) {
+        *self.buckets.lock().unwrap_or_else(|p| p.into_inner()) = *b;
+    }
+}
+
+/// The exposition of log2 buckets: (sum in seconds, count, (upper bound in seconds, count of
+/// that bucket alone) pairs; the encoder makes them cumulative). `le` of bucket i is
+/// 2^(i+1) ns; the last bucket is open-ended, so it is `+Inf`. The kernel keeps no sum: it is
+/// estimated from each bucket's midpoint (1.5 x 2^i ns; 1 ns for [0, 2); the lower bound,
+/// 2^31 ns, for the open-ended last one), so `_sum / _count` is an estimate of the mean that
+/// is off by at most a factor of 1.5 either way.
+pub fn log2_exposition(b: &[u64; LATENCY_BUCKETS]) -> (f64, u64, Vec<(f64, u64)>) {
+    let last = LATENCY_BUCKETS - 1;
+    let ns_to_s = |ns: f64| ns / 1e9;
+    let mut out = Vec::with_capacity(LATENCY_BUCKETS - FIRST_SERVED_BUCKET);
+    out.push((
+        ns_to_s((1u64 << (FIRST_SERVED_BUCKET + 1)) as f64),
+        b[..=FIRST_SERVED_BUCKET].iter().sum(),
+    ));
+    for (i, n) in b
+        .iter()
+        .enumerate()
+        .take(last)
+        .skip(FIRST_SERVED_BUCKET + 1)
+    {
+        out.push((ns_to_s((1u64 << (i + 1)) as f64), *n));
+    }
+    out.push((f64::INFINITY, b[last]));
+    let mid = |i: usize| -> f64 {
+        match i {
+            0 => 1.0,
+            i if i == last => (1u64 << i) as f64,
+            i => 1.5 * (1u64 << i) as f64,
+        }
+    };
+    let sum = b
+        .iter()
+        .enumerate()
+        .map(|(i, n)| *n as f64 * mid(i))
+        .sum::<f64>();
+    (ns_to_s(sum), b.iter().sum(), out)
+}
+
+impl TypedMetric for Log2Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Log2Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let b = *self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (sum, count, buckets) = log2_exposition(&b);
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// One entry of the kernel's connect statistics, as the rows name it: (netns, destination,
+/// protocol).
+type ConnId = (Option<u64>, SocketAddr, String);
+
+/// What the kernel last said of one (netns, destination) of `DEST_STATS`, and the series it
+/// feeds (fixed at first sight, like a failure key's).
+struct ConnKey {
+    labels: ConnectLabels,
+    connects: u64,
+    hist: [u64; LATENCY_BUCKETS],
+}
+
+/// One series of the connect counter and histogram: everything added to it, and how much of
+/// that is published (nothing until a scrape served it at 0).
+struct ConnSeries {
+    born_at_scrape: u64,
+    released: bool,
+    connects: u64,
+    published_connects: u64,
+    hist: [u64; LATENCY_BUCKETS],
+}
+
+/// Most (netns, destination) keys remembered. `DEST_STATS` holds 4096 at a time; over weeks
+/// destinations come and go, and past this the keys not in the current rows are forgotten (one
+/// that comes back is then counted again from the kernel's total: a rare over-count, against
+/// memory that would grow forever).
+const MAX_CONN_KEYS: usize = 4 * 4096;
 
 /// A counter fed with a cumulative kernel value: adds the difference since the last value.
 struct Cumulative {
@@ -175,6 +308,9 @@ struct State {
     /// walk is owed (see [`Metrics::counts_changed`]).
     counts_at: Option<u64>,
     recheck: bool,
+    /// Connect statistics by kernel key (netns, destination, proto), and their series.
+    conn_keys: HashMap<ConnId, ConnKey>,
+    conn_series: HashMap<ConnectLabels, ConnSeries>,
 }
 
 pub struct Metrics {
@@ -185,6 +321,9 @@ pub struct Metrics {
     range_size: Family<DestLabels, Gauge>,
     utilisation: Family<DestLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     time_wait: Family<DestLabels, Gauge>,
+    eta: Family<DestLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    opened: Family<ConnectLabels, Counter>,
+    durations: Family<ConnectLabels, Log2Histogram>,
     backend: Family<BackendLabels, Gauge>,
     state: Mutex<State>,
 }
@@ -203,7 +342,8 @@ impl Metrics {
         let failures = Family::<FailureLabels, Counter>::default();
         registry.register(
             "failures",
-            "Port-exhaustion failures by command, errno, destination (top-K, rest as dst=\"other\") \
+            "Port-exhaustion failures by command, errno, cause, destination (top-K, rest as \
+             dst=\"other\") \
              and container; exact, from the kernel's counts",
             failures.clone(),
         );
@@ -230,6 +370,33 @@ impl Metrics {
             "time_wait_sockets",
             "Sockets in TIME_WAIT towards a destination",
             time_wait.clone(),
+        );
+        let eta = Family::<DestLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register_with_unit(
+            "exhaustion_eta",
+            "Seconds until the ports towards a destination run out at their growth over the \
+             last 30 s (0: full now); no sample while they are not growing. The forecast of \
+             `portexhaust top` (dst=\"other\": the soonest folded)",
+            Unit::Seconds,
+            eta.clone(),
+        );
+        let opened = Family::<ConnectLabels, Counter>::default();
+        registry.register(
+            "connections_opened",
+            "TCP connections established towards a destination (exact, the kernel's count per \
+             network namespace and destination; first top-K, later ones as dst=\"other\")",
+            opened.clone(),
+        );
+        let durations = Family::<ConnectLabels, Log2Histogram>::default();
+        registry.register_with_unit(
+            "connect_duration",
+            "connect() latency, from port selection (CLOSE->SYN_SENT) to ESTABLISHED, in the \
+             kernel's log2 buckets (le = 2^(i+1) ns), of a sample of connects (per CPU, the \
+             first of each jiffy and the first after a change of destination): _count is \
+             connects timed, not made (see portexhaust_connections_opened_total); _sum is \
+             estimated from bucket midpoints, the kernel keeps none",
+            Unit::Seconds,
+            durations.clone(),
         );
         let backend = Family::<BackendLabels, Gauge>::default();
         registry.register(
@@ -258,6 +425,8 @@ impl Metrics {
             lru_evictions: Cumulative::new(),
             counts_at: None,
             recheck: false,
+            conn_keys: HashMap::new(),
+            conn_series: HashMap::new(),
         };
         registry.register(
             "failures_seen",
@@ -288,6 +457,9 @@ impl Metrics {
             range_size,
             utilisation,
             time_wait,
+            eta,
+            opened,
+            durations,
             backend,
             state: Mutex::new(state),
         }
@@ -366,6 +538,123 @@ impl Metrics {
             self.failures.get_or_create(labels).inc_by(h.pending);
             false
         });
+        for (labels, c) in st.conn_series.iter_mut() {
+            if !c.released && scrapes > c.born_at_scrape {
+                c.released = true;
+                self.publish_connects(labels, c);
+            }
+        }
+    }
+
+    /// Serve what a connect series has counted (once released).
+    fn publish_connects(&self, labels: &ConnectLabels, c: &mut ConnSeries) {
+        self.opened
+            .get_or_create(labels)
+            .inc_by(c.connects - c.published_connects);
+        c.published_connects = c.connects;
+        self.durations.get_or_create(labels).set(&c.hist);
+    }
+
+    /// Fold the connect statistics of the destination rows into the connect counter and
+    /// histogram. Each kernel key is read once (every source address's row of a destination
+    /// carries the same statistics) and adds what it grew by since the last update; an entry
+    /// the kernel's LRU map evicted and made again restarts from zero, and counts again.
+    fn update_connects(&self, rows: &[DestRow]) {
+        let mut now: HashMap<ConnId, (u64, [u64; LATENCY_BUCKETS])> = HashMap::new();
+        for r in rows {
+            if r.connects.is_none() && r.latency_us.is_none() {
+                continue;
+            }
+            let mut hist = [0u64; LATENCY_BUCKETS];
+            if let Some(l) = &r.latency_us {
+                for (h, n) in hist.iter_mut().zip(&l.buckets) {
+                    *h = *n;
+                }
+            }
+            now.insert(
+                (r.netns, r.dst, r.proto.name().to_string()),
+                (r.connects.unwrap_or(0), hist),
+            );
+        }
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if st.conn_keys.len() > MAX_CONN_KEYS {
+            st.conn_keys.retain(|k, _| now.contains_key(k));
+        }
+        let mut fresh = Vec::new();
+        for (k, (connects, hist)) in &now {
+            match st.conn_keys.get_mut(k) {
+                Some(known) => {
+                    let restarted = *connects < known.connects
+                        || hist.iter().zip(&known.hist).any(|(n, was)| n < was);
+                    let (base_c, base_h) = if restarted {
+                        (0, [0; LATENCY_BUCKETS])
+                    } else {
+                        (known.connects, known.hist)
+                    };
+                    if let Some(series) = st.conn_series.get_mut(&known.labels) {
+                        series.connects += connects - base_c;
+                        for ((s, n), b) in series.hist.iter_mut().zip(hist).zip(&base_h) {
+                            *s += n - b;
+                        }
+                    }
+                    known.connects = *connects;
+                    known.hist = *hist;
+                }
+                None => fresh.push((k.clone(), *connects, *hist)),
+            }
+        }
+        // Admission among newcomers: most connects first, then by destination.
+        fresh.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| a.0.1.cmp(&b.0.1))
+                .then_with(|| a.0.0.cmp(&b.0.0))
+        });
+        for (k, connects, hist) in fresh {
+            let own = ConnectLabels {
+                netns: k.0.map(|n| n.to_string()).unwrap_or_default(),
+                dst: k.1.to_string(),
+                proto: k.2.clone(),
+            };
+            let admitted = st.conn_series.keys().filter(|l| l.dst != OTHER).count();
+            let labels = if st.conn_series.contains_key(&own) || admitted < self.opts.top_k {
+                own
+            } else {
+                ConnectLabels {
+                    netns: String::new(),
+                    dst: OTHER.to_string(),
+                    proto: String::new(),
+                }
+            };
+            let scrapes = st.scrapes;
+            let series = st.conn_series.entry(labels.clone()).or_insert_with(|| {
+                // Served at 0 until a scrape has seen it (see `release_new_series`).
+                let _ = self.opened.get_or_create(&labels);
+                let _ = self.durations.get_or_create(&labels);
+                ConnSeries {
+                    born_at_scrape: scrapes,
+                    released: false,
+                    connects: 0,
+                    published_connects: 0,
+                    hist: [0; LATENCY_BUCKETS],
+                }
+            });
+            series.connects += connects;
+            for (s, n) in series.hist.iter_mut().zip(&hist) {
+                *s += n;
+            }
+            st.conn_keys.insert(
+                k,
+                ConnKey {
+                    labels,
+                    connects,
+                    hist,
+                },
+            );
+        }
+        for (labels, c) in st.conn_series.iter_mut().filter(|(_, c)| c.released) {
+            self.publish_connects(labels, c);
+        }
     }
 
     /// Whether the kernel's counts need walking: the failure total moved since the last walk,
@@ -489,8 +778,10 @@ impl Metrics {
 
     /// Replace the per-destination gauges: the `top_k` most utilised destinations (then most
     /// ports in use, then by name) keep their labels; the rest are folded into one
-    /// `dst="other"` row (ports and TIME_WAIT summed, utilisation and range the highest).
+    /// `dst="other"` row (ports and TIME_WAIT summed, utilisation and range the highest, the
+    /// forecast the soonest). Then fold the rows' connect statistics into their counters.
     pub fn set_destinations(&self, rows: &[DestRow]) {
+        self.update_connects(rows);
         let mut merged: HashMap<DestLabels, DestinationGauge> = HashMap::new();
         for r in rows {
             let labels = DestLabels {
@@ -527,6 +818,7 @@ impl Metrics {
             fam.clear();
         }
         self.utilisation.clear();
+        self.eta.clear();
         let other = other.map(|g| {
             (
                 DestLabels {
@@ -547,6 +839,10 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(clamp_i64(g.time_wait));
             self.utilisation.get_or_create(&labels).set(g.utilisation);
+            // No forecast, no sample: a +Inf or a stale value would read as one.
+            if let Some(eta) = g.eta_s {
+                self.eta.get_or_create(&labels).set(eta);
+            }
         }
     }
 
@@ -579,6 +875,10 @@ fn fold_into(into: &mut DestinationGauge, r: &DestinationGauge) {
     into.time_wait += r.time_wait;
     into.range_size = into.range_size.max(r.range_size);
     into.utilisation = into.utilisation.max(r.utilisation);
+    into.eta_s = match (into.eta_s, r.eta_s) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub fn render(v: &TopView, rows: usize) -> String {
         for d in v.destinations.iter().take(rows) {
             let lat = d
                 .latency_us
+                .as_ref()
                 .map(|l| format!("{:.0}us/{:.0}us", l.p50, l.p99))
                 .unwrap_or_else(|| "-".into());
             rows_out.push(vec![
@@ -153,6 +154,7 @@ mod tests {
                     p50: 8.192,
                     p90: 16.384,
                     p99: 65.536,
+                    buckets: vec![],
                 }),
                 holders: vec![Holder {
                     pid: Some(77),

@@ -15,6 +15,9 @@ pub struct RecordedFilters {
     pub comms: Vec<String>,
     #[serde(default)]
     pub dports: Vec<u16>,
+    /// `--cgroup`/`--container`: the cgroup v2 subtrees, as paths relative to the hierarchy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroups: Vec<String>,
 }
 
 /// The first line of a run (a record's session, or `trace --json`). Every field but `version`

@@ -26,8 +26,9 @@ pub fn utilisation(in_use: u64, range_size: Option<u64>) -> Option<f64> {
 pub type ByState = BTreeMap<TcpState, u64>;
 
 /// connect() latency of a destination, from the in-kernel log2 histograms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
+    /// connects timed (a sample: see `portexhaust_common::DestStats`), not connects made.
     #[serde(default)]
     pub count: u64,
     /// Upper bounds of the log2 buckets holding each percentile, in microseconds.
@@ -37,6 +38,12 @@ pub struct Latency {
     pub p90: f64,
     #[serde(default)]
     pub p99: f64,
+    /// The histogram the percentiles come from, as the kernel counts it since tracing began:
+    /// `buckets[i]` is the number of timed connects that took [2^i, 2^(i+1)) ns (the first
+    /// also takes 0 ns, the last everything above). Empty in rows written before it existed.
+    /// The metrics serve it as `portexhaust_connect_duration_seconds`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<u64>,
 }
 
 /// How the holder of a socket was found.
@@ -140,6 +147,12 @@ pub struct DestRow {
     pub forecast_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<Latency>,
+    /// Connections established towards the destination since tracing began: the kernel's
+    /// exact count (`DEST_STATS`), which is per namespace and destination, so every source
+    /// address's row of one destination carries the same number. None without blame
+    /// tracking, or where the kernel has no entry for the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connects: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<Holder>,
     /// The measured load (rate, lifetime, TIME_WAIT hold), when it could be measured.
@@ -173,6 +186,7 @@ impl DestRow {
             tw_expiring_per_s: None,
             forecast_s: None,
             latency_us: None,
+            connects: None,
             holders: Vec::new(),
             load: None,
             what_if: Vec::new(),

@@ -81,7 +81,7 @@ fn log(msg: impl AsRef<str>) {
 /// there is none.
 fn host_bpftrace() -> Result<(PathBuf, String), String> {
     let path = find_in_path("bpftrace").ok_or_else(|| {
-        "bpftrace is not installed on the host (`cargo xtask setup` installs Debian's package), \
+        "bpftrace is not installed on the host (`cargo xtask setup --tests` installs Debian's package), \
          so the guest image has none"
             .to_string()
     })?;

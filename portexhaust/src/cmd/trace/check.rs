@@ -5,15 +5,21 @@ use log::warn;
 
 use crate::{
     cli::TraceArgs,
-    kernel::{Error, Result},
+    kernel::{
+        Error, Result,
+        cgroups::{self, Subtrees},
+        container::cgroup2_root,
+    },
     output::http,
 };
 
 /// Every argument of `trace` that can be wrong, checked before anything is loaded or attached:
 /// a bad one is one line that says what to do, and exit status 2, in milliseconds rather than
 /// after the programs are loaded (or, for a record path, after they have traced).
-pub(super) fn args(args: &TraceArgs) -> Result<()> {
+/// Returns the `--cgroup`/`--container` subtrees, resolved to cgroup ids.
+pub(super) fn args(args: &TraceArgs) -> Result<Subtrees> {
     filters(args)?;
+    let cgroups = cgroups(args)?;
     if let Some(path) = &args.record {
         record_path(path, args.record_max_size.is_some())?;
     }
@@ -32,7 +38,46 @@ pub(super) fn args(args: &TraceArgs) -> Result<()> {
             Error::BadArgument(format!("--metrics-addr {addr}: {e}: {what}"))
         })?;
     }
-    Ok(())
+    Ok(cgroups)
+}
+
+/// `--cgroup` and `--container`, resolved on the cgroup v2 mount now; how the kernel matches
+/// them depends on whether it offers the ancestor helper (kernel/cgroups.rs).
+fn cgroups(args: &TraceArgs) -> Result<Subtrees> {
+    let f = &args.filter;
+    if f.cgroup.is_empty() && f.container.is_empty() {
+        return Ok(Subtrees::default());
+    }
+    let root = cgroup2_root().ok_or_else(|| {
+        Error::BadArgument(
+            "--cgroup/--container need the cgroup v2 hierarchy, and none is mounted (looked at              /sys/fs/cgroup and /sys/fs/cgroup/unified): mount cgroup2 or filter by --pid/--comm"
+                .into(),
+        )
+    })?;
+    let mut targets = Vec::new();
+    for p in &f.cgroup {
+        targets.push(cgroups::resolve_path(&root, p).map_err(Error::BadArgument)?);
+    }
+    for c in &f.container {
+        targets.extend(cgroups::resolve_container(&root, c).map_err(Error::BadArgument)?);
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // PORTEXHAUST_CGROUP_MATCH=subtree takes the pre-5.14 way on any kernel, so that the tests
+    // check it where the ancestor helper exists too.
+    let forced_subtree =
+        std::env::var_os("PORTEXHAUST_CGROUP_MATCH").is_some_and(|v| v == "subtree");
+    let subtrees = Subtrees {
+        targets,
+        ancestors: !forced_subtree && cgroups::ancestor_helper_allowed(release.trim()),
+    };
+    let n = subtrees.ids().len();
+    if n > cgroups::MAX_CGROUP_IDS as usize {
+        return Err(Error::BadArgument(format!(
+            "the --cgroup/--container subtrees hold {n} cgroups, and this kernel (before 5.14)              must list each: the filter takes {} at most; name a smaller subtree",
+            cgroups::MAX_CGROUP_IDS
+        )));
+    }
+    Ok(subtrees)
 }
 
 /// The record can be appended to (an existing file is never truncated), or created; when it

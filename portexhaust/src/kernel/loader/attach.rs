@@ -1,6 +1,7 @@
 //! Finding what the kernel runs, loading the object with the globals and map sizes of one
 //! backend, attaching its programs (with a fallback per hook) and filling the filter maps.
 use super::*;
+use crate::kernel::cgroups::MAX_CGROUP_IDS;
 
 /// The kernel's BTF and the offsets resolved from it, read once per start.
 pub(super) struct KernelBtf {
@@ -276,6 +277,7 @@ pub(super) fn load_object(
 ) -> Result<Ebpf, String> {
     let backend_code = plan.backend as u32;
     let flags = filters.flags();
+    let cgroup_levels = filters.cgroups.levels();
     let blame = u32::from(tracking.blame);
     let call_sites = tracking.blame && tracking.call_sites;
     let call_sites_code = u32::from(call_sites);
@@ -302,6 +304,7 @@ pub(super) fn load_object(
         .btf(None)
         .override_global(names::GLOBAL_BACKEND, &backend_code, true)
         .override_global(names::GLOBAL_FILTER_FLAGS, &flags, true)
+        .override_global(names::GLOBAL_CGROUP_LEVELS, &cgroup_levels, true)
         .override_global(names::GLOBAL_TRACK_BLAME, &blame, true)
         .override_global(names::GLOBAL_SYSCALL_KINDS, &syscall_kinds, true)
         .override_global(names::GLOBAL_CALL_SITES, &call_sites_code, true)
@@ -346,6 +349,11 @@ pub(super) fn load_object(
         .map_max_entries(names::FILTER_PIDS, sized(flags & FILTER_PID != 0, 1024))
         .map_max_entries(names::FILTER_COMMS, sized(flags & FILTER_COMM != 0, 1024))
         .map_max_entries(names::FILTER_DPORTS, sized(flags & FILTER_DPORT != 0, 1024))
+        // Without the ancestor helper the map lists every cgroup of the subtrees.
+        .map_max_entries(
+            names::FILTER_CGROUPS,
+            sized(flags & FILTER_CGROUP != 0, MAX_CGROUP_IDS),
+        )
         .map_max_entries(names::NAT_COUNTS, sized(nat.is_some(), 4096));
     let mut ebpf = loader
         .load(EBPF_OBJECT)
@@ -383,7 +391,10 @@ pub(super) fn fill_filters(ebpf: &mut Ebpf, f: &Filters) -> Result<()> {
         names::FILTER_COMMS,
         f.comms.iter().map(|c| comm_bytes(c)),
     )?;
-    put(ebpf, names::FILTER_DPORTS, f.dports.iter().copied())
+    put(ebpf, names::FILTER_DPORTS, f.dports.iter().copied())?;
+    // check::args has made sure the ids fit (a full map fails the insert here anyway).
+    let ids = f.cgroups.ids();
+    put(ebpf, names::FILTER_CGROUPS, ids.into_iter())
 }
 
 /// Attach what the plan says; the backend's own sets must attach, the extra kinds' hooks are

@@ -83,6 +83,35 @@ impl Tracer {
         Ok(())
     }
 
+    /// Forget call-site keys (of processes that exited, see `engine::sites::pids_to_forget`)
+    /// and the stacks no remaining key refers to, so that neither map fills over a long run
+    /// (a stack map's slots are only freed by deletion: a full one makes every new walk fail).
+    pub fn forget_sites(&mut self, keys: &[SiteKey], stack_ids: &[u32]) -> Result<()> {
+        let name = names::SITES;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingObject { kind: "map", name })?;
+        let mut m: HashMap<&mut MapData, SiteKey, SiteValue> =
+            HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })?;
+        for k in keys {
+            // Already gone (a racing delete) is the outcome wanted.
+            let _ = m.remove(k);
+        }
+        let name = names::STACKS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingObject { kind: "map", name })?;
+        let mut st: aya::maps::StackTraceMap<&mut MapData> =
+            aya::maps::StackTraceMap::try_from(map)
+                .map_err(|source| Error::Map { map: name, source })?;
+        for id in stack_ids {
+            let _ = st.remove(id);
+        }
+        Ok(())
+    }
+
     /// Entries the LRU ownership maps dropped to make room (so attribution was lost):
     /// kernel insertions minus deletions minus what is still there.
     pub fn lru_evictions(&self) -> Result<u64> {
