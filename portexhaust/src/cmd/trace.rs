@@ -353,6 +353,13 @@ impl Session {
             );
             m.set_destinations(&rows);
             m.set_lru_evictions(self.tracer.lru_evictions()?);
+            // The NAT section's entries, as the summary has them (only with --catch nat).
+            if let Some(n) = self.nat.as_mut() {
+                match n.entries(&self.tracer, &self.containers) {
+                    Ok(entries) => m.set_nat(&entries),
+                    Err(e) => warn!("reading the NAT drops for the metrics: {e}"),
+                }
+            }
         }
         Ok(())
     }

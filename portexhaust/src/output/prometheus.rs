@@ -95,6 +95,16 @@ pub struct FailureLabels {
     pub pod_uid: String,
 }
 
+/// Labels of the source-NAT series (`trace --catch nat`): the NAT's namespace, the destination
+/// and the address the NAT rewrites sources to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NatLabels {
+    pub router_netns: String,
+    pub dst: String,
+    pub nat_addr: String,
+    pub proto: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestLabels {
     /// Network namespace inode; empty for `other` or unknown.
@@ -311,6 +321,10 @@ struct State {
     /// Connect statistics by kernel key (netns, destination, proto), and their series.
     conn_keys: HashMap<ConnId, ConnKey>,
     conn_series: HashMap<ConnectLabels, ConnSeries>,
+    /// NAT drop counters: the label sets admitted (the first `top_k`, then `other`) and the
+    /// kernel's exact count last added for each NAT key.
+    nat_admitted: HashSet<NatLabels>,
+    nat_counted: HashMap<NatLabels, u64>,
 }
 
 pub struct Metrics {
@@ -325,6 +339,10 @@ pub struct Metrics {
     opened: Family<ConnectLabels, Counter>,
     durations: Family<ConnectLabels, Log2Histogram>,
     backend: Family<BackendLabels, Gauge>,
+    nat_drops: Family<NatLabels, Counter>,
+    nat_in_use: Family<NatLabels, Gauge>,
+    nat_range_size: Family<NatLabels, Gauge>,
+    nat_utilisation: Family<NatLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     state: Mutex<State>,
 }
 
@@ -398,6 +416,34 @@ impl Metrics {
             Unit::Seconds,
             durations.clone(),
         );
+        let nat_drops = Family::<NatLabels, Counter>::default();
+        registry.register(
+            "nat_drops",
+            "SYNs a source NAT dropped because it found no free source port towards a destination \
+             (conntrack insert clash; exact, the kernel's count; trace --catch nat; first top-K \
+             keys, later ones as dst=\"other\")",
+            nat_drops.clone(),
+        );
+        let nat_in_use = Family::<NatLabels, Gauge>::default();
+        registry.register(
+            "nat_ports_in_use",
+            "Source ports of the NAT address in use towards a destination (its conntrack table)",
+            nat_in_use.clone(),
+        );
+        let nat_range_size = Family::<NatLabels, Gauge>::default();
+        registry.register(
+            "nat_port_range_size",
+            "Source ports the NAT may use (the masquerade rule's range, else the NAT namespace's \
+             ip_local_port_range)",
+            nat_range_size.clone(),
+        );
+        let nat_utilisation =
+            Family::<NatLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "nat_port_utilisation_ratio",
+            "NAT source ports in use / NAT port range per destination, 0 to 1",
+            nat_utilisation.clone(),
+        );
         let backend = Family::<BackendLabels, Gauge>::default();
         registry.register(
             "backend",
@@ -427,6 +473,8 @@ impl Metrics {
             recheck: false,
             conn_keys: HashMap::new(),
             conn_series: HashMap::new(),
+            nat_admitted: HashSet::new(),
+            nat_counted: HashMap::new(),
         };
         registry.register(
             "failures_seen",
@@ -461,7 +509,63 @@ impl Metrics {
             opened,
             durations,
             backend,
+            nat_drops,
+            nat_in_use,
+            nat_range_size,
+            nat_utilisation,
             state: Mutex::new(state),
+        }
+    }
+
+    /// The NAT section's entries (`trace --catch nat`): the exact drop counters, which only
+    /// grow (a key's count is added as its rise since the last update; the first `top_k` label
+    /// sets keep their own series, later ones add into `dst="other"`), and the NAT's ports in
+    /// use, range and utilisation, replaced at each update.
+    pub fn set_nat(&self, entries: &[crate::schema::NatEntry]) {
+        let mut st = self.state();
+        self.nat_in_use.clear();
+        self.nat_range_size.clear();
+        self.nat_utilisation.clear();
+        for e in entries {
+            let own = NatLabels {
+                router_netns: e.router_netns.to_string(),
+                dst: e.dst.to_string(),
+                nat_addr: e.nat_addr.to_string(),
+                proto: e.proto.name().to_string(),
+            };
+            let rise = e
+                .drops
+                .saturating_sub(st.nat_counted.get(&own).copied().unwrap_or(0));
+            st.nat_counted.insert(own.clone(), e.drops);
+            if !st.nat_admitted.contains(&own) && st.nat_admitted.len() < self.opts.top_k {
+                st.nat_admitted.insert(own.clone());
+            }
+            let labels = if st.nat_admitted.contains(&own) {
+                own
+            } else {
+                NatLabels {
+                    router_netns: String::new(),
+                    dst: OTHER.to_string(),
+                    nat_addr: String::new(),
+                    proto: String::new(),
+                }
+            };
+            self.nat_drops.get_or_create(&labels).inc_by(rise);
+            if labels.dst == OTHER {
+                continue;
+            }
+            if let Some(n) = e.in_use {
+                self.nat_in_use.get_or_create(&labels).set(clamp_i64(n));
+            }
+            if let Some(r) = &e.range {
+                let size = u64::from(r.hi.saturating_sub(r.lo)) + 1;
+                self.nat_range_size
+                    .get_or_create(&labels)
+                    .set(clamp_i64(size));
+            }
+            if let Some(u) = e.utilisation {
+                self.nat_utilisation.get_or_create(&labels).set(u);
+            }
         }
     }
 

@@ -202,6 +202,21 @@ impl NatWatch {
         totals: &mut Totals,
         containers: &Resolver,
     ) -> Result<()> {
+        let entries = self.entries(tracer, containers)?;
+        if !entries.is_empty() {
+            nat::fold(totals, entries, &self.book);
+        }
+        Ok(())
+    }
+
+    /// The NAT section as of now: the kernel's exact drops per NAT namespace, destination and
+    /// NAT address, with the NAT's own view and the clients (the summary, snapshots and the
+    /// metrics all take it from here).
+    pub fn entries(
+        &mut self,
+        tracer: &Tracer,
+        containers: &Resolver,
+    ) -> Result<Vec<crate::schema::NatEntry>> {
         let kernel: Vec<(NatId, u64)> = tracer
             .nat_counts()?
             .into_iter()
@@ -220,7 +235,7 @@ impl NatWatch {
             })
             .collect();
         if kernel.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut views = HashMap::new();
         let mut routers: Vec<u64> = kernel.iter().map(|(id, _)| id.router_netns).collect();
@@ -263,9 +278,7 @@ impl NatWatch {
         let sockets = &self.sockets;
         let holder_of =
             |src: SocketAddr, dst: SocketAddr| sockets.by_tuple.get(&(src, dst)).cloned();
-        let entries = nat::entries(&kernel, &self.book, &views, &holder_of);
-        nat::fold(totals, entries, &self.book);
-        Ok(())
+        Ok(nat::entries(&kernel, &self.book, &views, &holder_of))
     }
 }
 

@@ -899,3 +899,73 @@ fn no_series_carries_an_instance_label() {
         );
     }
 }
+
+fn nat_entry(drops: u64, dst_octet: u8, in_use: u64) -> crate::schema::NatEntry {
+    crate::schema::NatEntry {
+        router_netns: 4026532001,
+        proto: Proto::Tcp,
+        dst: format!("10.0.0.{dst_octet}:443").parse().expect("addr"),
+        nat_addr: "192.0.2.1".parse().expect("addr"),
+        drops,
+        failers: Vec::new(),
+        conntrack_entries: Some(in_use),
+        in_use: Some(in_use),
+        range: Some(crate::schema::NatRange {
+            lo: 40000,
+            hi: 40009,
+            source: "nft".into(),
+        }),
+        utilisation: Some(in_use as f64 / 10.0),
+        holders: Vec::new(),
+        insert_failed_delta: None,
+    }
+}
+
+#[test]
+fn nat_drops_count_exactly_and_fold_beyond_top_k() {
+    let m = Metrics::new(MetricsOptions {
+        top_k: 2,
+        ..Default::default()
+    });
+    m.set_nat(&[nat_entry(5, 9, 10)]);
+    m.set_nat(&[nat_entry(12, 9, 10), nat_entry(3, 8, 4), nat_entry(7, 7, 2)]);
+    let text = m.encode(false);
+    let own = "portexhaust_nat_drops_total{router_netns=\"4026532001\",dst=\"10.0.0.9:443\",nat_addr=\"192.0.2.1\",proto=\"tcp\"}";
+    assert_eq!(sample(&text, own), Some(12.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "portexhaust_nat_drops_total{router_netns=\"\",dst=\"other\",nat_addr=\"\",proto=\"\"}"
+        ),
+        Some(7.0),
+        "the third key folds into other: {text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "portexhaust_nat_port_utilisation_ratio{router_netns=\"4026532001\",dst=\"10.0.0.9:443\""
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "portexhaust_nat_port_range_size{router_netns=\"4026532001\",dst=\"10.0.0.9:443\""
+        ),
+        Some(10.0)
+    );
+    // A count that does not rise adds nothing: the counter stays exact.
+    m.set_nat(&[nat_entry(12, 9, 3)]);
+    let text = m.encode(false);
+    assert_eq!(sample(&text, own), Some(12.0));
+    assert_eq!(
+        sample(
+            &text,
+            "portexhaust_nat_ports_in_use{router_netns=\"4026532001\",dst=\"10.0.0.9:443\""
+        ),
+        Some(3.0)
+    );
+    // And the exposition stays well-formed with the NAT families in it (parse panics if not).
+    let _exposition = parse(&text);
+}
