@@ -258,6 +258,30 @@ struct Run {
     stderr: String,
     /// The `--json` stream: a record `report` reads.
     stdout: String,
+    /// `portexhaust_nat_drops_total` of the NAT key, scraped once it stopped rising.
+    metric_drops: f64,
+    /// The scrape it was read from.
+    scrape: String,
+}
+
+/// One scrape of the tracer's metrics endpoint.
+fn scrape(port: u16) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut out);
+    out
+}
+
+/// The summed value of a metric's samples whose line starts with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
@@ -266,7 +290,18 @@ fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
     let mut server = t.helper(&t.server, "server", 0);
     line_of(&mut server, "listening");
     let before = t.router_stat();
-    let tracer = Tracer::trace(&["--json", "--catch", "nat", "--backend", backend]);
+    // The metrics on a port of this test's own (the NAT series must say what the summary says).
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let tracer = Tracer::trace(&[
+        "--json",
+        "--catch",
+        "nat",
+        "--backend",
+        backend,
+        "--metrics-addr",
+        &addr,
+    ]);
     let mut client = t.helper(&t.client, "client", attempts);
     let client_line = line_of(&mut client, "done");
     let client_pid = client.0.id();
@@ -274,6 +309,18 @@ fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
     // The last drop reaches user space within the drain interval (50 ms).
     std::thread::sleep(Duration::from_millis(500));
     let after = t.router_stat();
+    // The NAT series are refreshed every fifth second: wait for the count to reach the router's.
+    let want = (after.0 - before.0) as f64;
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < deadline {
+        text = scrape(port);
+        if metric(&text, "portexhaust_nat_drops_total{") >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let metric_drops = metric(&text, "portexhaust_nat_drops_total{");
     let (out, stderr, code) = tracer.stop();
     assert_eq!(code, 0, "{stderr}");
     let (events, summary) = events_and_summary(&out);
@@ -292,6 +339,8 @@ fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
         client_line,
         stderr,
         stdout,
+        metric_drops,
+        scrape: text,
     }
 }
 
@@ -346,6 +395,24 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
             assert_eq!(nat.ip().to_string(), NAT_IP, "{e}");
             assert!((NAT_LO..=NAT_HI).contains(&nat.port()), "{e}");
         }
+        // The metrics say what the summary says: exact drops, and the NAT range full.
+        assert_eq!(
+            r.metric_drops, r.insert_failed as f64,
+            "{ctx}\n{}",
+            r.scrape
+        );
+        assert_eq!(
+            metric(&r.scrape, "portexhaust_nat_port_utilisation_ratio{"),
+            1.0,
+            "{}",
+            r.scrape
+        );
+        assert_eq!(
+            metric(&r.scrape, "portexhaust_nat_port_range_size{"),
+            f64::from(NAT_HI - NAT_LO + 1),
+            "{}",
+            r.scrape
+        );
         let s = &r.summary;
         let entries = s["nat"].as_array().expect("a nat section");
         assert_eq!(entries.len(), 1, "{s}");
@@ -417,6 +484,11 @@ fn a_firewall_drop_rule_is_not_reported() {
     let ctx = format!("client {}\n{}", r.client_line, r.stderr);
     assert!(r.client_line.contains("ok=0 failed=2"), "{ctx}");
     assert_eq!(r.insert_failed, 0, "{ctx}");
+    assert_eq!(
+        r.metric_drops, 0.0,
+        "no NAT drop in the metrics: {}",
+        r.scrape
+    );
     assert!(
         !r.events.iter().any(|e| e["site"] == "nf_nat"),
         "a firewall drop is not NAT exhaustion: {:?}",

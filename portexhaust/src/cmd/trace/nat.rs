@@ -274,8 +274,11 @@ impl NatWatch {
                 },
             );
         }
-        self.sockets.refresh(containers);
-        let sockets = &self.sockets;
+        // A listing of its own: refreshing the drops' listing here would make a drop that
+        // arrives right after look up a listing taken before its SYN (see `Sockets::find`).
+        let mut sockets = Sockets::default();
+        sockets.refresh(containers);
+        let sockets = &sockets;
         let holder_of =
             |src: SocketAddr, dst: SocketAddr| sockets.by_tuple.get(&(src, dst)).cloned();
         Ok(nat::entries(&kernel, &self.book, &views, &holder_of))
