@@ -100,6 +100,27 @@ fn proc_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// What the tracer's fds point at, at the end (counted by target, sockets and pipes by kind):
+/// the evidence when the fd count grows.
+fn fd_targets(pid: u32) -> std::collections::BTreeMap<String, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let t = std::fs::read_link(e.path())
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        // socket:[123] and pipe:[456] by kind, files by path.
+        let key = match t.split_once(":[") {
+            Some((kind, _)) => kind.to_string(),
+            None => t,
+        };
+        *out.entry(key).or_default() += 1;
+    }
+    out
+}
+
 fn proc_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
@@ -487,6 +508,7 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
         samples.push(s);
     }
     stop.store(true, Ordering::Relaxed);
+    let fds_at_end = fd_targets(pid);
     eprintln!("xtask: soak: stopping the load");
     for l in loops {
         let _ = l.join();
@@ -628,6 +650,7 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
         counted_failures: u64,
         failed: &'a [String],
         tracer_stderr_tail: Vec<&'a String>,
+        tracer_fds_at_end: &'a std::collections::BTreeMap<String, u32>,
     }
     let out = Out {
         minutes: args.minutes,
@@ -638,6 +661,7 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
         counted_failures: counted,
         failed: &failed,
         tracer_stderr_tail: diagnostics.iter().rev().take(20).collect(),
+        tracer_fds_at_end: &fds_at_end,
     };
     std::fs::write(
         out_dir.join("soak.json"),
