@@ -43,7 +43,6 @@ fn main() -> anyhow::Result<()> {
         .as_std_path()
         .join("prebuilt")
         .join(format!("portexhaust-ebpf-{arch}.o"));
-    println!("cargo:rerun-if-changed={}", prebuilt.display());
 
     let forced = env::var(FORCE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     let why_not = if forced {
@@ -68,6 +67,7 @@ fn main() -> anyhow::Result<()> {
             // The sources still decide when this script runs again: a change to them
             // repeats the warning below (the object may then be stale).
             println!("cargo:rerun-if-changed={root}");
+            println!("cargo:rerun-if-changed={}", prebuilt.display());
             use_prebuilt(&prebuilt, &out_dir, &why)?;
             format!("prebuilt: {why}")
         }

@@ -25,6 +25,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "chromium",        // tests/report_html.rs: the HTML report in a headless browser
     "bpftrace",        // bench: the one-liner portexhaust is compared with
     "bpftool",         // bench: BPF program names in the profile
+    // dist (xtask/src/dist.rs) and its tests (portexhaust/tests/dist.rs):
+    "buildah",  // dist: the container image of deploy/Containerfile, as an OCI archive
+    "binutils", // dist: readelf checks that the release binaries need no shared library
+    "man-db",   // tests/dist.rs: `man -w portexhaust` finds the installed page
 ];
 
 /// PyPI tools the tests use, pinned, with the command each provides. They go into a private
