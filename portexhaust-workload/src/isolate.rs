@@ -23,11 +23,13 @@ fn lo_up() -> Result<(), WorkloadError> {
             *d = *s as libc::c_char;
         }
         use std::os::fd::AsRawFd;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+        // `as _`: ioctl's request is an unsigned long in glibc and an int in musl (the static
+        // release build); both hold these small constants.
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) != 0 {
             return Err(io_err("SIOCGIFFLAGS lo")(io::Error::last_os_error()));
         }
         ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) != 0 {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) != 0 {
             return Err(io_err("SIOCSIFFLAGS lo up")(io::Error::last_os_error()));
         }
     }

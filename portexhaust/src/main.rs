@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::CommandFactory;
 use portexhaust::{
     cli::{Cli, Cmd, TopArgs, WorkloadArgs},
-    cmd::{doctor, report, selftest, top, trace},
+    cmd::{doctor, manpages, report, selftest, top, trace},
     error::one_line,
     kernel::{Error, netns::resolve_netns},
     output::stdout::{print, println},
@@ -88,6 +88,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Workload(args) => workload(args),
+        Cmd::Manpages(args) => {
+            for page in manpages::write(&args.out_dir)? {
+                eprintln!("portexhaust: wrote {}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

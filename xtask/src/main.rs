@@ -1,8 +1,11 @@
-//! Developer tasks: `cargo xtask setup | build | run | install | test | vmtest | bench | soak`.
+//! Developer tasks: `cargo xtask setup | build | run | install | test | vmtest | bench | soak |
+//! dist | prebuilt`.
 //!
 //! Everything that needs root or the network namespace machinery lives here rather than in a
 //! cargo `runner`, so that a plain `cargo test` stays unprivileged.
 mod bench;
+mod dist;
+mod prebuilt;
 mod setup;
 mod soak;
 mod test;
@@ -50,6 +53,12 @@ enum Cmd {
     /// Run `trace` as a service does for N minutes under a mixed load, sampling its RSS, fds,
     /// CPU, maps and record every 10 s; fails if they grow or the counts drift (as root).
     Soak(soak::SoakArgs),
+    /// Release artefacts in target/dist: static musl binaries (x86_64, aarch64), a .deb
+    /// (cargo-deb) and the container image as an OCI archive (buildah).
+    Dist(dist::DistArgs),
+    /// Refresh the checked-in eBPF objects build.rs falls back to without nightly
+    /// (portexhaust-ebpf/prebuilt/); --check compares them with the sources instead.
+    Prebuilt(prebuilt::PrebuiltArgs),
     /// Inside a `bench --vm` guest: run the plan the host wrote (started by the guest's /init).
     #[command(hide = true)]
     BenchGuest(bench::GuestArgs),
@@ -71,6 +80,8 @@ fn main() -> Result<()> {
         Cmd::Vmtest(args) => vmtest::vmtest(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::Soak(args) => soak::soak(&args),
+        Cmd::Dist(args) => dist::dist(&args),
+        Cmd::Prebuilt(args) => prebuilt::prebuilt(&args),
         Cmd::BenchGuest(args) => bench::bench_guest(&args),
     }
 }

@@ -38,6 +38,10 @@ pub const TEST_DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",         // bench: BPF program names in the profile
     "jq",              // test: `cargo xtask run -- trace --json | jq` on a fresh set-up
     "nftables",        // tests/nat.rs: the router namespace's masquerade and drop rules
+    // dist (xtask/src/dist.rs) and its tests (portexhaust/tests/dist.rs):
+    "buildah",  // dist: the container image of deploy/Containerfile, as an OCI archive
+    "binutils", // dist: readelf checks that the release binaries need no shared library
+    "man-db",   // tests/dist.rs: `man -w portexhaust` finds the installed page
 ];
 
 /// PyPI tools the tests use, pinned, with the command each provides. They go into a private

@@ -66,6 +66,13 @@ pub fn test(args: &TestArgs) -> Result<()> {
         "--exclude",
         "portexhaust-ebpf",
     ]))?;
+    // The checked-in eBPF objects (the fallback of a build without nightly) against the
+    // sources; unprivileged, so it runs with --unprivileged-only too.
+    eprintln!("xtask: the checked-in eBPF objects against the sources");
+    crate::prebuilt::prebuilt(&crate::prebuilt::PrebuiltArgs {
+        check: true,
+        arch: Vec::new(),
+    })?;
     if args.unprivileged_only {
         eprintln!("xtask: privileged tests NOT run (--unprivileged-only)");
         return Ok(());
@@ -81,7 +88,19 @@ pub fn test(args: &TestArgs) -> Result<()> {
     eprintln!(
         "xtask: privileged and fleet tests (root, one at a time, private network namespaces)"
     );
+    // The release artefacts tests/dist.rs installs and runs (static binaries, .deb, image).
+    // They are all named dist_*: a filter that does not select them skips building them.
+    let dist_dir = crate::dist::dist_dir()?;
+    if args
+        .filter
+        .as_deref()
+        .is_none_or(|f| "dist_".contains(f) || f.contains("dist"))
+    {
+        eprintln!("xtask: release artefacts (cargo xtask dist)");
+        crate::dist::dist(&crate::dist::DistArgs::default())?;
+    }
     let mut cmd = Command::new("cargo");
+    cmd.env("PORTEXHAUST_DIST_DIR", &dist_dir);
     cmd.current_dir(&root).args([
         "test",
         "--release",

@@ -113,6 +113,9 @@ pub enum Cmd {
     /// Exhaust ports in a private network namespace (test and benchmark load generator).
     #[command(hide = true)]
     Workload(WorkloadArgs),
+    /// Write the man pages (portexhaust.1 and one per command) into a directory, for packages.
+    #[command(hide = true)]
+    Manpages(ManpagesArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -404,6 +407,13 @@ pub struct WorkloadArgs {
     /// `churn`: for how many seconds.
     #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ManpagesArgs {
+    /// Directory to write the pages to (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
 }
 
 /// `--catch bind,udp`: failure kinds (`KIND_*` bits), `all` for every one.
