@@ -64,6 +64,21 @@ pub struct Seen {
     pub cause: Cause,
 }
 
+impl Seen {
+    /// A decoded failure as seen, tallied under `cause`.
+    pub fn of(f: &Failure, cause: Cause) -> Self {
+        Self {
+            pid: f.pid,
+            netns: f.netns,
+            ts: f.ts,
+            dst: f.dst,
+            errno: f.errno,
+            proto: f.proto,
+            cause,
+        }
+    }
+}
+
 /// Failures not written one by one, per (pid, destination, errno, cause, counted by the last
 /// snapshot). The destination stays a `SocketAddr` until the tally is written: a storm must
 /// not format one string per failure.
@@ -137,16 +152,7 @@ impl Recorder {
 
     /// One decoded failure, with its namespace already resolved.
     pub fn failure(&mut self, f: &Failure) {
-        let seen = Seen {
-            pid: f.pid,
-            netns: f.netns,
-            ts: f.ts,
-            dst: f.dst,
-            errno: f.errno,
-            proto: f.proto,
-            cause: Cause::Unknown,
-        };
-        self.observe(seen, || Some(f.clone()));
+        self.observe(Seen::of(f, Cause::Unknown), || Some(f.clone()));
     }
 
     /// One failure as the live path has it: `full` builds the decoded failure, which only the

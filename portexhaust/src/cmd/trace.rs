@@ -251,16 +251,7 @@ impl Session {
             let drops = nat::decode(&nat_events, |ns| clock.ts(ns));
             for f in w.named(drops, containers) {
                 if let Some(r) = recorder.as_mut() {
-                    let seen = Seen {
-                        pid: f.pid,
-                        netns: f.netns,
-                        ts: f.ts,
-                        dst: f.dst,
-                        errno: f.errno,
-                        proto: f.proto,
-                        cause: f.cause,
-                    };
-                    r.observe(seen, || Some(f.clone()));
+                    r.observe(Seen::of(&f, f.cause), || Some(f.clone()));
                 }
                 if *json {
                     out.line(&f.line());

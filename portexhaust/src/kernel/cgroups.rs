@@ -11,7 +11,7 @@
 use std::{
     collections::HashSet,
     fs,
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{DirEntryExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -113,9 +113,14 @@ fn check_container_id(id: &str) -> Result<String, String> {
     Ok(id)
 }
 
-/// Every directory below `root` (itself excluded) with its relative path, depth first, bounded.
-fn walk(root: &Path, mut visit: impl FnMut(&Path, &str) -> bool) {
-    const MAX_DIRS: usize = 100_000;
+/// Directories below a cgroup walked at most (a busy Kubernetes node has a few thousand).
+pub const MAX_WALK: usize = 100_000;
+
+/// Every directory below `root` (itself excluded), depth first, bounded by [`MAX_WALK`]: its
+/// path, its path relative to `root` (`/a/b`) and its inode, which on the cgroup2 mount is the
+/// cgroup id (readdir's d_ino is `kernfs_ino()`, fs/kernfs). A visit returning true does not
+/// descend. Returns false when the bound stopped it.
+pub fn walk(root: &Path, mut visit: impl FnMut(&Path, &str, u64) -> bool) -> bool {
     let mut seen = 0;
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
@@ -127,16 +132,16 @@ fn walk(root: &Path, mut visit: impl FnMut(&Path, &str) -> bool) {
                 continue;
             }
             seen += 1;
-            if seen > MAX_DIRS {
-                return;
+            if seen > MAX_WALK {
+                return false;
             }
             let child = format!("{rel}/{}", e.file_name().to_string_lossy());
-            // A visit that matched does not descend: the subtree is in already.
-            if !visit(&e.path(), &child) {
+            if !visit(&e.path(), &child, e.ino()) {
                 stack.push((e.path(), child));
             }
         }
     }
+    true
 }
 
 /// `--container ID`: the outermost cgroups that name the container (runtimes name them after
@@ -145,7 +150,7 @@ pub fn resolve_container(root: &Path, arg: &str) -> Result<Vec<CgroupTarget>, St
     let want = check_container_id(arg)?;
     let mut found = Vec::new();
     let mut ids = HashSet::new();
-    walk(root, |dir, rel| {
+    walk(root, |dir, rel, ino| {
         let Some(info) = parse_cgroup_path(rel) else {
             return false;
         };
@@ -153,14 +158,12 @@ pub fn resolve_container(root: &Path, arg: &str) -> Result<Vec<CgroupTarget>, St
             return false;
         }
         ids.insert(info.id.clone());
-        if let Ok(meta) = fs::metadata(dir) {
-            found.push(CgroupTarget {
-                dir: dir.to_path_buf(),
-                rel: rel.to_string(),
-                id: meta.ino(),
-                level: level_of(rel),
-            });
-        }
+        found.push(CgroupTarget {
+            dir: dir.to_path_buf(),
+            rel: rel.to_string(),
+            id: ino,
+            level: level_of(rel),
+        });
         true
     });
     match ids.len() {
@@ -188,10 +191,8 @@ pub fn resolve_container(root: &Path, arg: &str) -> Result<Vec<CgroupTarget>, St
 /// Ids of every cgroup in `target`'s subtree, itself included.
 pub fn subtree_ids(target: &CgroupTarget) -> Vec<u64> {
     let mut ids = vec![target.id];
-    walk(&target.dir, |dir, _| {
-        if let Ok(meta) = fs::metadata(dir) {
-            ids.push(meta.ino());
-        }
+    walk(&target.dir, |_, _, ino| {
+        ids.push(ino);
         false
     });
     ids

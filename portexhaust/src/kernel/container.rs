@@ -13,7 +13,6 @@
 use std::{
     collections::HashMap,
     fs,
-    os::unix::fs::DirEntryExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -169,8 +168,6 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Directories indexed per walk: a busy Kubernetes node has a few thousand cgroups.
-    const MAX_CGROUPS: usize = 100_000;
     const MAX_CACHE: usize = 16_384;
     /// A miss walks the tree again, at most this often: a failure storm from a cgroup that
     /// has since been removed must not turn into a walk per event.
@@ -244,26 +241,15 @@ impl Resolver {
         if let Ok(ino) = root_ino {
             paths.insert(ino, "/".to_string());
         }
-        let mut stack = vec![(root.clone(), String::new())];
-        while let Some((dir, rel)) = stack.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                if paths.len() >= Self::MAX_CGROUPS {
-                    debug!("cgroup walk stopped at {} directories", Self::MAX_CGROUPS);
-                    self.paths = paths;
-                    return;
-                }
-                let name = e.file_name().to_string_lossy().into_owned();
-                let child = format!("{rel}/{name}");
-                // readdir's d_ino on kernfs is kernfs_ino(), the same number as the cgroup id.
-                paths.insert(e.ino(), child.clone());
-                stack.push((e.path(), child));
-            }
+        let complete = super::cgroups::walk(&root, |_, rel, ino| {
+            paths.insert(ino, rel.to_string());
+            false
+        });
+        if !complete {
+            debug!(
+                "cgroup walk stopped at {} directories",
+                super::cgroups::MAX_WALK
+            );
         }
         self.paths = paths;
     }
