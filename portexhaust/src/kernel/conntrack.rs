@@ -145,15 +145,7 @@ pub fn parse_replies(mut buf: &[u8], out: &mut Vec<CtEntry>) -> io::Result<bool>
         let payload = &buf[NLMSG_HDR..len];
         match ty {
             NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let code = payload
-                    .get(..4)
-                    .map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]))
-                    .unwrap_or(0);
-                if code != 0 {
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-            }
+            NLMSG_ERROR => super::sockdiag::nlmsg_error(payload)?,
             CT_NEW => {
                 if let Some(e) = parse_entry(payload) {
                     out.push(e);

@@ -77,16 +77,8 @@ pub fn parse_replies(mut buf: &[u8], out: &mut Vec<SockRow>) -> std::io::Result<
         let payload = &buf[NLMSG_HDR..len];
         match ty {
             NLMSG_DONE => return Ok(Chunk::Done),
-            NLMSG_ERROR => {
-                let code = payload
-                    .get(..4)
-                    .map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]))
-                    .unwrap_or(0);
-                if code != 0 {
-                    // Keep the errno: it tells a missing tcp_diag module from a permission.
-                    return Err(std::io::Error::from_raw_os_error(-code));
-                }
-            }
+            // Keep the errno: it tells a missing tcp_diag module from a permission.
+            NLMSG_ERROR => nlmsg_error(payload)?,
             SOCK_DIAG_BY_FAMILY => {
                 if let Some(row) = parse_inet_diag_msg(payload) {
                     out.push(row);
@@ -165,6 +157,18 @@ pub fn dump_tcp() -> std::io::Result<Vec<SockRow>> {
 /// out), for per-state totals of every socket.
 pub fn dump_tcp_listeners() -> std::io::Result<Vec<SockRow>> {
     dump(StateFlags::LISTEN)
+}
+
+/// An NLMSG_ERROR message's payload: its errno as an error, or Ok for an acknowledgement (0).
+pub(super) fn nlmsg_error(payload: &[u8]) -> std::io::Result<()> {
+    let code = payload
+        .get(..4)
+        .map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]))
+        .unwrap_or(0);
+    if code != 0 {
+        return Err(std::io::Error::from_raw_os_error(-code));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
