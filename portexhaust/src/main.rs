@@ -110,6 +110,7 @@ fn top_cmd(args: &TopArgs) -> anyhow::Result<()> {
         netns,
         backend: args.backend.request(),
         max_tracked: args.tracking.max_tracked_sockets,
+        catch: args.catch.unwrap_or(0),
     })?;
     Ok(())
 }

@@ -372,6 +372,9 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
         // The clash path of __nf_conntrack_confirm counts both.
         assert_eq!(r.insert_failed, r.drops, "{ctx}");
         let nat: Vec<&Value> = r.events.iter().filter(|e| e["site"] == "nf_nat").collect();
+        // Every drop is streamed (6 are far below the budget), and the summary says so: a
+        // drop counted but not streamed would show in `nat_unstreamed`.
+        assert_eq!(r.summary["nat_unstreamed"], Value::Null, "{}", r.summary);
         assert_eq!(
             nat.len() as u64,
             r.insert_failed,
@@ -538,6 +541,184 @@ fn a_drop_rule_after_srcnat_is_flagged_as_no_clash() {
     let n = &r.summary["nat"][0];
     assert_eq!(n["insert_failed_delta"], 0, "{}", r.summary);
     assert_eq!(n["drops"], nat.len(), "{}", r.summary);
+}
+
+/// `top --catch nat`: one row per NAT destination, from the same watch as the summary: the
+/// drops exactly the router's insert_failed rise, the client named as failer and holder, the
+/// NAT's 10 ports all in use; and its drops in the total.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn top_shows_a_row_per_nat_destination() {
+    require_root();
+    require_nft();
+    let t = Topology::new("top");
+    t.nft(&masquerade());
+    let mut server = t.helper(&t.server, "server", 0);
+    line_of(&mut server, "listening");
+    let before = t.router_stat();
+    let top = Tracer::tool(&[
+        "top",
+        "--json",
+        "--catch",
+        "nat",
+        "--interval",
+        "0.5",
+        "--count",
+        "10000",
+    ]);
+    let mut client = t.helper(&t.client, "client", 13);
+    let client_line = line_of(&mut client, "done");
+    let client_pid = client.0.id();
+    // Two refreshes after the last drop.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = t.router_stat();
+    let (out, stderr, code) = top.stop();
+    assert_eq!(code, 0, "{stderr}");
+    let ctx = format!("client {client_line}\n{stderr}");
+    assert!(client_line.contains("ok=10"), "{ctx}");
+    let insert_failed = after.0 - before.0;
+    assert!(insert_failed > 0, "the NAT dropped nothing: {ctx}");
+    let last: Value = out
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "top")
+        .unwrap_or_else(|| panic!("no top snapshot: {out}\n{ctx}"));
+    let rows = last["nat"].as_array().expect("nat rows");
+    assert_eq!(rows.len(), 1, "one NAT destination: {last}");
+    let n = &rows[0];
+    assert_eq!(n["dst"], SERVER, "{n}");
+    assert_eq!(n["nat_addr"], NAT_IP, "{n}");
+    assert_eq!(n["router_netns"], Topology::inode(&t.router), "{n}");
+    assert_eq!(n["drops"], insert_failed, "exact in-kernel count: {n}");
+    assert_eq!(n["insert_failed_delta"], insert_failed, "{n}");
+    assert_eq!(n["in_use"], 10, "{n}");
+    assert_eq!(n["utilisation"], 1.0, "{n}");
+    assert_eq!(n["range"]["lo"], NAT_LO, "{n}");
+    assert_eq!(n["range"]["hi"], NAT_HI, "{n}");
+    assert_eq!(n["failers"][0]["pid"], client_pid, "the client fails: {n}");
+    assert_eq!(n["failers"][0]["count"], insert_failed, "{n}");
+    assert_eq!(
+        n["holders"][0]["pid"], client_pid,
+        "and holds the ports: {n}"
+    );
+    assert_eq!(n["holders"][0]["count"], 10, "{n}");
+    assert!(n["drops_per_s"].is_number(), "{n}");
+    assert!(
+        last["failures_total"].as_u64() >= Some(insert_failed),
+        "the NAT drops are in the total: {last}"
+    );
+    drop(client);
+    drop(server);
+}
+
+/// `portexhaust doctor` run in the router namespace: without watching, the NAT's own view says
+/// its 10 ports towards the server are all held by the client (a critical `nat_range` finding
+/// with the NAT fixes); with `--watch`, the drops meanwhile, exactly, and who they came from.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn doctor_in_the_nat_namespace_says_it_is_full_and_what_to_do() {
+    require_root();
+    require_nft();
+    let t = Topology::new("doc");
+    t.nft(&masquerade());
+    let mut server = t.helper(&t.server, "server", 0);
+    line_of(&mut server, "listening");
+    // The client takes the NAT's 10 ports and holds them.
+    let mut holder = t.helper(&t.client, "client", 10);
+    let holder_line = line_of(&mut holder, "done");
+    assert!(holder_line.contains("ok=10"), "{holder_line}");
+    let doctor = |extra: &[&str]| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &t.router, BIN, "doctor", "--json"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let out = doctor(&[]).output().expect("doctor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let a: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}\n{stderr}"));
+    let n = &a["nat"][0];
+    assert_eq!(n["dst"], SERVER, "{a}");
+    assert_eq!(n["in_use"], 10, "{n}");
+    assert_eq!(n["utilisation"], 1.0, "{n}");
+    assert_eq!(n["drops"], 0, "nothing watched: {n}");
+    assert_eq!(n["holders"][0]["pid"], holder.0.id(), "{n}");
+    let f = a["findings"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["id"] == "nat_range"))
+        .unwrap_or_else(|| panic!("no nat_range finding: {a}"));
+    assert_eq!(f["severity"], "critical", "{f}");
+    let fixes: Vec<&str> = f["fixes"]
+        .as_array()
+        .expect("fixes")
+        .iter()
+        .filter_map(|x| x["text"].as_str())
+        .collect();
+    assert!(fixes[0].starts_with("Reuse connections"), "{fixes:?}");
+    assert!(fixes[2].contains("--random-fully"), "{fixes:?}");
+    // The text says the same.
+    let text = Command::new("ip")
+        .args(["netns", "exec", &t.router, BIN, "doctor"])
+        .output()
+        .expect("doctor");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Source NAT of this namespace") && text.contains("10/10 in use (100%)"),
+        "{text}"
+    );
+
+    // Watching: a second client's 3 connects are dropped while doctor counts.
+    let before = t.router_stat();
+    let mut child = doctor(&["--watch", "8"]).spawn().expect("doctor --watch");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).expect("stderr") > 0,
+            "doctor ended before watching: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains("doctor: watching") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("source-NAT drops"),
+        "the NAT is watched: {seen}"
+    );
+    let mut client = t.helper(&t.client, "client", 3);
+    let client_line = line_of(&mut client, "done");
+    assert!(client_line.contains("ok=0 failed=3"), "{client_line}");
+    let out = child.wait_with_output().expect("doctor --watch");
+    let after = t.router_stat();
+    assert!(out.status.success(), "{seen}");
+    let a: Value = serde_json::from_slice(&out.stdout).expect("doctor --watch --json");
+    let insert_failed = after.0 - before.0;
+    assert!(insert_failed > 0, "{a}");
+    let n = &a["nat"][0];
+    assert_eq!(n["drops"], insert_failed, "exact: {n}");
+    assert_eq!(
+        n["failers"][0]["pid"],
+        client.0.id(),
+        "the dropped client: {n}"
+    );
+    let f = a["findings"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["id"] == "snat_port_exhaustion"))
+        .unwrap_or_else(|| panic!("no snat_port_exhaustion finding: {a}"));
+    assert!(
+        f["title"]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("dropped {insert_failed} SYNs"))),
+        "{f}"
+    );
+    drop(client);
+    drop(holder);
+    drop(server);
 }
 
 /// The binary the tests run is the one `cargo test` built.

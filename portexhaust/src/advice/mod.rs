@@ -159,8 +159,22 @@ pub struct Audit {
     pub watched_s: Option<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub call_sites: Vec<crate::schema::CallSite>,
+    /// This namespace's source NAT: one entry per destination and NAT address, busiest first
+    /// (the entries of the trace summary's `nat` section; drops only with `--watch`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<crate::schema::NatEntry>,
+    /// conntrack's `insert_failed` and `drop` since boot (None: no conntrack here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackCounters>,
     pub worst: Severity,
     pub findings: Vec<Finding>,
+}
+
+/// conntrack's statistics of a namespace (/proc/net/stat/nf_conntrack, summed over CPUs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ConntrackCounters {
+    pub insert_failed: u64,
+    pub drop: u64,
 }
 
 /// Everything known about one namespace. `None` means "could not be seen", which is reported
@@ -174,6 +188,11 @@ pub struct Inputs<'a> {
     pub time_wait_total: Option<u64>,
     pub bind_holders: Option<&'a [BindHolder]>,
     pub evidence: Option<&'a Evidence>,
+    /// The source NAT of this namespace: each destination it maps connections to, with its
+    /// ports in use (conntrack) and range (nft), and the drops when watched.
+    pub nat: &'a [crate::schema::NatEntry],
+    /// The namespace's conntrack counters since boot: (insert_failed, drop).
+    pub conntrack: Option<(u64, u64)>,
 }
 
 static UNKNOWN: NetSysctls = NetSysctls {
@@ -196,6 +215,8 @@ impl Default for Inputs<'_> {
             time_wait_total: None,
             bind_holders: None,
             evidence: None,
+            nat: &[],
+            conntrack: None,
         }
     }
 }
@@ -301,6 +322,8 @@ pub fn audit(i: &Inputs<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
     destinations::evidence_rules(i.evidence, &mut out);
     nat::snat_rule(i.evidence, &mut out);
+    nat::nat_range_rule(i.nat, &mut out);
+    nat::insert_failed_rule(i.conntrack, i.nat, i.evidence, &mut out);
     destinations::destination_rules(i.sysctls, i.destinations, &mut out);
     settings::recycle_rule(i.sysctls, &mut out);
     settings::range_rule(range, &mut out);

@@ -75,6 +75,7 @@ fn debian_defaults_are_fine_apart_from_information() {
         time_wait_total: Some(10),
         bind_holders: Some(&[]),
         evidence: None,
+        ..Default::default()
     });
     check(&f);
     assert!(ids(&f, Severity::Critical).is_empty(), "{f:#?}");
@@ -106,6 +107,7 @@ fn a_tiny_range_and_no_reuse_are_both_flagged() {
         time_wait_total: Some(10),
         bind_holders: None,
         evidence: None,
+        ..Default::default()
     });
     check(&f);
     let crit = ids(&f, Severity::Critical);
@@ -140,6 +142,7 @@ fn tuned_host_has_nothing_to_fix() {
         time_wait_total: Some(0),
         bind_holders: Some(&[]),
         evidence: None,
+        ..Default::default()
     });
     check(&f);
     assert!(f.iter().all(|x| x.severity <= Severity::Info), "{f:#?}");
@@ -192,6 +195,7 @@ fn reserved_ports_and_low_tw_buckets() {
         time_wait_total: Some(4000),
         bind_holders: Some(&[]),
         evidence: None,
+        ..Default::default()
     });
     check(&f);
     let r = get(&f, "ip_local_reserved_ports");

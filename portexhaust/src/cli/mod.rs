@@ -347,6 +347,10 @@ pub struct TopArgs {
     pub backend: BackendArgs,
     #[command(flatten)]
     pub tracking: TrackingArgs,
+    /// Also watch these failure kinds, as `trace --catch` does: with nat, a row per NAT
+    /// destination (drops, their rate, the NAT's ports in use, who fails and who holds).
+    #[arg(long, value_name = "KINDS", value_parser = parse_catch)]
+    pub catch: Option<u32>,
 }
 
 #[derive(Args, Clone, Debug)]

@@ -4,19 +4,23 @@
 //! the sockets per destination (sock_diag, grouped as `trace` and `top` group them), and, as
 //! root, looks for sockets bound before connect(). To audit another namespace (a container),
 //! run it there: `nsenter --net=/proc/PID/ns/net portexhaust doctor`.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use portexhaust_common::{Cause, EADDRNOTAVAIL, TcpState};
+use portexhaust_common::{Cause, EADDRNOTAVAIL, KIND_NAT, TcpState};
 
 use crate::{
-    advice::{Audit, BoundConnects, Evidence, Inputs, Severity, audit, explain},
+    advice::{Audit, BoundConnects, ConntrackCounters, Evidence, Inputs, Severity, audit, explain},
     cli::DoctorArgs,
+    cmd::trace::nat::{self, NatWatch},
     engine::{
         census::{PortSpace, SockRow, busiest, destination_rows},
         whatif::with_what_if,
     },
     kernel::{
         Result, bindscan,
+        clock::Clock,
+        conntrack::stat_here,
+        container::Resolver,
         gather::{Gatherer, Scope},
         loader::{BackendRequest, Filters, Tracer, Tracking},
         netns::{census_here, netns_path},
@@ -24,7 +28,7 @@ use crate::{
         sockdiag::dump_tcp_listeners,
         sysctl::{counters_current, host_and_kernel, read_current},
     },
-    schema::{ByState, CallSite, Ts},
+    schema::{ByState, CallSite, NatEntry, Ts},
 };
 
 /// `--watch`: what the programs saw in this namespace meanwhile.
@@ -32,27 +36,71 @@ struct Watched {
     seconds: f64,
     evidence: Evidence,
     call_sites: Vec<CallSite>,
+    /// The source NAT of this namespace, with the drops counted meanwhile (None: the NAT hook
+    /// could not be attached here).
+    nat: Option<Vec<NatEntry>>,
 }
 
-/// Watch this namespace's connects for `d`: its failures (exact, by cause) and its call sites.
+/// How often the NAT drops are read off while watching: their clients are looked up while
+/// their SYNs are still being retried.
+const NAT_DRAIN: Duration = Duration::from_millis(100);
+
+/// Watch this namespace's connects for `d`: its failures (exact, by cause) and its call sites,
+/// and the SYNs its source NAT drops (`--catch nat`, where the kernel allows it).
 fn watch(netns: Option<u64>, d: Duration) -> Result<Watched> {
     let opened = Tracer::open_with(
         BackendRequest::Auto,
         &Filters::default(),
-        Tracking::default(),
+        Tracking {
+            catch: KIND_NAT,
+            ..Tracking::default()
+        },
     )?;
     let mut tracer = opened.tracer;
+    let mut nat_watch = tracer.watches_nat().then(NatWatch::start);
     eprintln!(
-        "portexhaust: doctor: watching connects for {:.0}s with the {} backend",
+        "portexhaust: doctor: watching connects{} for {:.0}s with the {} backend",
+        if nat_watch.is_some() {
+            " and source-NAT drops"
+        } else {
+            ""
+        },
         d.as_secs_f64(),
         tracer.backend.name()
     );
-    std::thread::sleep(d);
     let scope = match netns {
         Some(n) => Scope::Only(vec![(n, netns_path(std::process::id()))]),
         None => Scope::All,
     };
     let mut g = Gatherer::new(scope);
+    let (clock, containers) = (Clock::new(), Resolver::new());
+    let until = Instant::now() + d;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left.min(NAT_DRAIN));
+        let (mut events, mut announced) = (Vec::new(), Vec::new());
+        tracer.drain(|b| {
+            if let Some(s) = crate::schema::event::site_event(b) {
+                announced.push((s.pid, s.stack_id));
+            } else if let Some(n) = nat::nat_event(b) {
+                events.push(n);
+            }
+        });
+        // Symbolised while the process lives, as top does.
+        for (pid, stack_id) in announced {
+            g.learn_stack(&tracer, pid, stack_id);
+        }
+        if let Some(w) = nat_watch.as_mut() {
+            w.named(
+                nat::decode(&events, |ns| clock.ts(ns)),
+                tracer.backend,
+                &containers,
+            );
+        }
+    }
+    let nat = match (nat_watch.as_mut(), netns) {
+        (Some(w), Some(ns)) => Some(w.entries_in(ns, Some(&tracer), &containers)?),
+        _ => None,
+    };
     let obs = g.observe(&mut tracer, true)?;
     let here = |ns: Option<u64>| netns.is_none() || ns.is_none() || ns == netns;
     let call_sites: Vec<CallSite> = obs
@@ -62,6 +110,7 @@ fn watch(netns: Option<u64>, d: Duration) -> Result<Watched> {
         .collect();
     let mut evidence = Evidence {
         bound_connects: BoundConnects::of_sites(&call_sites),
+        snat_drops: nat.iter().flatten().map(|e| e.drops).sum(),
         ..Default::default()
     };
     for (k, c) in &obs.counts {
@@ -78,6 +127,7 @@ fn watch(netns: Option<u64>, d: Duration) -> Result<Watched> {
         seconds: d.as_secs_f64(),
         evidence,
         call_sites,
+        nat,
     })
 }
 
@@ -110,7 +160,37 @@ pub fn gather() -> Audit {
     audit_of(netns_of(std::process::id()), None)
 }
 
-fn audit_of(netns: Option<u64>, watched: Option<Watched>) -> Audit {
+/// The source NAT of this namespace: what was watched, or else its conntrack view alone;
+/// the busiest destinations first (drops, then ports in use).
+fn nat_of(netns: Option<u64>, watched: Option<&mut Watched>) -> Vec<NatEntry> {
+    let mut entries = match (watched.and_then(|w| w.nat.take()), netns) {
+        (Some(e), _) => e,
+        (None, Some(ns)) => NatWatch::default()
+            .entries_in(ns, None, &Resolver::new())
+            .unwrap_or_else(|e| {
+                log::info!("the source NAT not inspected: {e}");
+                Vec::new()
+            }),
+        (None, None) => Vec::new(),
+    };
+    entries.sort_by(|a, b| {
+        (b.drops, b.in_use.unwrap_or(0))
+            .cmp(&(a.drops, a.in_use.unwrap_or(0)))
+            .then(a.dst.cmp(&b.dst))
+    });
+    entries.truncate(TOP_DESTINATIONS);
+    entries
+}
+
+fn audit_of(netns: Option<u64>, mut watched: Option<Watched>) -> Audit {
+    let nat = nat_of(netns, watched.as_mut());
+    // conntrack's counters of this namespace (the thread's: doctor runs where it audits).
+    let conntrack = stat_here()
+        .ok()
+        .map(|(insert_failed, drop)| ConntrackCounters {
+            insert_failed,
+            drop,
+        });
     let sysctls = read_current();
     let range = sysctls.range();
     let counters = counters_current();
@@ -149,6 +229,8 @@ fn audit_of(netns: Option<u64>, watched: Option<Watched>) -> Audit {
         time_wait_total: Some(states.get(&TcpState::TimeWait).copied().unwrap_or(0)),
         bind_holders: bind_holders.as_deref(),
         evidence: watched.as_ref().map(|w| &w.evidence),
+        nat: &nat,
+        conntrack: conntrack.map(|c| (c.insert_failed, c.drop)),
     });
     let (host, kernel) = host_and_kernel();
     let ports = PortSpace::from(&sysctls);
@@ -169,6 +251,8 @@ fn audit_of(netns: Option<u64>, watched: Option<Watched>) -> Audit {
         bind_holders,
         watched_s: watched.as_ref().map(|w| w.seconds),
         call_sites: watched.map(|w| w.call_sites).unwrap_or_default(),
+        nat,
+        conntrack,
         worst: findings
             .iter()
             .map(|f| f.severity)

@@ -10,11 +10,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use portexhaust_common::KIND_NAT;
+
 use crate::{
-    cmd::trace::announce,
+    cmd::trace::{
+        announce,
+        nat::{self, NatWatch},
+    },
     engine::live::Viewer,
     kernel::{
         Error, Result,
+        clock::Clock,
+        container::Resolver,
         gather::{Gatherer, Scope},
         loader::{BackendRequest, Filters, Tracer, Tracking},
     },
@@ -36,6 +43,8 @@ pub struct TopOptions {
     pub netns: Vec<(u64, PathBuf)>,
     pub backend: BackendRequest,
     pub max_tracked: u32,
+    /// `--catch` kinds (`KIND_*`): with nat, a row per NAT destination.
+    pub catch: u32,
 }
 
 /// Restores the terminal however `top` ends.
@@ -85,10 +94,12 @@ pub fn run(o: TopOptions) -> Result<()> {
         o.backend,
         &Filters::default(),
         Tracking {
-            catch: 0,
+            catch: o.catch,
             // top shows counts, not events: one event a second per CPU keeps the ring buffer
-            // (which it drains unread) out of a storm's way.
-            events_per_s: 1,
+            // (which it drains unread) out of a storm's way. The NAT rows name their failers
+            // from the streamed drops (the kernel counts them all): a few dozen a second is
+            // still nothing to the ring buffer.
+            events_per_s: if o.catch & KIND_NAT != 0 { 50 } else { 1 },
             max_tracked: o.max_tracked,
             blame: true,
             ..Default::default()
@@ -103,24 +114,43 @@ pub fn run(o: TopOptions) -> Result<()> {
     };
     let mut gatherer = Gatherer::new(scope);
     let mut viewer = Viewer::new();
+    // The NAT section of the summary, from the same watch (`--catch nat`).
+    let mut nat_watch = tracer.watches_nat().then(NatWatch::start);
+    let clock = Clock::new();
+    let containers = Resolver::new();
     let started = Instant::now();
     // top works from the exact in-kernel counts and shows no per-failure events (so no event
     // drops either); they are read off and discarded so the buffer does not sit full.
     let mut refresh = |tracer: &mut Tracer| -> Result<TopView> {
         // Call-site announcements are kept: their stacks are symbolised at this refresh.
         let mut announced = Vec::new();
+        let mut nat_events = Vec::new();
         tracer.drain(|b| {
             if let Some(s) = crate::schema::event::site_event(b) {
                 announced.push((s.pid, s.stack_id));
+            } else if let Some(n) = nat::nat_event(b) {
+                nat_events.push(n);
             }
         });
+        if let Some(w) = nat_watch.as_mut() {
+            // Named for the rows' failers; top shows no failure lines.
+            w.named(
+                nat::decode(&nat_events, |ns| clock.ts(ns)),
+                tracer.backend,
+                &containers,
+            );
+        }
         for (pid, stack_id) in announced {
             gatherer.learn_stack(tracer, pid, stack_id);
         }
         tracer.drain_log();
         let obs = gatherer.observe(tracer, true)?;
-        let mut v = viewer.view(started.elapsed().as_secs_f64(), &obs);
+        let t = started.elapsed().as_secs_f64();
+        let mut v = viewer.view(t, &obs);
         gatherer.label(&mut v.blame, &mut v.destinations);
+        if let Some(w) = nat_watch.as_mut() {
+            viewer.with_nat(t, &mut v, w.entries(tracer, &containers)?);
+        }
         Ok(v)
     };
     let io = |e| Error::io("writing the screen", e);

@@ -20,7 +20,7 @@ use tokio::{
 };
 
 mod check;
-mod nat;
+pub mod nat;
 
 use super::record::{FLUSH_EVERY, RecordOptions, Recorder, Seen};
 use crate::{
@@ -249,7 +249,7 @@ impl Session {
             && !nat_events.is_empty()
         {
             let drops = nat::decode(&nat_events, |ns| clock.ts(ns));
-            for f in w.named(drops, containers) {
+            for f in w.named(drops, tracer.backend, containers) {
                 if let Some(r) = recorder.as_mut() {
                     r.observe(Seen::of(&f, f.cause), || Some(f.clone()));
                 }
@@ -415,10 +415,7 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
     )?;
     announce(&opened.tracer, &opened.skipped);
     // Before the ready line: the NAT namespaces' insert_failed counters to compare with.
-    let nat_watch = opened
-        .tracer
-        .watches_nat()
-        .then(|| nat::NatWatch::start(opened.tracer.backend));
+    let nat_watch = opened.tracer.watches_nat().then(nat::NatWatch::start);
     // SAFETY: the fd belongs to the ring buffer map inside the Tracer, which `s` owns for the
     // whole loop below and drops only after `ready_fd` (declared later, dropped first).
     let ring_fd = opened.tracer.ring_fd();

@@ -8,6 +8,7 @@ use std::{
 
 use portexhaust_common::{Backend, LATENCY_BUCKETS, SiteRef, TupleKey};
 
+use super::nat::NatId;
 use super::{
     blame::blame,
     census::{DestUsage, FdOwner, NsCensus, OwnerView, PortSpace, busiest, sort_holders, usage},
@@ -16,7 +17,9 @@ use super::{
     sites::{Inputs, SiteObs, Stack, call_sites},
     whatif::with_what_if,
 };
-use crate::schema::{CallSite, DestRow, FailingProcess, Holder, TopView, Totals, Ts, VERSION};
+use crate::schema::{
+    CallSite, DestRow, FailingProcess, Holder, NatEntry, NatRow, TopView, Totals, Ts, VERSION,
+};
 
 /// Namespaces whose destinations a snapshot lists, and rows per namespace.
 const SNAPSHOT_NAMESPACES: usize = 16;
@@ -182,6 +185,7 @@ pub fn totals(obs: &Observed, run: &Run) -> Totals {
         not_watched: run.not_watched.iter().cloned().collect(),
         // Filled in by the NAT watch (`--catch nat`), which has its own kernel counts.
         nat: Vec::new(),
+        nat_unstreamed: 0,
     }
 }
 
@@ -189,6 +193,8 @@ pub fn totals(obs: &Observed, run: &Run) -> Totals {
 pub struct Viewer {
     rates: RateTracker,
     prev_failures: HashMap<u32, (u64, f64)>,
+    /// Drops of each NAT destination at the previous refresh, and when.
+    prev_nat: HashMap<NatId, (u64, f64)>,
 }
 
 impl Default for Viewer {
@@ -202,6 +208,7 @@ impl Viewer {
         Self {
             rates: RateTracker::new(30.0),
             prev_failures: HashMap::new(),
+            prev_nat: HashMap::new(),
         }
     }
 
@@ -240,7 +247,32 @@ impl Viewer {
             failing,
             blame,
             call_sites: obs.call_sites(),
+            nat: Vec::new(),
         }
+    }
+
+    /// Put the NAT section (the summary's entries, from the same watch) into a view at `t`
+    /// seconds: one row per NAT destination with its drop rate, and its drops in the total,
+    /// as the summary counts them.
+    pub fn with_nat(&mut self, t: f64, v: &mut TopView, entries: Vec<NatEntry>) {
+        let mut seen = HashMap::new();
+        v.nat = entries
+            .into_iter()
+            .map(|entry| {
+                let id = NatId::of_entry(&entry);
+                let drops_per_s = self
+                    .prev_nat
+                    .get(&id)
+                    .filter(|(_, t0)| t > *t0)
+                    .map(|(n, t0)| entry.drops.saturating_sub(*n) as f64 / (t - t0));
+                seen.insert(id, (entry.drops, t));
+                v.failures_total += entry.drops;
+                NatRow { entry, drops_per_s }
+            })
+            .collect();
+        // Rows the kernel no longer lists (never, today: NAT_COUNTS keeps its keys) are
+        // forgotten with it.
+        self.prev_nat = seen;
     }
 
     /// The destination rows alone, at `t` seconds since start: what `top` shows of each

@@ -106,6 +106,16 @@ impl NatId {
             nat_addr: d.nat.ip(),
         }
     }
+
+    /// The key of a NAT section entry.
+    pub fn of_entry(e: &NatEntry) -> Self {
+        Self {
+            router_netns: e.router_netns,
+            proto: e.proto,
+            dst: e.dst,
+            nat_addr: e.nat_addr,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -275,12 +285,7 @@ pub fn fold(totals: &mut Totals, entries: Vec<NatEntry>, book: &NatBook) {
             let pid = f.pid.unwrap_or(0);
             let times = book
                 .seen
-                .get(&NatId {
-                    router_netns: e.router_netns,
-                    proto: e.proto,
-                    dst: e.dst,
-                    nat_addr: e.nat_addr,
-                })
+                .get(&NatId::of_entry(e))
                 .and_then(|m| m.get(&f.pid));
             let dc = DestCount {
                 dst: e.dst,

@@ -73,6 +73,20 @@ pub fn render(a: &Audit) -> String {
         ));
         out.push('\n');
     }
+    if !a.nat.is_empty() || a.conntrack.is_some_and(|c| c.insert_failed > 0) {
+        out.push_str(&format!(
+            "\nSource NAT of this namespace ({}):\n",
+            match (a.watched_s, a.conntrack) {
+                (Some(s), _) => format!("drops counted over {s:.0}s"),
+                (None, Some(c)) => format!(
+                    "conntrack since boot: {} insert_failed, {} drop",
+                    c.insert_failed, c.drop
+                ),
+                (None, None) => "conntrack now".into(),
+            }
+        ));
+        out.push_str(&super::nat::entries(&a.nat));
+    }
     if !a.destinations.is_empty() {
         out.push_str("\nBusiest destinations (ports of the range in use):\n");
         out.push_str(&destinations(&a.destinations, ""));

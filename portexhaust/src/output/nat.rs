@@ -1,7 +1,12 @@
 //! Source-NAT drops in the human output: the live line's second row, and the summary's section.
-use crate::schema::{Failure, NatClient, Totals};
+use comfy_table::Cell;
 
-use super::human::human_line;
+use crate::schema::{Failure, NatClient, NatEntry, NatRow, Totals};
+
+use super::{
+    human::human_line,
+    text::{pct, right, table},
+};
 
 /// A `nf_nat` failure: the usual row, then where the NAT dropped it.
 pub fn live(f: &Failure) -> String {
@@ -43,7 +48,15 @@ pub fn summary(s: &Totals) -> String {
     let mut out = String::from(
         "\nSource NAT drops (SYNs a NAT one hop away dropped: no free source port):\n",
     );
-    for e in &s.nat {
+    out.push_str(&entries(&s.nat));
+    out
+}
+
+/// One block per NAT entry: its drops and ports, who failed and who holds them (the summary's
+/// section, and `doctor`'s).
+pub fn entries(es: &[NatEntry]) -> String {
+    let mut out = String::new();
+    for e in es {
         let range = match (&e.range, e.in_use) {
             (Some(r), Some(u)) => format!(
                 "; NAT ports {}-{} ({}): {u}/{} in use ({:.0}%)",
@@ -81,7 +94,9 @@ pub fn summary(s: &Totals) -> String {
             .iter()
             .map(|c| format!("{} x{}", who(c), c.count))
             .collect();
-        out.push_str(&format!("  failing: {}\n", failing.join(", ")));
+        if !failing.is_empty() {
+            out.push_str(&format!("  failing: {}\n", failing.join(", ")));
+        }
         if !e.holders.is_empty() {
             let holding: Vec<String> = e
                 .holders
@@ -93,6 +108,77 @@ pub fn summary(s: &Totals) -> String {
                 holding.join(", ")
             ));
         }
+    }
+    out
+}
+
+/// The top failer or holder of a NAT row, and how many more there are.
+fn first_of(cs: &[NatClient]) -> String {
+    match cs {
+        [] => "-".into(),
+        [c] => format!("{} x{}", who(c), c.count),
+        [c, rest @ ..] => format!("{} x{} (+{} more)", who(c), c.count, rest.len()),
+    }
+}
+
+/// `top`'s NAT panel: one row per NAT namespace, destination and NAT address, the most drops
+/// first; empty when the NAT is not watched or dropped nothing.
+pub fn top_panel(rows: &[NatRow], max: usize) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out =
+        String::from("\nSOURCE NAT (SYNs a NAT one hop away dropped: no free source port)\n");
+    let cells = rows
+        .iter()
+        .take(max)
+        .map(|r| {
+            let e = &r.entry;
+            let ports = match (e.in_use, &e.range) {
+                (Some(u), Some(range)) => {
+                    format!("{u}/{}", u64::from(range.hi.saturating_sub(range.lo)) + 1)
+                }
+                (Some(u), None) => format!("{u}/?"),
+                _ => "-".into(),
+            };
+            vec![
+                right(e.router_netns),
+                Cell::new(e.dst.to_string()),
+                Cell::new(e.nat_addr.to_string()),
+                right(e.drops),
+                right(
+                    r.drops_per_s
+                        .map_or_else(|| "-".to_string(), |x| format!("{x:.1}")),
+                ),
+                right(ports),
+                right(if e.utilisation.is_some() {
+                    pct(e.utilisation)
+                } else {
+                    "-".into()
+                }),
+                Cell::new(first_of(&e.failers)),
+                Cell::new(first_of(&e.holders)),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "NAT NETNS",
+            "DESTINATION",
+            "NAT ADDR",
+            "DROPS",
+            "DROPS/S",
+            "NAT PORTS",
+            "UTIL",
+            "FAILING",
+            "HOLDING",
+        ],
+        cells,
+        "",
+    ));
+    out.push('\n');
+    if rows.len() > max {
+        out.push_str(&format!("  (+{} more)\n", rows.len() - max));
     }
     out
 }

@@ -77,6 +77,7 @@ pub fn render(v: &TopView, rows: usize) -> String {
             out.push_str(&format!("  (+{} more)\n", v.destinations.len() - rows));
         }
     }
+    out.push_str(&super::nat::top_panel(&v.nat, rows));
     out.push_str("\nFAILING PROCESSES\n");
     if v.failing.is_empty() {
         out.push_str("  none since start\n");
@@ -132,7 +133,10 @@ mod tests {
     use portexhaust_common::Backend;
 
     use super::*;
-    use crate::schema::{Attribution, ByState, DestRow, FailingProcess, Holder, Latency, Ts};
+    use crate::schema::{
+        Attribution, ByState, DestRow, FailingProcess, Holder, Latency, NatClient, NatEntry,
+        NatRange, NatRow, Proto, Ts,
+    };
 
     fn view() -> TopView {
         let mut by_state = ByState::new();
@@ -185,7 +189,72 @@ mod tests {
             }],
             blame: vec![],
             call_sites: vec![],
+            nat: vec![],
         }
+    }
+
+    fn nat_row() -> NatRow {
+        let client = |pid: u32, comm: &str, count: u64| NatClient {
+            pid: Some(pid),
+            comm: comm.into(),
+            netns: Some(4026532300),
+            count,
+            container: None,
+        };
+        NatRow {
+            entry: NatEntry {
+                router_netns: 4026532299,
+                proto: Proto::Tcp,
+                dst: "10.0.0.9:443".parse().expect("addr"),
+                nat_addr: "192.0.2.1".parse().expect("ip"),
+                drops: 3412,
+                failers: vec![client(4242, "python3", 3100), client(4243, "curl", 312)],
+                conntrack_entries: Some(10),
+                in_use: Some(10),
+                range: Some(NatRange {
+                    lo: 40000,
+                    hi: 40009,
+                    source: "nft".into(),
+                }),
+                utilisation: Some(1.0),
+                holders: vec![client(4242, "python3", 10)],
+                insert_failed_delta: Some(3412),
+            },
+            drops_per_s: Some(56.9),
+        }
+    }
+
+    #[test]
+    fn nat_destinations_get_a_row_each() {
+        let mut v = view();
+        assert!(
+            !render(&v, 10).contains("SOURCE NAT"),
+            "no panel without drops"
+        );
+        v.nat = vec![nat_row()];
+        let s = render(&v, 10);
+        let line = s
+            .lines()
+            .find(|l| l.contains("10.0.0.9:443"))
+            .expect("a NAT row");
+        for want in [
+            "4026532299",
+            "192.0.2.1",
+            "3412",
+            "56.9",
+            "10/10",
+            "100%",
+            "python3 (4242, netns 4026532300) x3100 (+1 more)",
+            "python3 (4242, netns 4026532300) x10",
+        ] {
+            assert!(line.contains(want), "{want:?} in {line}");
+        }
+        let j: serde_json::Value = serde_json::from_str(&v.line()).expect("json");
+        let n = &j["nat"][0];
+        assert_eq!(n["drops"], 3412, "the summary's entry, flattened: {n}");
+        assert_eq!(n["drops_per_s"], 56.9);
+        assert_eq!(n["range"]["lo"], 40000);
+        assert_eq!(n["failers"][0]["comm"], "python3");
     }
 
     #[test]

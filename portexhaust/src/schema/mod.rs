@@ -44,7 +44,7 @@ pub use sysctls::{
     parse_reserved, reserved_overlap,
 };
 pub use time::Ts;
-pub use top::{FailingProcess, TopView};
+pub use top::{FailingProcess, NatRow, TopView};
 pub use totals::{DestCount, Offender, Totals};
 pub use whatif::{Load, WhatIf};
 

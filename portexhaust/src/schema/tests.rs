@@ -183,6 +183,7 @@ fn totals() -> Totals {
         watched: vec!["connect".into()],
         not_watched: [("bind".to_string(), "no fexit or kprobe".to_string())].into(),
         nat: Vec::new(),
+        nat_unstreamed: 0,
     }
 }
 

@@ -2,7 +2,17 @@
 use portexhaust_common::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{BlameEntry, CallSite, DestRow, Ts};
+use super::{BlameEntry, CallSite, DestRow, NatEntry, Ts};
+
+/// One NAT destination in `top` (`--catch nat`): the summary's NAT entry, and how fast its
+/// drops come now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NatRow {
+    #[serde(flatten)]
+    pub entry: NatEntry,
+    /// Drops per second since the previous refresh (None: the first sample of this row).
+    pub drops_per_s: Option<f64>,
+}
 
 /// A process with failures, for `top`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,6 +40,10 @@ pub struct TopView {
     /// The code behind the connects, with what each site holds now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub call_sites: Vec<CallSite>,
+    /// Source-NAT destinations with drops (`top --catch nat`), most drops first. Their drops
+    /// are in `failures_total`, as in the summary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<NatRow>,
 }
 
 impl TopView {

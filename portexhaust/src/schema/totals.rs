@@ -94,6 +94,15 @@ pub struct Totals {
     /// are also in `failures_total` and in the offenders (cause `snat_exhausted`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nat: Vec<super::NatEntry>,
+    /// Source-NAT drops counted in the kernel but not streamed as `nf_nat` lines (over the
+    /// event budget, or the ring buffer full): in `nat[].drops`, under `pid: null` when no
+    /// streamed drop named their client.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub nat_unstreamed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn v1() -> u64 {
@@ -127,6 +136,7 @@ impl Default for Totals {
             watched: Vec::new(),
             not_watched: BTreeMap::new(),
             nat: Vec::new(),
+            nat_unstreamed: 0,
         }
     }
 }

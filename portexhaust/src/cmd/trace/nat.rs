@@ -134,7 +134,9 @@ fn rows_of(v: &NatView) -> Vec<CtRow> {
         .collect()
 }
 
-/// The NAT side of a trace session.
+/// The NAT side of a trace session (or of `doctor`, which may look without tracing: no
+/// baseline, no drops).
+#[derive(Default)]
 pub struct NatWatch {
     book: NatBook,
     sockets: Sockets,
@@ -142,12 +144,11 @@ pub struct NatWatch {
     baseline: HashMap<u64, u64>,
     /// Each NAT namespace's conntrack table, for the clash check.
     views: HashMap<u64, (Instant, NatView)>,
-    backend: Backend,
 }
 
 impl NatWatch {
     /// Read every namespace's `insert_failed` before the first drop can be counted.
-    pub fn start(backend: Backend) -> Self {
+    pub fn start() -> Self {
         let mut baseline = HashMap::new();
         for (ino, path) in handles() {
             if let Ok(Ok((failed, _))) = netns::in_netns(ino, &path, conntrack::stat_here) {
@@ -155,11 +156,8 @@ impl NatWatch {
             }
         }
         Self {
-            book: NatBook::default(),
-            sockets: Sockets::default(),
             baseline,
-            views: HashMap::new(),
-            backend,
+            ..Self::default()
         }
     }
 
@@ -180,6 +178,7 @@ impl NatWatch {
     pub fn named(
         &mut self,
         drops: Vec<NatDrop>,
+        backend: Backend,
         containers: &Resolver,
     ) -> Vec<crate::schema::Failure> {
         let mut out = Vec::with_capacity(drops.len());
@@ -189,7 +188,7 @@ impl NatWatch {
                 .view(d.router_netns, VIEW_TTL)
                 .map(|v| nat::clashes(&rows_of(v), d.dst, d.nat));
             self.book.add(&d, client.as_ref());
-            out.push(nat::failure(&d, client.as_ref(), self.backend, clash));
+            out.push(nat::failure(&d, client.as_ref(), backend, clash));
         }
         out
     }
@@ -206,6 +205,12 @@ impl NatWatch {
         if !entries.is_empty() {
             nat::fold(totals, entries, &self.book);
         }
+        // Drops whose key found no room in NAT_COUNTS are in no entry: in the total and
+        // `uncounted_keys`, as the connect failures beyond the counts map are.
+        let stats = tracer.nat_stats()?;
+        totals.failures_total += stats.uncounted;
+        totals.uncounted_keys += stats.uncounted;
+        totals.nat_unstreamed = stats.unstreamed;
         Ok(())
     }
 
@@ -217,28 +222,43 @@ impl NatWatch {
         tracer: &Tracer,
         containers: &Resolver,
     ) -> Result<Vec<crate::schema::NatEntry>> {
-        let kernel: Vec<(NatId, u64)> = tracer
-            .nat_counts()?
-            .into_iter()
-            .filter_map(|(k, n)| {
-                let f = Family::from_af(k.family)?;
-                let dst = SocketAddr::new(ip_from_raw(f, &k.daddr), k.dport);
-                Some((
-                    NatId {
-                        router_netns: u64::from(k.netns),
-                        proto: Proto::from_ipproto(k.proto)?,
-                        dst,
-                        nat_addr: ip_from_raw(f, &k.nat_addr),
-                    },
-                    n,
-                ))
-            })
-            .collect();
+        let kernel = kernel_counts(tracer)?;
         if kernel.is_empty() {
             return Ok(Vec::new());
         }
+        Ok(self.entries_of(kernel, None, containers))
+    }
+
+    /// Every destination the NAT of namespace `ino` maps connections to now, dropped or not,
+    /// with the drops `tracer` counted there (`doctor`; without a tracer, the NAT's view
+    /// alone).
+    pub fn entries_in(
+        &mut self,
+        ino: u64,
+        tracer: Option<&Tracer>,
+        containers: &Resolver,
+    ) -> Result<Vec<crate::schema::NatEntry>> {
+        let kernel = match tracer {
+            Some(t) => kernel_counts(t)?
+                .into_iter()
+                .filter(|(id, _)| id.router_netns == ino)
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(self.entries_of(kernel, Some(ino), containers))
+    }
+
+    /// The entries of `kernel`'s keys, and with `idle`, of every destination that namespace's
+    /// NAT maps (0 drops where the kernel counted none).
+    fn entries_of(
+        &mut self,
+        mut kernel: Vec<(NatId, u64)>,
+        idle: Option<u64>,
+        containers: &Resolver,
+    ) -> Vec<crate::schema::NatEntry> {
         let mut views = HashMap::new();
         let mut routers: Vec<u64> = kernel.iter().map(|(id, _)| id.router_netns).collect();
+        routers.extend(idle);
         routers.sort_unstable();
         routers.dedup();
         // The counters first, right after the kernel's counts: drops still happening while
@@ -257,6 +277,20 @@ impl NatWatch {
             let Some(v) = self.view(ino, Duration::ZERO).cloned() else {
                 continue;
             };
+            let rows = rows_of(&v);
+            if idle == Some(ino) {
+                for r in &rows {
+                    let id = NatId {
+                        router_netns: ino,
+                        proto: r.proto,
+                        dst: r.dst,
+                        nat_addr: r.nat.ip(),
+                    };
+                    if !kernel.iter().any(|(k, _)| *k == id) {
+                        kernel.push((id, 0));
+                    }
+                }
+            }
             let delta = stats
                 .get(&ino)
                 .zip(self.baseline.get(&ino))
@@ -264,7 +298,7 @@ impl NatWatch {
             views.insert(
                 ino,
                 NsView {
-                    rows: rows_of(&v),
+                    rows,
                     range: v.range.map(|(lo, hi, source)| NatRange {
                         lo,
                         hi,
@@ -277,12 +311,35 @@ impl NatWatch {
         // A listing of its own: refreshing the drops' listing here would make a drop that
         // arrives right after look up a listing taken before its SYN (see `Sockets::find`).
         let mut sockets = Sockets::default();
-        sockets.refresh(containers);
+        if views.values().any(|v: &NsView| !v.rows.is_empty()) {
+            sockets.refresh(containers);
+        }
         let sockets = &sockets;
         let holder_of =
             |src: SocketAddr, dst: SocketAddr| sockets.by_tuple.get(&(src, dst)).cloned();
-        Ok(nat::entries(&kernel, &self.book, &views, &holder_of))
+        nat::entries(&kernel, &self.book, &views, &holder_of)
     }
+}
+
+/// The kernel's exact drop counts, by key.
+fn kernel_counts(tracer: &Tracer) -> Result<Vec<(NatId, u64)>> {
+    Ok(tracer
+        .nat_counts()?
+        .into_iter()
+        .filter_map(|(k, n)| {
+            let f = Family::from_af(k.family)?;
+            let dst = SocketAddr::new(ip_from_raw(f, &k.daddr), k.dport);
+            Some((
+                NatId {
+                    router_netns: u64::from(k.netns),
+                    proto: Proto::from_ipproto(k.proto)?,
+                    dst,
+                    nat_addr: ip_from_raw(f, &k.nat_addr),
+                },
+                n,
+            ))
+        })
+        .collect())
 }
 
 /// Decode a batch of records (the clock converts the kernel's monotonic times).

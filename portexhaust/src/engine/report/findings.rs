@@ -57,6 +57,7 @@ pub(super) fn findings(
             time_wait_total: None,
             bind_holders: None,
             evidence: Some(ev.unwrap_or(&Evidence::default())),
+            ..Default::default()
         }) {
             if (quiet && f.severity < Severity::Warning)
                 || (!recorded && f.id == "ip_local_port_range")
