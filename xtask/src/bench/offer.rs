@@ -107,9 +107,20 @@ pub(super) struct Offer {
     pub(super) backends_skipped: Vec<(String, String)>,
     pub(super) default_backend: Option<String>,
     pub(super) catch: bool,
+    /// `trace --catch nat` exists and attaches here (the source-NAT hook).
+    pub(super) catch_nat: bool,
     /// `trace --no-call-sites` exists: the default walks user stacks, and the bench measures
     /// it without them too.
     pub(super) call_sites: bool,
+}
+
+/// Whether `trace --catch nat` watches the NAT on this kernel: its coverage line says so.
+fn nat_attaches(portexhaust: &Path) -> bool {
+    std::process::Command::new(portexhaust)
+        .args(["trace", "--catch", "nat", "--duration", "0.2"])
+        .stdout(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stderr).contains("watching nat:"))
 }
 
 pub(super) fn discover(portexhaust: &Path) -> Result<Offer> {
@@ -125,6 +136,7 @@ pub(super) fn discover(portexhaust: &Path) -> Result<Offer> {
     Ok(Offer {
         default_backend: default_backend(portexhaust),
         catch: offers_catch(&help),
+        catch_nat: offers_catch(&help) && nat_attaches(portexhaust),
         call_sites: help.contains("--no-call-sites"),
         backends_ran,
         backends_skipped,

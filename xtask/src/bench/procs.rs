@@ -166,6 +166,10 @@ pub enum Flavor {
     /// `trace --no-call-sites`: no user stack walks, so that what the call sites cost shows
     /// against the default (only for a binary whose help offers `--no-call-sites`).
     NoCallSites,
+    /// `trace --catch nat`: the default trace with the source-NAT hook attached as well (it
+    /// runs on every dropped packet of the machine); judged against the same targets as the
+    /// default (only for a binary whose `--catch` offers nat).
+    CatchNat,
 }
 
 impl Flavor {
@@ -177,6 +181,7 @@ impl Flavor {
             Self::HooksOnly => "hooks-only",
             Self::Catch => "catch",
             Self::NoCallSites => "no-call-sites",
+            Self::CatchNat => "catch-nat",
         }
     }
 
@@ -187,6 +192,7 @@ impl Flavor {
             Self::HooksOnly => &["--pid", "1"],
             Self::Catch => &["--catch", "bind,udp"],
             Self::NoCallSites => &["--no-call-sites"],
+            Self::CatchNat => &["--catch", "nat"],
         }
     }
 }

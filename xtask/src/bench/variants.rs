@@ -59,6 +59,11 @@ impl Sets {
                     .map(|b| Variant::portexhaust(b, Flavor::NoCallSites)),
             );
         }
+        if offer.catch_nat {
+            // The NAT hook does not depend on the backend: once, with the default one.
+            let d = offer.default_backend.as_ref().or(b.first());
+            main.extend(d.map(|d| Variant::portexhaust(d, Flavor::CatchNat)));
+        }
         if bpftrace {
             main.push(Variant::Traced(TracerKind::Bpftrace));
         }

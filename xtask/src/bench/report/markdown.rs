@@ -167,6 +167,12 @@ fn host_sections(s: &mut String, res: &Results) {
             "not offered by this build (no `catch/B` variants)"
         }
     );
+    if let Some(v) = res.variants.iter().find(|v| v.starts_with("catch-nat/")) {
+        let _ = writeln!(
+            s,
+            "| `trace --catch nat` | `{v}` = the default trace with the source-NAT hook              (`skb:kfree_skb`) attached, judged against the same targets |"
+        );
+    }
     for (b, why) in &res.backends_skipped {
         let _ = writeln!(s, "| backend {b} skipped | {} |", why.replace('|', "/"));
     }

@@ -173,7 +173,9 @@ pub(super) fn table(
     let pes: Vec<&String> = variants
         .iter()
         .filter(|v| {
-            v.starts_with("portexhaust/") || v.starts_with("no-blame/") || v.starts_with("catch/")
+            ["portexhaust/", "no-blame/", "catch/", "catch-nat/"]
+                .iter()
+                .any(|p| v.starts_with(p))
         })
         .collect();
     let has_untraced = variants.iter().any(|v| v == "untraced");

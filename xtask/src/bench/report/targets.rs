@@ -70,8 +70,9 @@ fn ms_spread(s: &Spread) -> String {
 }
 
 /// The targets, judged for every blame-on `portexhaust/B` variant (the default backend's rows
-/// say so). `no-blame/`, `hooks-only/` and `catch/` variants are diagnostics: they are in the
-/// tables, not here.
+/// say so), and for `catch-nat/B` (the same trace with NAT detection on: the targets must
+/// still hold). `no-blame/`, `hooks-only/` and `catch/` variants are diagnostics: they are in
+/// the tables, not here.
 pub fn targets(
     rows: &[Row],
     runs: &[Run],
@@ -81,7 +82,7 @@ pub fn targets(
     let mut out = Vec::new();
     let pes: Vec<&String> = variants
         .iter()
-        .filter(|n| n.starts_with("portexhaust/"))
+        .filter(|n| n.starts_with("portexhaust/") || n.starts_with("catch-nat/"))
         .collect();
     for pe in &pes {
         let who = match default_backend {
