@@ -452,6 +452,50 @@ fn possible_cpus() -> usize {
         .sum()
 }
 
+/// A host that starts failing processes all day: the counts of the ones that exited leave
+/// the kernel's map before it fills, and stay counted. Eight processes fail one after the
+/// other with a counts map of four keys; every one of them keeps its exact count, nothing is
+/// uncounted.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn exited_failers_make_room_in_the_counts_map() {
+    require_root();
+    let per_workload = 50u64;
+    let backend = backends_here().remove(0);
+    let mut ws: Vec<Workload> = (0..8)
+        .map(|i| Workload::start("storm", per_workload, &format!("pxh-t-ret{i}"), &[]))
+        .collect();
+    let pids: Vec<String> = ws.iter().map(|w| w.pid.to_string()).collect();
+    let mut args = vec!["--json", "--max-count-keys", "4", "--backend", &backend];
+    for p in &pids {
+        args.extend(["--pid", p.as_str()]);
+    }
+    let t = Tracer::trace(&args);
+    for w in ws.drain(..) {
+        let mut w = w;
+        w.go();
+        assert_eq!(w.finish()["expected"][0]["count"], per_workload);
+        // Two a retirement period (5 s): the map of four never holds more than three.
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let (out, err, code) = t.stop();
+    assert_eq!(code, 0, "{err}");
+    let (_, summary) = events_and_summary(&out);
+    assert_eq!(summary["failures_total"], 8 * per_workload, "{summary}");
+    assert_eq!(summary["uncounted_keys"], 0, "room was made: {summary}");
+    let offenders = summary["offenders"].as_array().expect("offenders");
+    assert_eq!(offenders.len(), 8, "{summary}");
+    for o in offenders {
+        assert_eq!(o["failures"], per_workload, "each exact: {o}");
+        assert!(
+            o["comm"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("pxh-t-ret")),
+            "{o}"
+        );
+    }
+}
+
 /// A counts map too small for the failing keys: the kernel counts the rest in
 /// `uncounted_keys` and says so through aya-log once per CPU, not once per failure.
 #[test]

@@ -328,7 +328,12 @@ impl Session {
         };
         let seen = self.tracer.failures_total()?;
         m.set_dropped(self.tracer.dropped_events()?);
-        m.set_uncounted(self.tracer.uncounted_keys()?);
+        // As the summary counts them: the NAT drops that found no key too.
+        let nat_uncounted = match &self.nat {
+            Some(_) => self.tracer.nat_stats()?.uncounted,
+            None => 0,
+        };
+        m.set_uncounted(self.tracer.uncounted_keys()? + nat_uncounted);
         if m.counts_changed(seen) {
             let counts = counts.get(&self.tracer, &self.clock)?;
             m.update_counts(counts, |pid| self.containers.by_pid(pid));
@@ -573,6 +578,13 @@ pub async fn run(args: &TraceArgs) -> Result<Totals> {
                     warn!("refreshing the --cgroup/--container filter: {e}");
                 }
                 ticks += 1;
+                // Exited failers' count keys leave the kernel's map before it fills (they
+                // stay counted: `Tracer::counts` adds them back).
+                if ticks.is_multiple_of(5)
+                    && let Err(e) = s.tracer.retire_exited_counts(|p| netns::is_alive(p, 0))
+                {
+                    warn!("retiring the counts of exited processes: {e}");
+                }
                 // Drops mean the reader fell behind; the counts stay exact, but say so now.
                 if let Ok(d) = s.tracer.dropped_events()
                     && d > dropped_reported

@@ -326,6 +326,10 @@ impl Gatherer {
     /// only the counts and totals. Forgets owners whose TIME_WAIT is over.
     pub fn observe(&mut self, tracer: &mut Tracer, blame: bool) -> Result<Observed> {
         let now_mono = Clock::now_mono_ns();
+        // Exited failers' keys leave the kernel's map before it fills (still counted).
+        if let Err(e) = tracer.retire_exited_counts(|p| is_alive(p, 0)) {
+            log::debug!("retiring the counts of exited processes: {e}");
+        }
         let counts = of_exact(&exact_counts(&tracer.counts()?, &self.clock));
         // Who holds the ports of no failure: nothing to look up for the failers' summary.
         let nothing_failed = matches!(self.scope, Scope::Failers) && counts.is_empty();

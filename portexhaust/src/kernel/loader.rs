@@ -176,6 +176,11 @@ pub struct Tracer {
     user_owner_deletes: u64,
     /// The programs' own warnings (aya-log), drained by `drain_log`.
     klog: KernelLog,
+    /// Counts of exited processes moved out of the kernel's `COUNTS` (see
+    /// `retire_exited_counts`); `counts()` adds them back.
+    retired: std::collections::HashMap<CountKey, CountValue>,
+    /// `COUNTS`'s size.
+    count_capacity: u32,
 }
 
 /// connect() statistics of one destination.
@@ -254,6 +259,8 @@ impl Tracer {
                             attached,
                             user_owner_deletes: 0,
                             klog,
+                            retired: std::collections::HashMap::new(),
+                            count_capacity: tracking.max_count_keys.max(1),
                         },
                         skipped,
                     });

@@ -23,9 +23,72 @@ impl Tracer {
         Ok(out)
     }
 
-    /// The exact per-(pid, destination, errno, cause) counts.
+    /// The exact per-(pid, destination, errno, cause) counts: the kernel's, with those of
+    /// exited processes that were moved out of it added back.
     pub fn counts(&self) -> Result<Vec<(CountKey, CountValue)>> {
-        self.hash(names::COUNTS)
+        let live = self.hash(names::COUNTS)?;
+        if self.retired.is_empty() {
+            return Ok(live);
+        }
+        Ok(merge_counts(&self.retired, live))
+    }
+
+    /// Move the counts of exited processes out of the kernel's `COUNTS` once it is half full,
+    /// so that a host that starts failing processes all day keeps counting each of them (a
+    /// full map counts new keys only in `uncounted_keys`). Nothing is lost: `counts()` adds
+    /// them back. Each key is read again just before it is deleted; a failure of a reused pid
+    /// towards the same destination in between (microseconds) would be the only one missed.
+    /// User space keeps at most `MAX_RETIRED` keys: past that, the kernel map fills as before.
+    /// Returns the keys moved.
+    pub fn retire_exited_counts(&mut self, alive: impl Fn(u32) -> bool) -> Result<usize> {
+        let name = names::COUNTS;
+        let listed: Vec<(CountKey, CountValue)> = self.hash(name)?;
+        if (listed.len() as u64) * 2 < u64::from(self.count_capacity) {
+            return Ok(0);
+        }
+        let room = MAX_RETIRED.saturating_sub(self.retired.len());
+        let dead: Vec<CountKey> = listed
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !alive(k.pid))
+            .take(room)
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingObject { kind: "map", name })?;
+        let mut m: HashMap<&mut MapData, CountKey, CountValue> =
+            HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })?;
+        let mut moved = Vec::with_capacity(dead.len());
+        for k in dead {
+            let Ok(v) = m.get(&k, 0) else {
+                continue; // gone meanwhile
+            };
+            if let Err(e) = m.remove(&k) {
+                debug!("retiring a count key: {e}");
+                continue;
+            }
+            moved.push((k, v));
+        }
+        let n = moved.len();
+        for (k, v) in moved {
+            add_count(
+                self.retired
+                    .entry(k)
+                    .or_insert(CountValue { count: 0, ..v }),
+                &v,
+            );
+        }
+        if n > 0 {
+            debug!(
+                "moved the counts of {n} exited process key(s) to user space ({} kept)",
+                self.retired.len()
+            );
+        }
+        Ok(n)
     }
 
     /// One global counter (`portexhaust_common::stat`), summed over CPUs.
@@ -229,5 +292,85 @@ impl Tracer {
     /// Kernel reads through BTF offsets that failed (offsets that do not fit this kernel).
     pub fn read_errors(&self) -> Result<u64> {
         self.stat(stat::READ_ERRORS)
+    }
+}
+
+/// Most count keys of exited processes kept in user space (about 80 bytes each).
+pub const MAX_RETIRED: usize = 65_536;
+
+/// Add `v`'s failures to `into`: counts and unstreamed add up, the first and last times
+/// widen, and the first key's command name stays.
+fn add_count(into: &mut CountValue, v: &CountValue) {
+    if into.count == 0 {
+        *into = *v;
+        return;
+    }
+    into.count += v.count;
+    into.unstreamed += v.unstreamed;
+    into.first_ns = into.first_ns.min(v.first_ns);
+    into.last_ns = into.last_ns.max(v.last_ns);
+}
+
+/// The kernel's counts with the retired ones added: a key can be in both when a pid was
+/// reused and failed towards the same destination again.
+fn merge_counts(
+    retired: &std::collections::HashMap<CountKey, CountValue>,
+    live: Vec<(CountKey, CountValue)>,
+) -> Vec<(CountKey, CountValue)> {
+    let mut all = retired.clone();
+    for (k, v) in live {
+        add_count(all.entry(k).or_insert(CountValue { count: 0, ..v }), &v);
+    }
+    all.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pid: u32) -> CountKey {
+        CountKey {
+            pid,
+            dport: 5000,
+            family: portexhaust_common::AF_INET,
+            errno: 99,
+            proto: 6,
+            cause: 0,
+            _pad: [0; 4],
+            daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    fn val(count: u64, first: u64, last: u64, comm: &str) -> CountValue {
+        let mut c = [0u8; portexhaust_common::COMM_LEN];
+        c[..comm.len()].copy_from_slice(comm.as_bytes());
+        CountValue {
+            count,
+            first_ns: first,
+            last_ns: last,
+            comm: c,
+            unstreamed: count / 2,
+        }
+    }
+
+    #[test]
+    fn retired_counts_add_back_exactly() {
+        let mut retired = std::collections::HashMap::new();
+        retired.insert(key(7), val(10, 100, 200, "old"));
+        retired.insert(key(8), val(3, 50, 60, "gone"));
+        // pid 7 reused, failing again towards the same destination; pid 9 only in the kernel.
+        let live = vec![
+            (key(7), val(4, 300, 400, "new")),
+            (key(9), val(1, 5, 5, "x")),
+        ];
+        let mut m = merge_counts(&retired, live);
+        m.sort_by_key(|(k, _)| k.pid);
+        let total: u64 = m.iter().map(|(_, v)| v.count).sum();
+        assert_eq!(total, 18, "nothing lost, nothing twice");
+        let (_, v7) = m[0];
+        assert_eq!((v7.count, v7.unstreamed), (14, 7));
+        assert_eq!((v7.first_ns, v7.last_ns), (100, 400));
+        assert_eq!(&v7.comm[..3], b"old", "the first command name stays");
+        assert_eq!(m.len(), 3);
     }
 }
