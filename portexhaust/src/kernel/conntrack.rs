@@ -2,26 +2,27 @@
 //! (NETLINK_NETFILTER, `IPCTNL_MSG_CT_GET` dump), its `insert_failed`/`drop` counters
 //! (/proc/net/stat/nf_conntrack) and the port range of its masquerade/snat rule (`nft -j`).
 //!
-//! The socket is netlink-sys's (the crate the sock_diag census uses); requests and replies are
-//! encoded here from include/uapi/linux/netfilter/nfnetlink_conntrack.h. netlink-packet-netfilter
+//! The socket is netlink-sys's (the crate the sock_diag census uses); messages and attributes
+//! are walked with netlink-packet-core's buffers and parsers, and the conntrack attribute
+//! numbers come from include/uapi/linux/netfilter/nfnetlink_conntrack.h. netlink-packet-netfilter
 //! 0.4 was considered: its conntrack module types only `CTA_TUPLE_ORIG` and `CTA_PROTOINFO`;
 //! the reply tuple (which holds the NAT's address and port, the one thing needed here) and
 //! `CTA_STATUS` come back as undecoded attributes, so decoding them by hand was needed anyway.
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
+use netlink_packet_core::{
+    NLA_HEADER_SIZE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
+    NlasIterator, parse_ip, parse_u8, parse_u16_be, parse_u32_be,
+};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 
 use super::netns;
 
 const NLMSG_HDR: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
 /// (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET; replies are IPCTNL_MSG_CT_NEW.
 const CT_GET: u16 = (1 << 8) | 1;
 const CT_NEW: u16 = 1 << 8;
@@ -39,8 +40,6 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
-/// NLA_F_NESTED | NLA_F_NET_BYTEORDER.
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// One direction of a conntrack entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,19 +65,18 @@ impl CtEntry {
     }
 }
 
-/// Netlink attributes of a buffer: (type without flags, payload).
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            break;
-        }
-        out.push((ty, &b[4..len]));
-        b = b.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    out
+/// Netlink attributes of a buffer: (type without the nested/byte-order flags, payload). A
+/// malformed attribute ends the list (netlink-packet-core's iterator stops there too).
+fn attrs(b: &[u8]) -> Vec<(u16, &[u8])> {
+    NlasIterator::new(b)
+        .map_while(|a| a.ok())
+        .map(|a| {
+            let (kind, len) = (a.kind(), usize::from(a.length()));
+            // The value with the lifetime of `b` (NlaBuffer::value borrows the buffer struct).
+            let v: &[u8] = a.into_inner();
+            (kind, v.get(NLA_HEADER_SIZE..len).unwrap_or(&[]))
+        })
+        .collect()
 }
 
 fn attr<'a>(a: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
@@ -89,22 +87,16 @@ fn tuple(b: &[u8]) -> Option<(u8, CtTuple)> {
     let t = attrs(b);
     let ip = attrs(attr(&t, CTA_TUPLE_IP)?);
     let proto = attrs(attr(&t, CTA_TUPLE_PROTO)?);
-    let (src, dst) = match (attr(&ip, CTA_IP_V4_SRC), attr(&ip, CTA_IP_V4_DST)) {
-        (Some(s), Some(d)) if s.len() >= 4 && d.len() >= 4 => (
-            IpAddr::V4(Ipv4Addr::new(s[0], s[1], s[2], s[3])),
-            IpAddr::V4(Ipv4Addr::new(d[0], d[1], d[2], d[3])),
-        ),
-        _ => {
-            let s: [u8; 16] = attr(&ip, CTA_IP_V6_SRC)?.get(..16)?.try_into().ok()?;
-            let d: [u8; 16] = attr(&ip, CTA_IP_V6_DST)?.get(..16)?.try_into().ok()?;
-            (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)))
-        }
+    let addr = |ty| attr(&ip, ty).and_then(|a| parse_ip(a).ok());
+    let (src, dst) = match (addr(CTA_IP_V4_SRC), addr(CTA_IP_V4_DST)) {
+        (Some(s), Some(d)) => (s, d),
+        _ => (addr(CTA_IP_V6_SRC)?, addr(CTA_IP_V6_DST)?),
     };
-    let num = *attr(&proto, CTA_PROTO_NUM)?.first()?;
+    let num = parse_u8(attr(&proto, CTA_PROTO_NUM)?).ok()?;
     let port = |ty| {
         attr(&proto, ty)
-            .and_then(|p| p.get(..2))
-            .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]))
+            .and_then(|p| parse_u16_be(p).ok())
+            .unwrap_or(0)
     };
     Some((
         num,
@@ -121,8 +113,8 @@ pub fn parse_entry(payload: &[u8]) -> Option<CtEntry> {
     let (proto, orig) = tuple(attr(&a, CTA_TUPLE_ORIG)?)?;
     let (_, reply) = tuple(attr(&a, CTA_TUPLE_REPLY)?)?;
     let status = attr(&a, CTA_STATUS)
-        .and_then(|s| s.get(..4))
-        .map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]));
+        .and_then(|s| parse_u32_be(s).ok())
+        .unwrap_or(0);
     Some(CtEntry {
         proto,
         orig,
@@ -133,17 +125,16 @@ pub fn parse_entry(payload: &[u8]) -> Option<CtEntry> {
 
 /// Decode a buffer of replies; `Ok(true)` once the dump is done.
 pub fn parse_replies(mut buf: &[u8], out: &mut Vec<CtEntry>) -> io::Result<bool> {
-    while buf.len() >= NLMSG_HDR {
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        let ty = u16::from_ne_bytes([buf[4], buf[5]]);
-        if len < NLMSG_HDR || len > buf.len() {
-            return Err(io::Error::new(
+    while !buf.is_empty() {
+        let m = NetlinkBuffer::new_checked(buf).map_err(|e| {
+            io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("conntrack: netlink message of bad length {len}"),
-            ));
-        }
-        let payload = &buf[NLMSG_HDR..len];
-        match ty {
+                format!("conntrack: bad netlink message: {e}"),
+            )
+        })?;
+        let len = m.length() as usize;
+        let payload = m.payload();
+        match m.message_type() {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => super::sockdiag::nlmsg_error(payload)?,
             CT_NEW => {
