@@ -29,6 +29,10 @@ const SERVER: &str = "10.201.2.2:5000";
 const NAT_IP: &str = "10.201.2.1";
 const NAT_LO: u16 = 40000;
 const NAT_HI: u16 = 40009;
+// The same topology over IPv6 (ULA addresses, no DAD wait).
+const CLIENT_IP6: &str = "fd00:201:1::2";
+const SERVER6: &str = "[fd00:201:2::2]:5000";
+const NAT_IP6: &str = "fd00:201:2::1";
 
 /// Run a command, failing the test with its output if it fails.
 fn run(args: &[&str]) -> String {
@@ -98,6 +102,42 @@ impl Topology {
             &["ip", "addr", "add", "10.201.2.2/24", "dev", "pxs0"],
         );
         t.exec(&t.server, &["ip", "link", "set", "pxs0", "up"]);
+        for (ns, addr, dev) in [
+            (&t.client, "fd00:201:1::2/64", "pxc0"),
+            (&t.router, "fd00:201:1::1/64", "pxr0"),
+            (&t.router, "fd00:201:2::1/64", "pxr1"),
+            (&t.server, "fd00:201:2::2/64", "pxs0"),
+        ] {
+            t.exec(ns, &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        }
+        t.exec(
+            &t.client,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:201:1::1",
+            ],
+        );
+        t.exec(
+            &t.server,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:201:2::1",
+            ],
+        );
+        t.exec(
+            &t.router,
+            &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+        );
         t
     }
 
@@ -148,6 +188,11 @@ impl Topology {
 
     /// A helper process (this test binary, role `role`) in namespace `ns`.
     fn helper(&self, ns: &str, role: &str, n: u32) -> Guard {
+        self.helper_to(ns, role, n, SERVER)
+    }
+
+    /// A helper process serving or connecting to `server`.
+    fn helper_to(&self, ns: &str, role: &str, n: u32, server: &str) -> Guard {
         let me = std::env::current_exe().expect("test binary");
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
@@ -155,6 +200,7 @@ impl Topology {
             .args(["helper_process", "--exact", "--ignored", "--nocapture"])
             .env("PXH_NAT_ROLE", role)
             .env("PXH_NAT_N", n.to_string())
+            .env("PXH_NAT_SERVER", server)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -203,7 +249,10 @@ fn helper_process() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let server: SocketAddr = SERVER.parse().expect("addr");
+    let server: SocketAddr = std::env::var("PXH_NAT_SERVER")
+        .unwrap_or_else(|_| SERVER.into())
+        .parse()
+        .expect("addr");
     let mut kept = Vec::new();
     if role == "server" {
         let l = TcpListener::bind(server).expect("listen");
@@ -285,9 +334,14 @@ fn metric(text: &str, prefix: &str) -> f64 {
 }
 
 fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
+    exhaust_to(backend, ruleset, attempts, SERVER)
+}
+
+/// `exhaust` towards `server_addr` (an IPv4 or IPv6 server of the topology).
+fn exhaust_to(backend: &str, ruleset: &str, attempts: u32, server_addr: &str) -> Run {
     let t = Topology::new(&backend.replace('-', "")[..2]);
     t.nft(ruleset);
-    let mut server = t.helper(&t.server, "server", 0);
+    let mut server = t.helper_to(&t.server, "server", 0, server_addr);
     line_of(&mut server, "listening");
     let before = t.router_stat();
     // The metrics on a port of this test's own (the NAT series must say what the summary says).
@@ -302,7 +356,7 @@ fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
         "--metrics-addr",
         &addr,
     ]);
-    let mut client = t.helper(&t.client, "client", attempts);
+    let mut client = t.helper_to(&t.client, "client", attempts, server_addr);
     let client_line = line_of(&mut client, "done");
     let client_pid = client.0.id();
     let client_comm = comm_of(client_pid);
@@ -541,6 +595,50 @@ fn a_drop_rule_after_srcnat_is_flagged_as_no_clash() {
     let n = &r.summary["nat"][0];
     assert_eq!(n["insert_failed_delta"], 0, "{}", r.summary);
     assert_eq!(n["drops"], nat.len(), "{}", r.summary);
+}
+
+/// The same exhaustion over IPv6 (an ip6 masquerade): the kernel program reads the 16-byte
+/// tuples, conntrack's IPv6 dump gives the NAT's view, and the counts are as exact.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn snat_exhaustion_over_ipv6_is_counted_and_named() {
+    require_root();
+    require_nft();
+    let ruleset = format!(
+        "table ip6 pxhnat6 {{\n  chain post {{\n    type nat hook postrouting priority srcnat; \
+         policy accept;\n    oifname \"pxr1\" ip6 saddr {CLIENT_IP6} meta l4proto tcp masquerade \
+         to :{NAT_LO}-{NAT_HI}\n  }}\n}}\n"
+    );
+    let backend = backends_here().remove(0);
+    let r = exhaust_to(&backend, &ruleset, 13, SERVER6);
+    let ctx = format!("backend {backend}: client {}\n{}", r.client_line, r.stderr);
+    assert!(r.client_line.contains("ok=10"), "{ctx}");
+    assert!(r.insert_failed > 0, "the NAT dropped nothing: {ctx}");
+    let nat: Vec<&Value> = r.events.iter().filter(|e| e["site"] == "nf_nat").collect();
+    assert_eq!(nat.len() as u64, r.insert_failed, "{ctx}\n{:?}", r.events);
+    for e in &nat {
+        assert_eq!(e["family"], "ipv6", "{e}");
+        assert_eq!(e["dst"], SERVER6, "{e}");
+        assert_eq!(e["src"], CLIENT_IP6, "{e}");
+        assert_eq!(e["pid"], r.client_pid, "{e}");
+        assert_eq!(e["nat"]["clash"], true, "{e}");
+        let nat: SocketAddr = e["nat"]["nat"]
+            .as_str()
+            .expect("nat")
+            .parse()
+            .expect("addr");
+        assert_eq!(nat.ip().to_string(), NAT_IP6, "{e}");
+        assert!((NAT_LO..=NAT_HI).contains(&nat.port()), "{e}");
+    }
+    let n = &r.summary["nat"][0];
+    assert_eq!(n["dst"], SERVER6, "{}", r.summary);
+    assert_eq!(n["drops"], r.insert_failed, "{n}");
+    assert_eq!(n["in_use"], 10, "the NAT's IPv6 view: {n}");
+    assert_eq!(n["utilisation"], 1.0, "{n}");
+    assert_eq!(n["range"]["lo"], NAT_LO, "{n}");
+    assert_eq!(n["failers"][0]["pid"], r.client_pid, "{n}");
+    assert_eq!(n["holders"][0]["pid"], r.client_pid, "{n}");
+    assert_eq!(r.metric_drops, r.insert_failed as f64, "{}", r.scrape);
 }
 
 /// `top --catch nat`: one row per NAT destination, from the same watch as the summary: the
