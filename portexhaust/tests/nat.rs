@@ -20,7 +20,8 @@ use std::{
 };
 
 use common::{
-    BIN, Guard, Tracer, backends_here, events_and_summary, report_json, require_root, temp_dir,
+    BIN, Guard, Tracer, backends_here, events_and_summary, report, report_json, require_root,
+    temp_dir,
 };
 use serde_json::Value;
 
@@ -514,6 +515,23 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
             .map(|f| f.iter().filter_map(|f| f["id"].as_str()).collect())
             .unwrap_or_default();
         assert!(ids.contains(&"snat_port_exhaustion"), "{ids:?}");
+        // The record's NAT section, and the finding of the NAT's own namespace: its range full.
+        let rn = &rep["nat"][0];
+        assert_eq!(rn["drops"], r.insert_failed, "{rep}");
+        assert_eq!(rn["utilisation"], 1.0, "{rn}");
+        assert_eq!(rn["holders"][0]["pid"], r.client_pid, "{rn}");
+        let range = rep["findings"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["id"] == "nat_range"))
+            .unwrap_or_else(|| panic!("no nat_range finding: {ids:?}"));
+        assert_eq!(range["netns"], r.router_netns, "{range}");
+        assert_eq!(range["severity"], "critical", "{range}");
+        let (text, err, code) = report(&[&file.display().to_string()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            text.contains("Source NAT drops") && text.contains("10/10 in use (100%)"),
+            "{text}"
+        );
         eprintln!(
             "backend {backend}: {} drops = insert_failed +{} = drop +{}; client {} ({}) in netns {}",
             nat.len(),

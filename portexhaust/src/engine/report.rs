@@ -36,8 +36,8 @@ use super::{
 use crate::{
     advice::{BoundConnects, Evidence, Finding},
     schema::{
-        BlameEntry, CallSite, DestRow, Gap, Holder, Level, NetSysctls, Offender, PortRange,
-        Problem, Ts,
+        BlameEntry, CallSite, DestRow, Gap, Holder, Level, NatEntry, NetSysctls, Offender,
+        PortRange, Problem, Ts,
     },
 };
 
@@ -185,6 +185,10 @@ pub struct Report {
     /// The latest call sites of each session (cumulative in-kernel counts: the last snapshot
     /// or the summary, never a sum), most failures and holds first.
     pub call_sites: Vec<OnHost<CallSite>>,
+    /// The latest source-NAT section of each session (`trace --catch nat`): per NAT namespace,
+    /// destination and NAT address, the exact drops, the NAT's ports in use and who held them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<OnHost<NatEntry>>,
     pub destinations: Vec<RowOut>,
     pub settings: Vec<SettingsOut>,
     pub findings: Vec<ScopedFinding>,
@@ -348,6 +352,7 @@ pub fn build(
     let mut settings: BTreeMap<(String, Option<u64>), NetSysctls> = BTreeMap::new();
     let mut evidence: BTreeMap<(String, Option<u64>), Evidence> = BTreeMap::new();
     let mut call_sites: Vec<OnHost<CallSite>> = Vec::new();
+    let mut nat: Vec<OnHost<NatEntry>> = Vec::new();
 
     let mut gaps = Vec::new();
     for s in &unique {
@@ -369,6 +374,11 @@ pub fn build(
             netns_of.insert((host.clone(), *pid), *ns);
         }
         let latest = s.latest().map(|l| &l.totals);
+        // Cumulative, like the call sites: the latest section, never a sum.
+        nat.extend(latest.iter().flat_map(|t| &t.nat).map(|e| OnHost {
+            host: host.clone(),
+            item: e.clone(),
+        }));
         let (u, tracked, lru) = latest.map_or((0, 0, 0), |t| {
             (t.uncounted_keys, t.tracked_sockets, t.lru_evictions)
         });
@@ -535,7 +545,7 @@ pub fn build(
             .cmp(&(a.item.failures, a.item.holds(), a.item.connects))
             .then_with(|| a.host.cmp(&b.host))
     });
-    let findings = findings(&settings, &evidence, &dest_rows);
+    let findings = findings(&settings, &evidence, &dest_rows, &nat);
     dest_rows.truncate(MAX_DEST_ROWS);
     // What each fix would buy, from what the record saw (its rows have no live rate: the
     // TIME_WAIT sockets give it) under the namespace's recorded settings.
@@ -598,6 +608,7 @@ pub fn build(
         blame,
         holders,
         call_sites,
+        nat,
         destinations: dest_rows,
         settings,
         findings,

@@ -314,6 +314,44 @@ pub fn render(r: &Report) -> String {
         o.push_str("</table>");
     }
 
+    if !r.nat.is_empty() {
+        o.push_str("<h2 id=\"nat\">Source NAT: SYNs dropped one hop away</h2>");
+        o.push_str("<table><tr><th>Host</th><th>NAT netns</th><th>Destination</th><th>NAT address</th><th>Drops</th><th>NAT ports in use</th><th>Used</th><th>Failing</th><th>Holding</th></tr>");
+        let who = |cs: &[crate::schema::NatClient]| {
+            cs.iter()
+                .take(3)
+                .map(|c| match c.pid {
+                    Some(p) => format!("{} ({p}) x{}", esc(&c.comm), c.count),
+                    None => format!("(client not found) x{}", c.count),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for n in &r.nat {
+            let e = &n.item;
+            let range = e.range.as_ref().map_or_else(
+                || "?".to_string(),
+                |r| (u64::from(r.hi.saturating_sub(r.lo)) + 1).to_string(),
+            );
+            let _ = write!(
+                o,
+                "<tr><td>{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td>\
+                 <td class=\"n\">{}/{range}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&n.host),
+                e.router_netns,
+                esc(&e.dst.to_string()),
+                esc(&e.nat_addr.to_string()),
+                e.drops,
+                e.in_use.map_or_else(|| "?".to_string(), |u| u.to_string()),
+                e.utilisation
+                    .map_or_else(|| "?".to_string(), |u| format!("{:.0}%", u * 100.0)),
+                who(&e.failers),
+                who(&e.holders),
+            );
+        }
+        o.push_str("</table>");
+    }
+
     o.push_str("<h2 id=\"destinations\">Destinations: how full the range got</h2>");
     if r.destinations.is_empty() {
         o.push_str("<p class=\"muted\">None recorded.</p>");

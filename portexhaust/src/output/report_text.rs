@@ -257,6 +257,19 @@ pub fn render(r: &Report) -> String {
         out.push('\n');
     }
 
+    if !r.nat.is_empty() {
+        out.push_str(
+            "\nSource NAT drops (SYNs a NAT one hop away dropped: no free source port):\n",
+        );
+        let many_hosts = r.nat.iter().any(|n| n.host != r.nat[0].host);
+        for n in &r.nat {
+            if many_hosts {
+                out.push_str(&format!("{}: ", n.host));
+            }
+            out.push_str(&super::nat::entries(std::slice::from_ref(&n.item)));
+        }
+    }
+
     out.push_str("\nDestinations (busiest seen):\n");
     if r.destinations.is_empty() {
         out.push_str("  none recorded\n");

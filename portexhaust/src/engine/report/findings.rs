@@ -2,10 +2,10 @@
 //! the evidence of its failures and its busiest destinations.
 use std::collections::BTreeMap;
 
-use super::{RowOut, ScopedFinding};
+use super::{OnHost, RowOut, ScopedFinding};
 use crate::{
     advice::{Evidence, Finding, Inputs, Severity, audit},
-    schema::{DestRow, NetSysctls},
+    schema::{DestRow, NatEntry, NetSysctls},
 };
 
 /// Findings per namespace: recorded settings, the busiest rows seen there, and what failed.
@@ -13,12 +13,17 @@ pub(super) fn findings(
     settings: &BTreeMap<(String, Option<u64>), NetSysctls>,
     evidence: &BTreeMap<(String, Option<u64>), Evidence>,
     dest_rows: &[RowOut],
+    nat: &[OnHost<NatEntry>],
 ) -> Vec<ScopedFinding> {
     let mut findings = Vec::new();
     let mut scopes: Vec<(String, Option<u64>)> = settings.keys().cloned().collect();
-    for k in evidence.keys() {
-        if !scopes.contains(k) {
-            scopes.push(k.clone());
+    // The NAT's namespace (a router's, or the host's) has findings of its own.
+    let nat_scopes = nat
+        .iter()
+        .map(|n| (n.host.clone(), Some(n.item.router_netns)));
+    for k in evidence.keys().cloned().chain(nat_scopes) {
+        if !scopes.contains(&k) {
+            scopes.push(k);
         }
     }
     let unknown = NetSysctls::default();
@@ -31,10 +36,18 @@ pub(super) fn findings(
             .map(|r| r.row.clone())
             .collect();
         let ev = evidence.get(&key);
+        let ns_nat: Vec<NatEntry> = nat
+            .iter()
+            .filter(|n| &n.host == host && Some(n.item.router_netns) == *ns)
+            .map(|n| n.item.clone())
+            .collect();
         // A namespace with neither failures nor busy destinations gets only what is wrong.
-        let quiet = ev.is_none() && ns_rows.iter().all(|r| r.utilisation.unwrap_or(0.0) < 0.5);
+        let quiet = ev.is_none()
+            && ns_nat.is_empty()
+            && ns_rows.iter().all(|r| r.utilisation.unwrap_or(0.0) < 0.5);
         let recorded = settings.contains_key(&key);
-        if !recorded {
+        // (A NAT's namespace without failures of its own needs no settings to be judged.)
+        if !recorded && ev.is_some() {
             findings.push(ScopedFinding {
                 host: host.clone(),
                 netns: *ns,
@@ -57,6 +70,7 @@ pub(super) fn findings(
             time_wait_total: None,
             bind_holders: None,
             evidence: Some(ev.unwrap_or(&Evidence::default())),
+            nat: &ns_nat,
             ..Default::default()
         }) {
             if (quiet && f.severity < Severity::Warning)
