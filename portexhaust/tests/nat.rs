@@ -111,30 +111,9 @@ impl Topology {
         ] {
             t.exec(ns, &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"]);
         }
-        t.exec(
-            &t.client,
-            &[
-                "ip",
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                "fd00:201:1::1",
-            ],
-        );
-        t.exec(
-            &t.server,
-            &[
-                "ip",
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                "fd00:201:2::1",
-            ],
-        );
+        for (ns, via) in [(&t.client, "fd00:201:1::1"), (&t.server, "fd00:201:2::1")] {
+            t.exec(ns, &["ip", "-6", "route", "add", "default", "via", via]);
+        }
         t.exec(
             &t.router,
             &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
@@ -338,12 +317,19 @@ fn exhaust(backend: &str, ruleset: &str, attempts: u32) -> Run {
     exhaust_to(backend, ruleset, attempts, SERVER)
 }
 
-/// `exhaust` towards `server_addr` (an IPv4 or IPv6 server of the topology).
-fn exhaust_to(backend: &str, ruleset: &str, attempts: u32, server_addr: &str) -> Run {
-    let t = Topology::new(&backend.replace('-', "")[..2]);
+/// A topology (named by `tag`) with `ruleset` on its router and a server listening at
+/// `server_addr`.
+fn serving(tag: &str, ruleset: &str, server_addr: &str) -> (Topology, Guard) {
+    let t = Topology::new(tag);
     t.nft(ruleset);
     let mut server = t.helper_to(&t.server, "server", 0, server_addr);
     line_of(&mut server, "listening");
+    (t, server)
+}
+
+/// `exhaust` towards `server_addr` (an IPv4 or IPv6 server of the topology).
+fn exhaust_to(backend: &str, ruleset: &str, attempts: u32, server_addr: &str) -> Run {
+    let (t, server) = serving(&backend.replace('-', "")[..2], ruleset, server_addr);
     let before = t.router_stat();
     // The metrics on a port of this test's own (the NAT series must say what the summary says).
     let port = 20000 + (std::process::id() % 20000) as u16;
@@ -406,6 +392,82 @@ fn masquerade() -> String {
     )
 }
 
+/// One exhaustion of the topology's NAT, as every run must show it: one streamed `nf_nat`
+/// drop per conntrack insert failure, each naming the client and a NAT port of the range
+/// (none left unstreamed), the summary's entry exact and the range full, and the metric equal.
+fn assert_exhausted(r: &Run, server: &str, client_ip: &str, nat_ip: &str, ctx: &str) {
+    let nat: Vec<&Value> = r.events.iter().filter(|e| e["site"] == "nf_nat").collect();
+    // Every drop is streamed (6 are far below the budget), and the summary says so: a drop
+    // counted but not streamed would show in `nat_unstreamed`.
+    assert_eq!(r.summary["nat_unstreamed"], Value::Null, "{}", r.summary);
+    assert_eq!(
+        nat.len() as u64,
+        r.insert_failed,
+        "one nf_nat failure per conntrack insert_failed: {ctx}\n{:?}",
+        r.events
+    );
+    for e in &nat {
+        assert_eq!(e["cause"], "snat_exhausted", "{e}");
+        assert_eq!(e["pid"], r.client_pid, "the client is named: {e}");
+        assert_eq!(e["comm"], r.client_comm.as_str(), "{e}");
+        assert_eq!(e["netns"], r.client_netns, "the client's namespace: {e}");
+        assert_eq!(e["dst"], server, "{e}");
+        assert_eq!(e["src"], client_ip, "{e}");
+        assert_eq!(e["nat"]["router_netns"], r.router_netns, "{e}");
+        assert_eq!(e["nat"]["clash"], true, "{e}");
+        let nat: SocketAddr = e["nat"]["nat"]
+            .as_str()
+            .expect("nat")
+            .parse()
+            .expect("addr");
+        assert_eq!(nat.ip().to_string(), nat_ip, "{e}");
+        assert!((NAT_LO..=NAT_HI).contains(&nat.port()), "{e}");
+    }
+    let entries = r.summary["nat"].as_array().expect("a nat section");
+    assert_eq!(entries.len(), 1, "{}", r.summary);
+    assert_full_entry(
+        &entries[0],
+        r.insert_failed,
+        r.client_pid,
+        r.router_netns,
+        server,
+        nat_ip,
+    );
+    assert_eq!(
+        r.metric_drops, r.insert_failed as f64,
+        "{ctx}\n{}",
+        r.scrape
+    );
+}
+
+/// A NAT entry (the summary's, a top row, doctor's) after the client took the NAT's 10 ports
+/// and `drops` SYNs were dropped: exact, the range full, the client failing and holding.
+fn assert_full_entry(
+    n: &Value,
+    drops: u64,
+    client_pid: u32,
+    router_netns: u64,
+    server: &str,
+    nat_ip: &str,
+) {
+    assert_eq!(n["drops"], drops, "exact in-kernel count: {n}");
+    assert_eq!(n["insert_failed_delta"], drops, "{n}");
+    assert_eq!(n["router_netns"], router_netns, "{n}");
+    assert_eq!(n["dst"], server, "{n}");
+    assert_eq!(n["nat_addr"], nat_ip, "{n}");
+    assert_eq!(n["range"]["lo"], NAT_LO, "{n}");
+    assert_eq!(n["range"]["hi"], NAT_HI, "{n}");
+    assert_eq!(n["in_use"], 10, "{n}");
+    assert_eq!(n["utilisation"], 1.0, "the NAT range is full: {n}");
+    assert_eq!(n["failers"][0]["pid"], client_pid, "the client fails: {n}");
+    assert_eq!(n["failers"][0]["count"], drops, "{n}");
+    assert_eq!(
+        n["holders"][0]["pid"], client_pid,
+        "and holds the ports: {n}"
+    );
+    assert_eq!(n["holders"][0]["count"], 10, "{n}");
+}
+
 /// The NAT hook (tp_btf kfree_skb) does not depend on the backend, but it is loaded with every
 /// backend's object and plan: each one this kernel runs gets the whole check.
 #[test]
@@ -426,39 +488,8 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
         assert!(r.insert_failed > 0, "the NAT dropped nothing: {ctx}");
         // The clash path of __nf_conntrack_confirm counts both.
         assert_eq!(r.insert_failed, r.drops, "{ctx}");
-        let nat: Vec<&Value> = r.events.iter().filter(|e| e["site"] == "nf_nat").collect();
-        // Every drop is streamed (6 are far below the budget), and the summary says so: a
-        // drop counted but not streamed would show in `nat_unstreamed`.
-        assert_eq!(r.summary["nat_unstreamed"], Value::Null, "{}", r.summary);
-        assert_eq!(
-            nat.len() as u64,
-            r.insert_failed,
-            "one nf_nat failure per conntrack insert_failed: {ctx}\n{:?}",
-            r.events
-        );
-        for e in &nat {
-            assert_eq!(e["cause"], "snat_exhausted", "{e}");
-            assert_eq!(e["pid"], r.client_pid, "the client is named: {e}");
-            assert_eq!(e["comm"], r.client_comm.as_str(), "{e}");
-            assert_eq!(e["netns"], r.client_netns, "the client's namespace: {e}");
-            assert_eq!(e["dst"], SERVER, "{e}");
-            assert_eq!(e["src"], CLIENT_IP, "{e}");
-            assert_eq!(e["nat"]["router_netns"], r.router_netns, "{e}");
-            assert_eq!(e["nat"]["clash"], true, "{e}");
-            let nat: SocketAddr = e["nat"]["nat"]
-                .as_str()
-                .expect("nat")
-                .parse()
-                .expect("addr");
-            assert_eq!(nat.ip().to_string(), NAT_IP, "{e}");
-            assert!((NAT_LO..=NAT_HI).contains(&nat.port()), "{e}");
-        }
+        assert_exhausted(&r, SERVER, CLIENT_IP, NAT_IP, &ctx);
         // The metrics say what the summary says: exact drops, and the NAT range full.
-        assert_eq!(
-            r.metric_drops, r.insert_failed as f64,
-            "{ctx}\n{}",
-            r.scrape
-        );
         assert_eq!(
             metric(&r.scrape, "portexhaust_nat_port_utilisation_ratio{"),
             1.0,
@@ -472,22 +503,6 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
             r.scrape
         );
         let s = &r.summary;
-        let entries = s["nat"].as_array().expect("a nat section");
-        assert_eq!(entries.len(), 1, "{s}");
-        let n = &entries[0];
-        assert_eq!(n["drops"], r.insert_failed, "exact in-kernel count: {s}");
-        assert_eq!(n["insert_failed_delta"], r.insert_failed, "{s}");
-        assert_eq!(n["router_netns"], r.router_netns, "{s}");
-        assert_eq!(n["dst"], SERVER, "{s}");
-        assert_eq!(n["nat_addr"], NAT_IP, "{s}");
-        assert_eq!(n["range"]["lo"], NAT_LO, "{s}");
-        assert_eq!(n["range"]["hi"], NAT_HI, "{s}");
-        assert_eq!(n["in_use"], 10, "{s}");
-        assert_eq!(n["utilisation"], 1.0, "the NAT range is full: {s}");
-        assert_eq!(n["failers"][0]["pid"], r.client_pid, "{s}");
-        assert_eq!(n["failers"][0]["count"], r.insert_failed, "{s}");
-        assert_eq!(n["holders"][0]["pid"], r.client_pid, "{s}");
-        assert_eq!(n["holders"][0]["count"], 10, "{s}");
         // Unfiltered: other exhaustion on the machine (another test's namespace) may add to the
         // total, never take from it.
         assert!(s["failures_total"].as_u64() >= Some(r.insert_failed), "{s}");
@@ -534,7 +549,7 @@ fn snat_exhaustion_is_counted_exactly_and_named() {
         );
         eprintln!(
             "backend {backend}: {} drops = insert_failed +{} = drop +{}; client {} ({}) in netns {}",
-            nat.len(),
+            r.summary["nat"][0]["drops"],
             r.insert_failed,
             r.drops,
             r.client_pid,
@@ -632,31 +647,15 @@ fn snat_exhaustion_over_ipv6_is_counted_and_named() {
     let ctx = format!("backend {backend}: client {}\n{}", r.client_line, r.stderr);
     assert!(r.client_line.contains("ok=10"), "{ctx}");
     assert!(r.insert_failed > 0, "the NAT dropped nothing: {ctx}");
-    let nat: Vec<&Value> = r.events.iter().filter(|e| e["site"] == "nf_nat").collect();
-    assert_eq!(nat.len() as u64, r.insert_failed, "{ctx}\n{:?}", r.events);
-    for e in &nat {
-        assert_eq!(e["family"], "ipv6", "{e}");
-        assert_eq!(e["dst"], SERVER6, "{e}");
-        assert_eq!(e["src"], CLIENT_IP6, "{e}");
-        assert_eq!(e["pid"], r.client_pid, "{e}");
-        assert_eq!(e["nat"]["clash"], true, "{e}");
-        let nat: SocketAddr = e["nat"]["nat"]
-            .as_str()
-            .expect("nat")
-            .parse()
-            .expect("addr");
-        assert_eq!(nat.ip().to_string(), NAT_IP6, "{e}");
-        assert!((NAT_LO..=NAT_HI).contains(&nat.port()), "{e}");
-    }
-    let n = &r.summary["nat"][0];
-    assert_eq!(n["dst"], SERVER6, "{}", r.summary);
-    assert_eq!(n["drops"], r.insert_failed, "{n}");
-    assert_eq!(n["in_use"], 10, "the NAT's IPv6 view: {n}");
-    assert_eq!(n["utilisation"], 1.0, "{n}");
-    assert_eq!(n["range"]["lo"], NAT_LO, "{n}");
-    assert_eq!(n["failers"][0]["pid"], r.client_pid, "{n}");
-    assert_eq!(n["holders"][0]["pid"], r.client_pid, "{n}");
-    assert_eq!(r.metric_drops, r.insert_failed as f64, "{}", r.scrape);
+    assert_exhausted(&r, SERVER6, CLIENT_IP6, NAT_IP6, &ctx);
+    assert!(
+        r.events
+            .iter()
+            .filter(|e| e["site"] == "nf_nat")
+            .all(|e| e["family"] == "ipv6"),
+        "{:?}",
+        r.events
+    );
 }
 
 /// `top --catch nat`: one row per NAT destination, from the same watch as the summary: the
@@ -667,10 +666,7 @@ fn snat_exhaustion_over_ipv6_is_counted_and_named() {
 fn top_shows_a_row_per_nat_destination() {
     require_root();
     require_nft();
-    let t = Topology::new("top");
-    t.nft(&masquerade());
-    let mut server = t.helper(&t.server, "server", 0);
-    line_of(&mut server, "listening");
+    let (t, server) = serving("top", &masquerade(), SERVER);
     let before = t.router_stat();
     let top = Tracer::tool(&[
         "top",
@@ -703,22 +699,14 @@ fn top_shows_a_row_per_nat_destination() {
     let rows = last["nat"].as_array().expect("nat rows");
     assert_eq!(rows.len(), 1, "one NAT destination: {last}");
     let n = &rows[0];
-    assert_eq!(n["dst"], SERVER, "{n}");
-    assert_eq!(n["nat_addr"], NAT_IP, "{n}");
-    assert_eq!(n["router_netns"], Topology::inode(&t.router), "{n}");
-    assert_eq!(n["drops"], insert_failed, "exact in-kernel count: {n}");
-    assert_eq!(n["insert_failed_delta"], insert_failed, "{n}");
-    assert_eq!(n["in_use"], 10, "{n}");
-    assert_eq!(n["utilisation"], 1.0, "{n}");
-    assert_eq!(n["range"]["lo"], NAT_LO, "{n}");
-    assert_eq!(n["range"]["hi"], NAT_HI, "{n}");
-    assert_eq!(n["failers"][0]["pid"], client_pid, "the client fails: {n}");
-    assert_eq!(n["failers"][0]["count"], insert_failed, "{n}");
-    assert_eq!(
-        n["holders"][0]["pid"], client_pid,
-        "and holds the ports: {n}"
+    assert_full_entry(
+        n,
+        insert_failed,
+        client_pid,
+        Topology::inode(&t.router),
+        SERVER,
+        NAT_IP,
     );
-    assert_eq!(n["holders"][0]["count"], 10, "{n}");
     assert!(n["drops_per_s"].is_number(), "{n}");
     assert!(
         last["failures_total"].as_u64() >= Some(insert_failed),
@@ -736,10 +724,7 @@ fn top_shows_a_row_per_nat_destination() {
 fn doctor_in_the_nat_namespace_says_it_is_full_and_what_to_do() {
     require_root();
     require_nft();
-    let t = Topology::new("doc");
-    t.nft(&masquerade());
-    let mut server = t.helper(&t.server, "server", 0);
-    line_of(&mut server, "listening");
+    let (t, server) = serving("doc", &masquerade(), SERVER);
     // The client takes the NAT's 10 ports and holds them.
     let mut holder = t.helper(&t.client, "client", 10);
     let holder_line = line_of(&mut holder, "done");

@@ -9,6 +9,21 @@ impl Tracer {
             .ok_or(Error::MissingObject { kind: "map", name })
     }
 
+    fn map_mut_ref(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(Error::MissingObject { kind: "map", name })
+    }
+
+    /// A hash map of the programs', to delete from.
+    fn hash_mut<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>> {
+        HashMap::try_from(self.map_mut_ref(name)?)
+            .map_err(|source| Error::Map { map: name, source })
+    }
+
     fn hash<K: aya::Pod, V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
         let m: HashMap<&MapData, K, V> = HashMap::try_from(self.map_ref(name)?)
             .map_err(|source| Error::Map { map: name, source })?;
@@ -56,12 +71,7 @@ impl Tracer {
         if dead.is_empty() {
             return Ok(0);
         }
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::MissingObject { kind: "map", name })?;
-        let mut m: HashMap<&mut MapData, CountKey, CountValue> =
-            HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })?;
+        let mut m = self.hash_mut::<CountKey, CountValue>(name)?;
         let mut moved = Vec::with_capacity(dead.len());
         for k in dead {
             let Ok(v) = m.get(&k, 0) else {
@@ -131,18 +141,9 @@ impl Tracer {
 
     /// Forget owners whose TIME_WAIT is over (60 s, TCP_TIMEWAIT_LEN, fixed in the kernel).
     pub fn forget_owners(&mut self, keys: &[TupleKey]) -> Result<()> {
-        let name = names::OWNERS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::MissingObject { kind: "map", name })?;
-        let mut m: HashMap<&mut MapData, TupleKey, Owner> =
-            HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })?;
-        for k in keys {
-            if m.remove(k).is_ok() {
-                self.user_owner_deletes += 1;
-            }
-        }
+        let mut m = self.hash_mut::<TupleKey, Owner>(names::OWNERS)?;
+        let deleted = keys.iter().filter(|k| m.remove(k).is_ok()).count() as u64;
+        self.user_owner_deletes += deleted;
         Ok(())
     }
 
@@ -150,22 +151,13 @@ impl Tracer {
     /// and the stacks no remaining key refers to, so that neither map fills over a long run
     /// (a stack map's slots are only freed by deletion: a full one makes every new walk fail).
     pub fn forget_sites(&mut self, keys: &[SiteKey], stack_ids: &[u32]) -> Result<()> {
-        let name = names::SITES;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::MissingObject { kind: "map", name })?;
-        let mut m: HashMap<&mut MapData, SiteKey, SiteValue> =
-            HashMap::try_from(map).map_err(|source| Error::Map { map: name, source })?;
+        let mut m = self.hash_mut::<SiteKey, SiteValue>(names::SITES)?;
         for k in keys {
             // Already gone (a racing delete) is the outcome wanted.
             let _ = m.remove(k);
         }
         let name = names::STACKS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::MissingObject { kind: "map", name })?;
+        let map = self.map_mut_ref(name)?;
         let mut st: aya::maps::StackTraceMap<&mut MapData> =
             aya::maps::StackTraceMap::try_from(map)
                 .map_err(|source| Error::Map { map: name, source })?;
