@@ -708,6 +708,11 @@ fn top_shows_a_row_per_nat_destination() {
         NAT_IP,
     );
     assert!(n["drops_per_s"].is_number(), "{n}");
+    let failing = last["failing"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["pid"] == client_pid))
+        .unwrap_or_else(|| panic!("the client is a failing process: {last}"));
+    assert_eq!(failing["failures"], insert_failed, "{failing}");
     assert!(
         last["failures_total"].as_u64() >= Some(insert_failed),
         "the NAT drops are in the total: {last}"

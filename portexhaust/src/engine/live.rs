@@ -195,6 +195,8 @@ pub struct Viewer {
     prev_failures: HashMap<u32, (u64, f64)>,
     /// Drops of each NAT destination at the previous refresh, and when.
     prev_nat: HashMap<NatId, (u64, f64)>,
+    /// NAT drops of each client at the previous refresh, and when.
+    prev_nat_failers: HashMap<u32, (u64, f64)>,
 }
 
 impl Default for Viewer {
@@ -209,6 +211,7 @@ impl Viewer {
             rates: RateTracker::new(30.0),
             prev_failures: HashMap::new(),
             prev_nat: HashMap::new(),
+            prev_nat_failers: HashMap::new(),
         }
     }
 
@@ -252,9 +255,43 @@ impl Viewer {
     }
 
     /// Put the NAT section (the summary's entries, from the same watch) into a view at `t`
-    /// seconds: one row per NAT destination with its drop rate, and its drops in the total,
-    /// as the summary counts them.
+    /// seconds: one row per NAT destination with its drop rate, its drops in the total and
+    /// its named clients among the failing processes, as the summary counts its offenders.
     pub fn with_nat(&mut self, t: f64, v: &mut TopView, entries: Vec<NatEntry>) {
+        let mut drops_of: HashMap<u32, (String, u64, SocketAddr)> = HashMap::new();
+        for e in &entries {
+            for f in &e.failers {
+                if let Some(pid) = f.pid {
+                    let d = drops_of.entry(pid).or_insert((f.comm.clone(), 0, e.dst));
+                    d.1 += f.count;
+                }
+            }
+        }
+        for (&pid, (comm, n, dst)) in &drops_of {
+            let rate = match self.prev_nat_failers.get(&pid) {
+                Some(&(n0, t0)) if t > t0 => n.saturating_sub(n0) as f64 / (t - t0),
+                _ => 0.0,
+            };
+            match v.failing.iter_mut().find(|f| f.pid == pid) {
+                Some(f) => {
+                    f.failures += n;
+                    f.rate += rate;
+                }
+                None => v.failing.push(FailingProcess {
+                    pid,
+                    comm: comm.clone(),
+                    failures: *n,
+                    rate,
+                    top_dst: Some(*dst),
+                }),
+            }
+        }
+        v.failing
+            .sort_by(|a, b| b.failures.cmp(&a.failures).then(a.pid.cmp(&b.pid)));
+        self.prev_nat_failers = drops_of
+            .into_iter()
+            .map(|(p, (_, n, _))| (p, (n, t)))
+            .collect();
         let mut seen = HashMap::new();
         v.nat = entries
             .into_iter()

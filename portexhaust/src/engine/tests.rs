@@ -282,3 +282,75 @@ fn the_metrics_rows_are_tops_rows() {
     // 6 -> 10 ports in use in 5 s of a 10-port range: full now.
     assert_eq!(r.forecast_s, Some(0.0));
 }
+
+/// `top`'s NAT rows: the summary's entries with drop rates, their drops in the total, and their
+/// clients among the failing processes (added to a process that also failed connect()).
+#[test]
+fn top_takes_the_nat_entries_as_the_summary_has_them() {
+    use crate::schema::{FailingProcess, NatClient, NatEntry, TopView};
+    let entry = |drops: u64| NatEntry {
+        router_netns: 1,
+        proto: Proto::Tcp,
+        dst: "10.0.0.9:443".parse().expect("addr"),
+        nat_addr: "192.0.2.1".parse().expect("ip"),
+        drops,
+        failers: vec![
+            NatClient {
+                pid: Some(42),
+                comm: "python3".into(),
+                netns: Some(2),
+                count: drops - 1,
+                container: None,
+            },
+            NatClient {
+                pid: None,
+                comm: String::new(),
+                netns: None,
+                count: 1,
+                container: None,
+            },
+        ],
+        conntrack_entries: None,
+        in_use: None,
+        range: None,
+        utilisation: None,
+        holders: vec![],
+        insert_failed_delta: None,
+    };
+    let view = |failing: Vec<FailingProcess>| TopView {
+        ts: Ts(T0),
+        backend: Backend::TpBtf,
+        failures_total: 5,
+        dropped_events: 0,
+        lru_evictions: 0,
+        tracked_sockets: 0,
+        destinations: vec![],
+        failing,
+        blame: vec![],
+        call_sites: vec![],
+        nat: vec![],
+    };
+    let connect_failer = || FailingProcess {
+        pid: 42,
+        comm: "python3".into(),
+        failures: 5,
+        rate: 0.0,
+        top_dst: None,
+    };
+    let mut viewer = super::live::Viewer::new();
+    let mut v = view(vec![connect_failer()]);
+    viewer.with_nat(1.0, &mut v, vec![entry(11)]);
+    assert_eq!(v.failures_total, 16, "the NAT drops are in the total");
+    assert_eq!(v.nat[0].drops_per_s, None, "no rate on the first sample");
+    assert_eq!(
+        v.failing[0].failures, 15,
+        "connect failures and named NAT drops"
+    );
+    let mut v = view(vec![]);
+    viewer.with_nat(3.0, &mut v, vec![entry(31)]);
+    assert_eq!(v.nat[0].drops_per_s, Some(10.0));
+    assert_eq!(v.nat[0].entry.drops, 31);
+    let p = &v.failing[0];
+    assert_eq!((p.pid, p.failures, p.rate), (42, 30, 10.0));
+    assert_eq!(p.top_dst, Some("10.0.0.9:443".parse().expect("addr")));
+}
