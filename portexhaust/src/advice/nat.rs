@@ -83,12 +83,20 @@ pub(super) fn nat_range_rule(nat: &[NatEntry], out: &mut Vec<Finding>) {
         } else {
             Severity::Warning
         },
-        format!(
-            "the source NAT's ports towards {} destination(s) are {} used or more: {}",
-            full.len(),
-            pct(NAT_WARN),
-            named.join("; ")
-        ),
+        if full.iter().all(|e| e.utilisation.is_some_and(|u| u >= 1.0)) {
+            format!(
+                "the source NAT has no free port left towards {} destination(s): {}",
+                full.len(),
+                named.join("; ")
+            )
+        } else {
+            format!(
+                "the source NAT's ports towards {} destination(s) are {} used or more: {}",
+                full.len(),
+                pct(NAT_WARN),
+                named.join("; ")
+            )
+        },
         "Each connection through the NAT holds one of its ports per destination for as long          as conntrack tracks it (established, then 120 s of TIME_WAIT). When all are taken,          new connections' SYNs are dropped (insert_failed): the clients see timeouts, not          errno 99."
             .into(),
         nat_fixes(),
@@ -232,6 +240,13 @@ mod tests {
                 .contains("10/10 ports (100%), most held by python3 (4242)")
         );
         assert!(f.fixes[0].text.starts_with("Reuse connections"));
+        let mut full = Vec::new();
+        nat_range_rule(&[entry("10.0.0.9:443", 10, 40000, 40009)], &mut full);
+        assert!(
+            full[0]
+                .title
+                .starts_with("the source NAT has no free port left towards 1")
+        );
         let mut out = Vec::new();
         nat_range_rule(&[entry("10.0.0.8:80", 6, 40000, 40009)], &mut out);
         assert_eq!(out[0].severity, Severity::Warning);

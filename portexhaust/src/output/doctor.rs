@@ -85,7 +85,7 @@ pub fn render(a: &Audit) -> String {
                 (None, None) => "conntrack now".into(),
             }
         ));
-        out.push_str(&super::nat::entries(&a.nat));
+        out.push_str(&super::nat::entries(&a.nat, a.watched_s.is_some()));
     }
     if !a.destinations.is_empty() {
         out.push_str("\nBusiest destinations (ports of the range in use):\n");

@@ -48,13 +48,13 @@ pub fn summary(s: &Totals) -> String {
     let mut out = String::from(
         "\nSource NAT drops (SYNs a NAT one hop away dropped: no free source port):\n",
     );
-    out.push_str(&entries(&s.nat));
+    out.push_str(&entries(&s.nat, true));
     out
 }
 
-/// One block per NAT entry: its drops and ports, who failed and who holds them (the summary's
-/// section, and `doctor`'s).
-pub fn entries(es: &[NatEntry]) -> String {
+/// One block per NAT entry: its drops (`watched`: the NAT hook counted them) and ports, who
+/// failed and who holds them (the summary's section, and `doctor`'s).
+pub fn entries(es: &[NatEntry], watched: bool) -> String {
     let mut out = String::new();
     for e in es {
         let range = match (&e.range, e.in_use) {
@@ -70,12 +70,16 @@ pub fn entries(es: &[NatEntry]) -> String {
             _ => String::new(),
         };
         out.push_str(&format!(
-            "{} {} via {} (NAT netns {}): {} dropped{}{}\n",
+            "{} {} via {} (NAT netns {}){}{}{}\n",
             e.proto.name(),
             e.dst,
             e.nat_addr,
             e.router_netns,
-            e.drops,
+            if watched {
+                format!(": {} dropped", e.drops)
+            } else {
+                String::new()
+            },
             e.insert_failed_delta
                 .map(|d| format!(" (its insert_failed rose by {d})"))
                 .unwrap_or_default(),

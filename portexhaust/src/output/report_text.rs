@@ -266,7 +266,7 @@ pub fn render(r: &Report) -> String {
             if many_hosts {
                 out.push_str(&format!("{}: ", n.host));
             }
-            out.push_str(&super::nat::entries(std::slice::from_ref(&n.item)));
+            out.push_str(&super::nat::entries(std::slice::from_ref(&n.item), true));
         }
     }
 
