@@ -70,8 +70,9 @@ pub struct Kernel {
     pub layout: u32,
 }
 
-/// Bump when `NEEDED_CONFIG` (unpack.rs) changes. 1: the NAT scenario's modules.
-pub const LAYOUT: u32 = 1;
+/// Bump when `NEEDED_CONFIG` (unpack.rs) changes. 1: the NAT scenario's modules; 2: and
+/// inet_diag, tcp_diag, nf_conntrack_netlink.
+pub const LAYOUT: u32 = 2;
 
 /// Where one unpacked kernel lives in the cache.
 fn kernel_dir(cache: &Path, package: &str, version: &str) -> PathBuf {

@@ -13,7 +13,8 @@ use super::Kernel;
 /// Kernel options the guest payload relies on. A `Some(module)` option may be built as a module:
 /// then that module (and what it depends on) is put into the initramfs and loaded by /init.
 /// On the Debian cloud kernels the first group is built in (checked on 5.10.223, 6.1.176,
-/// 6.12.117); the NAT scenario's (veth, conntrack, NAT, nftables masquerade) are modules there,
+/// 6.12.117); the NAT scenario's (veth, conntrack, NAT, nftables masquerade, socket and
+/// conntrack diagnostics over netlink) are modules there,
 /// so the guest loads them, dependencies first (nf_defrag_ipv4/6, libcrc32c, ... come from the
 /// modules' own `depends=`).
 const NEEDED_CONFIG: &[(&str, Option<&str>)] = &[
@@ -31,6 +32,11 @@ const NEEDED_CONFIG: &[(&str, Option<&str>)] = &[
     ("CONFIG_NF_TABLES", Some("nf_tables")),
     ("CONFIG_NFT_NAT", Some("nft_chain_nat")),
     ("CONFIG_NFT_MASQ", Some("nft_masq")),
+    // What names the NAT's client and reads the NAT's own view: sock_diag (the sockets of
+    // every namespace) and conntrack over netlink.
+    ("CONFIG_INET_DIAG", Some("inet_diag")),
+    ("CONFIG_INET_TCP_DIAG", Some("tcp_diag")),
+    ("CONFIG_NF_CT_NETLINK", Some("nf_conntrack_netlink")),
 ];
 
 /// Unpack the .deb, keep vmlinuz and the modules NEEDED_CONFIG asks for, drop the rest.
