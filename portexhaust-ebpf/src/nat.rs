@@ -114,9 +114,10 @@ pub fn tp_btf_kfree_skb(ctx: BtfTracePointContext) -> i32 {
 // `nf_conntrack_confirm()` for an entry not yet confirmed, at the last POSTROUTING/INPUT hook:
 // once per new connection, not per packet. It returns NF_DROP (0) on: the clash its
 // `hlist_nulls_for_each_entry` lookups find, when `nf_ct_resolve_clash()` cannot resolve it
-// (always for TCP: counts `drop` and `insert_failed`; this is NAT exhaustion); a dying entry;
-// on 5.19+/6.1 a too-long hash chain (`chaintoolong`, counts `insert_failed`) or an extension
-// area gone invalid (`nf_ct_ext_valid_pre`/`_post`); and an entry already confirmed (a WARN).
+// (always for TCP: counts `drop` and `insert_failed`; this is NAT exhaustion); a dying entry
+// (counts `insert_failed`); on 6.1 also a too-long hash chain (`chaintoolong`, counts
+// `insert_failed`) or an extension area gone invalid (`nf_ct_ext_valid_pre`: `insert_failed`;
+// `_post`: after the insert, `drop`); and an entry already confirmed (a WARN, no count).
 // The same `IPS_SRC_NAT` and never-inserted tests as on kfree_skb then keep the NAT clashes:
 // `_post` and the already-confirmed case concern entries in the table. Unlike kfree_skb, a
 // firewall drop never gets here: the verdict of a rule is not confirm's return value.
