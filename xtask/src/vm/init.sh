@@ -258,18 +258,29 @@ nat_topology() {
         $IP -n pxs addr add 10.203.2.2/24 dev pxs0 && $IP -n pxs link set pxs0 up || return 1
     # Forwarding in the router namespace only.
     $IP netns exec pxr sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward' || return 1
-    printf '%s\n' 'table ip pxhnat {' '  chain post {' \
-        '    type nat hook postrouting priority srcnat; policy accept;' \
-        '    oifname "pxr1" ip saddr 10.203.1.2 meta l4proto 6 masquerade to :40000-40009' \
-        '  }' '}' | $IP netns exec pxr $NFT -f - || return 1
+    # $1 = masq: the NAT; drop: the control, a firewall rule dropping new connections and
+    # no NAT (the same NF_DROP verdict, never a confirm failure: nothing must be reported).
+    if [ "$1" = drop ]; then
+        printf '%s\n' 'table ip pxhnat {' '  chain filt {' \
+            '    type filter hook forward priority filter; policy accept;' \
+            '    ct state new tcp dport 5000 drop' \
+            '  }' '}' | $IP netns exec pxr $NFT -f - || return 1
+    else
+        printf '%s\n' 'table ip pxhnat {' '  chain post {' \
+            '    type nat hook postrouting priority srcnat; policy accept;' \
+            '    oifname "pxr1" ip saddr 10.203.1.2 meta l4proto 6 masquerade to :40000-40009' \
+            '  }' '}' | $IP netns exec pxr $NFT -f - || return 1
+    fi
 }
 nat_stat() { $IP netns exec pxr cat /proc/net/stat/nf_conntrack > "$1" 2>&1; }
+# run_nat HOOK masq|drop [CONNECTS]
 run_nat() {
     h=$1
     b=nat-$h
+    [ "$2" = drop ] && b=nat-$h-drop
     step_begin "$b" trace
     t0=$(now)
-    nat_topology > /tmp/$b.setup.err 2>&1
+    nat_topology "$2" > /tmp/$b.setup.err 2>&1
     setup=$?
     spid=
     ready=0
@@ -291,7 +302,7 @@ run_nat() {
         wait_ready $tpid /tmp/$b.trace.err
         if [ $ready = 1 ]; then
             timeout -s KILL "$PXH_STEP_TIMEOUT" $IP netns exec pxc portexhaust workload-nat \
-                --role client --addr $NAT_SERVER --count 13 --timeout-ms 1500 \
+                --role client --addr $NAT_SERVER --count "${3:-13}" --timeout-ms 1500 \
                 > /tmp/$b.client.out 2> /tmp/$b.client.err < /dev/null
             crc=$?
         fi
@@ -311,7 +322,8 @@ run_nat() {
     say "@@PXH-STEP backend=$b step=trace exit=${trc:-none} secs=$((t1 - t0)) ready=$ready stop=${stop:-none} setup=$setup client=${crc:-none}@@"
 }
 for h in $PXH_NAT_HOOKS; do
-    run_nat "$h"
+    run_nat "$h" masq
+    run_nat "$h" drop 2
 done
 
 # --exec: the developer's own commands (for digging into a failure), after the checks.

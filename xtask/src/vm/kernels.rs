@@ -71,8 +71,8 @@ pub struct Kernel {
 }
 
 /// Bump when `NEEDED_CONFIG` (unpack.rs) changes. 1: the NAT scenario's modules; 2: and
-/// inet_diag, tcp_diag, nf_conntrack_netlink.
-pub const LAYOUT: u32 = 2;
+/// inet_diag, tcp_diag, nf_conntrack_netlink; 3: nft_ct.
+pub const LAYOUT: u32 = 3;
 
 /// Where one unpacked kernel lives in the cache.
 fn kernel_dir(cache: &Path, package: &str, version: &str) -> PathBuf {

@@ -573,9 +573,87 @@ pub fn classify_nat(r: &GuestReport, hook: &str) -> Option<Cell> {
     let client: Value = serde_json::from_str(file("client.out").trim()).unwrap_or(Value::Null);
     let before = insert_failed(&file("stat.before"));
     let after = insert_failed(&file("stat.after"));
-    match check_nat(&tr_out, &client, before, after) {
-        Ok(summary) => Some(Cell::new(Status::Pass, format!("{summary} ({watching})"))),
-        Err(why) => fail(why),
+    let summary = match check_nat(&tr_out, &client, before, after) {
+        Ok(summary) => summary,
+        Err(why) => return fail(why),
+    };
+    // The control: a firewall drop rule instead of the NAT, same hook.
+    let ctl = format!("{col}-drop");
+    let ctl_file = |name: &str| r.text(&format!("{ctl}.{name}"));
+    let Some(cs) = r.step(&ctl, "trace") else {
+        return fail("the firewall-drop control never ran".into());
+    };
+    let cfield = |k: &str| cs.fields.get(k).map(String::as_str);
+    if cfield("setup") != Some("0") || cfield("client") != Some("0") || cfield("exit") != Some("0")
+    {
+        let mut d = labelled("control setup", &ctl_file("setup.err"), 5);
+        d.extend(labelled("control trace stderr", &ctl_file("trace.err"), 10));
+        return Some(
+            Cell::new(
+                Status::Fail,
+                format!(
+                    "the firewall-drop control did not run through (setup {}, client {}, trace {})",
+                    cfield("setup").unwrap_or("?"),
+                    cfield("client").unwrap_or("?"),
+                    cfield("exit").unwrap_or("?")
+                ),
+            )
+            .with_details(d),
+        );
+    }
+    let control: Value = serde_json::from_str(ctl_file("client.out").trim()).unwrap_or(Value::Null);
+    match check_nat_control(
+        &ctl_file("trace.out"),
+        &control,
+        insert_failed(&ctl_file("stat.before")),
+        insert_failed(&ctl_file("stat.after")),
+    ) {
+        Ok(c) => Some(Cell::new(
+            Status::Pass,
+            format!("{summary}; {c} ({watching})"),
+        )),
+        Err(why) => {
+            let mut d = labelled("control trace stdout", &ctl_file("trace.out"), 5);
+            d.extend(labelled("control trace stderr", &ctl_file("trace.err"), 10));
+            Some(Cell::new(Status::Fail, why).with_details(d))
+        }
+    }
+}
+
+/// The control run: the client's SYNs dropped by a firewall rule (no NAT) must not be
+/// reported, and the router's insert_failed must not move.
+pub fn check_nat_control(
+    ndjson: &str,
+    client: &Value,
+    before: Option<u64>,
+    after: Option<u64>,
+) -> Result<String, String> {
+    let ok = client.get("ok").and_then(Value::as_u64);
+    let failed = client.get("failed").and_then(Value::as_u64).unwrap_or(0);
+    if ok != Some(0) || failed == 0 {
+        return Err(format!(
+            "control: the drop rule should have stopped every connect: {client}"
+        ));
+    }
+    let reported = ndjson
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .filter(|v| v.get("site").and_then(Value::as_str) == Some("nf_nat"))
+        .count();
+    if reported != 0 {
+        return Err(format!(
+            "control: {reported} nf_nat line(s) for connects a firewall rule dropped"
+        ));
+    }
+    match (before, after) {
+        (Some(b), Some(a)) if a == b => Ok(format!(
+            "a drop rule's {failed} refused connects not reported"
+        )),
+        _ => Err(format!(
+            "control: the router's insert_failed moved ({} -> {})",
+            show(before),
+            show(after)
+        )),
     }
 }
 
@@ -837,6 +915,17 @@ mod tests {
         );
         let few = serde_json::json!({"pid": 42, "ok": 9, "failed": 4});
         assert!(check_nat(&good, &few, Some(5), Some(7)).is_err());
+        // The firewall control: nothing reported, nothing inserted-failed.
+        let refused = serde_json::json!({"pid": 43, "ok": 0, "failed": 2});
+        let quiet = r#"{"type":"summary"}"#;
+        assert!(check_nat_control(quiet, &refused, Some(1), Some(1)).is_ok());
+        assert!(
+            check_nat_control(&good, &refused, Some(1), Some(1))
+                .unwrap_err()
+                .contains("2 nf_nat")
+        );
+        assert!(check_nat_control(quiet, &refused, Some(1), Some(2)).is_err());
+        assert!(check_nat_control(quiet, &client, Some(1), Some(1)).is_err());
     }
 
     #[test]

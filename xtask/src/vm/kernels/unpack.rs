@@ -32,6 +32,8 @@ const NEEDED_CONFIG: &[(&str, Option<&str>)] = &[
     ("CONFIG_NF_TABLES", Some("nf_tables")),
     ("CONFIG_NFT_NAT", Some("nft_chain_nat")),
     ("CONFIG_NFT_MASQ", Some("nft_masq")),
+    // `ct state new ... drop`: the firewall control of the NAT scenario.
+    ("CONFIG_NFT_CT", Some("nft_ct")),
     // What names the NAT's client and reads the NAT's own view: sock_diag (the sockets of
     // every namespace) and conntrack over netlink.
     ("CONFIG_INET_DIAG", Some("inet_diag")),
