@@ -80,6 +80,10 @@ pub enum Set {
     /// `skb:kfree_skb` as tp_btf, keeping source-NAT clash drops (`--catch nat` only: it runs
     /// on every packet the machine drops).
     NatBtf,
+    /// kprobe + kretprobe on `__nf_conntrack_confirm` (nf_conntrack, often a module), keeping
+    /// the source-NATed entries it refuses with NF_DROP: where kprobes exist and `kfree_skb` has
+    /// no drop reason (before 5.17), or when asked (`PORTEXHAUST_NAT_HOOK=confirm`).
+    NatKprobe,
 }
 
 pub struct Program {
@@ -234,6 +238,16 @@ pub const PROGRAMS: &[Program] = &[
         Set::SyscallSocket,
     ),
     p("tp_btf_kfree_skb", BtfTracePoint("kfree_skb"), Set::NatBtf),
+    p(
+        "kprobe_nf_conntrack_confirm",
+        KProbe("__nf_conntrack_confirm"),
+        Set::NatKprobe,
+    ),
+    p(
+        "kretprobe_nf_conntrack_confirm",
+        KRetProbe("__nf_conntrack_confirm"),
+        Set::NatKprobe,
+    ),
 ];
 
 /// The programs of one set, in table order.
@@ -269,6 +283,7 @@ mod tests {
             Set::SyscallBind,
             Set::SyscallSocket,
             Set::NatBtf,
+            Set::NatKprobe,
         ] {
             assert!(of(set).next().is_some(), "{set:?}");
             let syscall = matches!(

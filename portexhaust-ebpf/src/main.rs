@@ -10,7 +10,7 @@
 //! | kprobe.rs   | kprobe/kretprobe on the same functions, `__inet_hash_connect` | kprobe backend; bind/UDP |
 //! | sites.rs    | (called from state.rs)                                   | call sites: user stacks per connect |
 //! | syscalls.rs | syscall tracepoints                                      | bind/UDP/early connect, on request only |
-//! | nat.rs      | tp_btf `kfree_skb`                                       | source-NAT port exhaustion, on request only |
+//! | nat.rs      | tp_btf `kfree_skb`; kprobe/kretprobe `__nf_conntrack_confirm` | source-NAT port exhaustion, on request only |
 //!
 //! Shared: `globals` (load-time settings), `maps`, `emit` (exact counts and events), `sock`
 //! and `task` (kernel structs through BTF offsets), `kfunc` (function-hook logic), `perf`,

@@ -34,9 +34,9 @@
 //! (`--catch nat`); non-netfilter drops return after one compare, no memory read.
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, kprobe, kretprobe, map},
     maps::{HashMap, PerCpuArray},
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, ProbeContext, RetProbeContext},
 };
 use portexhaust_common::{
     AF_INET, AF_INET6, NAT_EVENT_MAGIC, NatEvent, NatKey,
@@ -80,9 +80,11 @@ fn get(v: &'static u32) -> u32 {
 pub static NAT_COUNTS: HashMap<NatKey, u64> = HashMap::with_max_entries(4096, 0);
 
 /// Per CPU: [drops seen, drops not streamed (over the event budget or a full ring buffer),
-/// drops whose key did not fit in `NAT_COUNTS`, budget window start, events in the window].
+/// drops whose key did not fit in `NAT_COUNTS`, budget window start, events in the window,
+/// confirm calls the kprobe pair could not match to their entry (nested deeper than
+/// `CONFIRM_DEPTH`, or a stale entry cleared)].
 #[map]
-pub static NAT_STATS: PerCpuArray<[u64; 5]> = PerCpuArray::with_max_entries(1, 0);
+pub static NAT_STATS: PerCpuArray<[u64; 6]> = PerCpuArray::with_max_entries(1, 0);
 
 /// `_nfct` holds the `nf_conn` pointer with `enum ip_conntrack_info` in its low 3 bits
 /// (`NFCT_INFOMASK`, include/linux/skbuff.h).
@@ -97,17 +99,153 @@ pub fn tp_btf_kfree_skb(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skb: *const u8 = ctx.arg(0);
-    on_netfilter_drop(skb);
-    0
-}
-
-// Out of line: the rare path gets its own stack frame.
-#[inline(never)]
-fn on_netfilter_drop(skb: *const u8) {
     // SAFETY: `skb` is BTF-typed (tp_btf): the verifier checks this load against
     // `struct sk_buff` (the offset is a constant of frozen .rodata) and makes it fault-safe.
     let nfct =
         unsafe { core::ptr::read_volatile(skb.add(get(&NAT_OFF_SKB_NFCT) as usize) as *const u64) };
+    on_netfilter_drop(nfct);
+    0
+}
+
+// ---- kprobe + kretprobe on `__nf_conntrack_confirm` (where kfree_skb has no reason) ----
+//
+// `int __nf_conntrack_confirm(struct sk_buff *skb)` (net/netfilter/nf_conntrack_core.c, in the
+// nf_conntrack module on Debian; same signature 5.10 - 6.18) is called by
+// `nf_conntrack_confirm()` for an entry not yet confirmed, at the last POSTROUTING/INPUT hook:
+// once per new connection, not per packet. It returns NF_DROP (0) on: the clash its
+// `hlist_nulls_for_each_entry` lookups find, when `nf_ct_resolve_clash()` cannot resolve it
+// (always for TCP: counts `drop` and `insert_failed`; this is NAT exhaustion); a dying entry
+// (counts `insert_failed`); on 6.1 also a too-long hash chain (`chaintoolong`, counts
+// `insert_failed`) or an extension area gone invalid (`nf_ct_ext_valid_pre`: `insert_failed`;
+// `_post`: after the insert, `drop`); and an entry already confirmed (a WARN, no count).
+// The same `IPS_SRC_NAT` and never-inserted tests as on kfree_skb then keep the NAT clashes:
+// `_post` and the already-confirmed case concern entries in the table. Unlike kfree_skb, a
+// firewall drop never gets here: the verdict of a rule is not confirm's return value.
+//
+// A kretprobe sees only the return value, so the entry probe saves `skb` per CPU. A softirq
+// can run a forwarded packet's confirm on a CPU whose task is inside its own confirm, before
+// that one's `local_bh_disable()`: calls nest, and return in LIFO order, hence a small stack
+// rather than one slot. (BPF kprobe programs do not nest on one CPU: when one is running, an
+// interrupt's confirm skips both its entry and its return, so the stack stays balanced.)
+
+/// Nesting depth kept per CPU: process context plus one softirq is 2 in practice.
+const CONFIRM_DEPTH: usize = 4;
+
+/// An entry older than this cannot be a live call (confirm holds no sleeping lock): its return
+/// was missed (kretprobe instances exhausted) and it is cleared rather than matched.
+const CONFIRM_STALE_NS: u64 = 1_000_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConfirmSlot {
+    skb: u64,
+    /// `skb->_nfct` at entry: the return checks it is still the same packet's entry.
+    nfct: u64,
+    ts: u64,
+}
+
+#[repr(C)]
+pub struct ConfirmStack {
+    /// Calls entered and not yet returned, including those deeper than `CONFIRM_DEPTH`.
+    depth: u64,
+    slots: [ConfirmSlot; CONFIRM_DEPTH],
+}
+
+#[map]
+pub static NAT_CONFIRM_STACK: PerCpuArray<ConfirmStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// `i` as a slot index, bounds-checked on a value the compiler cannot relate to others: left
+/// to itself, LLVM checks `depth - 1 < 4` and then indexes with `depth` and a folded offset,
+/// which the verifier cannot follow ("math between map_value pointer and register with
+/// unbounded min value").
+#[inline(always)]
+fn slot(st: *mut ConfirmStack, i: u64) -> Option<*mut ConfirmSlot> {
+    // SAFETY: a read of a local.
+    let i = unsafe { core::ptr::read_volatile(&i) } as usize;
+    if i >= CONFIRM_DEPTH {
+        return None;
+    }
+    // SAFETY: `st` is this CPU's map value; `i` is in range.
+    unsafe { (*st).slots.get_mut(i).map(|s| s as *mut ConfirmSlot) }
+}
+
+#[inline(always)]
+fn read_nfct(skb: u64) -> u64 {
+    // SAFETY: bpf_probe_read_kernel fails cleanly on a bad address.
+    unsafe {
+        bpf_probe_read_kernel((skb as *const u8).add(get(&NAT_OFF_SKB_NFCT) as usize) as *const u64)
+    }
+    .unwrap_or(0)
+}
+
+#[kprobe]
+pub fn kprobe_nf_conntrack_confirm(ctx: ProbeContext) -> u32 {
+    let Some(skb) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let Some(st) = NAT_CONFIRM_STACK.get_ptr_mut(0) else {
+        return 0;
+    };
+    let now = now_ns();
+    // SAFETY (the derefs of `st` and its slots): this CPU's map value; BPF kprobe programs do
+    // not nest on one CPU.
+    let mut d = unsafe { (*st).depth };
+    if d > 0
+        && let Some(top) = slot(st, d - 1)
+        && now.wrapping_sub(unsafe { (*top).ts }) > CONFIRM_STALE_NS
+    {
+        stat_add(5, d);
+        d = 0;
+    }
+    match slot(st, d) {
+        Some(s) => unsafe {
+            (*s).skb = skb;
+            (*s).nfct = read_nfct(skb);
+            (*s).ts = now;
+        },
+        // Deeper than kept: counted, and its return is only popped.
+        None => stat_add(5, 1),
+    }
+    unsafe { (*st).depth = d + 1 };
+    0
+}
+
+#[kretprobe]
+pub fn kretprobe_nf_conntrack_confirm(ctx: RetProbeContext) -> u32 {
+    // NF_DROP is 0 (include/uapi/linux/netfilter.h); the C int in the return register.
+    let verdict = ctx.ret::<u64>() as u32;
+    let Some(st) = NAT_CONFIRM_STACK.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY (the derefs): this CPU's map value.
+    let d = unsafe { (*st).depth };
+    if d == 0 {
+        return 0; // its entry was cleared as stale, or came before we attached
+    }
+    unsafe { (*st).depth = d - 1 };
+    let Some(s) = slot(st, d - 1) else {
+        return 0; // one of the calls nested too deep
+    };
+    if verdict != 0 {
+        return 0;
+    }
+    let (skb, nfct) = unsafe { ((*s).skb, (*s).nfct) };
+    // Still the packet that entered: a mismatched pop (a return missed) fails this.
+    let now_nfct = read_nfct(skb);
+    if now_nfct != nfct {
+        stat_add(5, 1);
+        return 0;
+    }
+    on_netfilter_drop(now_nfct);
+    0
+}
+
+/// A packet netfilter dropped (kfree_skb) or refused to confirm (the kretprobe), with its
+/// `skb->_nfct`: keep it if it is a source-NAT clash; count it and stream it. Both NAT hooks
+/// share this path: one key, one event, one budget.
+// Out of line: the rare path gets its own stack frame.
+#[inline(never)]
+fn on_netfilter_drop(nfct: u64) {
     let ct = nfct & NFCT_PTRMASK;
     if ct == 0 {
         return; // 2. no conntrack entry (or IP_CT_UNTRACKED)

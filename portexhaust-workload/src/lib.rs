@@ -10,6 +10,7 @@
 //! - [`isolate()`]: enter a private network namespace and shrink its port range;
 //! - `sockets`: listeners, held connections, failing connects and their tally;
 //! - `uring`: the same failing connects, submitted through io_uring;
+//! - `nat`: the server and client of a source-NAT exhaustion, in namespaces the caller made;
 //! - `scenarios`: what each [`Scenario`] does;
 //! - [`count_state()`]: sockets by state in a /proc/net/tcp listing.
 use std::{
@@ -23,12 +24,14 @@ use socket2::Socket;
 use thiserror::Error;
 
 mod isolate;
+mod nat;
 mod scenarios;
 mod sockets;
 mod tcp_states;
 mod uring;
 
 pub use isolate::isolate;
+pub use nat::{NatClientReport, nat_client, nat_server};
 pub use tcp_states::count_state;
 
 use isolate::set_comm;

@@ -7,7 +7,7 @@ use std::{io::Write, process::ExitCode};
 use anyhow::Context as _;
 use clap::CommandFactory;
 use portexhaust::{
-    cli::{Cli, Cmd, TopArgs, WorkloadArgs},
+    cli::{Cli, Cmd, NatRole, TopArgs, WorkloadArgs, WorkloadNatArgs},
     cmd::{doctor, manpages, report, selftest, top, trace},
     error::one_line,
     kernel::{Error, netns::resolve_netns},
@@ -88,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Workload(args) => workload(args),
+        Cmd::WorkloadNat(args) => workload_nat(&args),
         Cmd::Manpages(args) => {
             for page in manpages::write(&args.out_dir)? {
                 eprintln!("portexhaust: wrote {}", page.display());
@@ -113,6 +114,22 @@ fn top_cmd(args: &TopArgs) -> anyhow::Result<()> {
         catch: args.catch.unwrap_or(0),
     })?;
     Ok(())
+}
+
+fn workload_nat(a: &WorkloadNatArgs) -> anyhow::Result<ExitCode> {
+    match a.role {
+        NatRole::Server => portexhaust_workload::nat_server(a.addr)?,
+        NatRole::Client => {
+            let r = portexhaust_workload::nat_client(
+                a.addr,
+                a.count,
+                std::time::Duration::from_millis(a.timeout_ms),
+                std::time::Duration::from_millis(a.hold_ms),
+            );
+            println(&serde_json::to_string(&r)?)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn workload(a: WorkloadArgs) -> anyhow::Result<ExitCode> {

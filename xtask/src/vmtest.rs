@@ -28,6 +28,16 @@ use matrix::{Row, render};
 
 const BACKENDS: &[&str] = &["tp-btf", "raw-tp", "fentry", "kprobe", "tracepoint"];
 
+/// The NAT hooks the NAT scenario is run with (`PORTEXHAUST_NAT_HOOK`), each a column.
+const NAT_HOOKS: &[&str] = &["confirm", "kfree_skb"];
+
+/// Host programs the NAT scenario needs in the guest (busybox's ip has no netns), and where
+/// they go (out of the way of busybox's applets).
+const NAT_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("ip", "/usr/lib/pxh/ip", "iproute2"),
+    ("nft", "/usr/lib/pxh/nft", "nftables"),
+];
+
 /// The exhaustion the trace session makes in the guest: `workload --ports P --failures F`.
 const WORKLOAD_PORTS: u32 = 10;
 const WORKLOAD_FAILURES: u32 = 20;
@@ -39,6 +49,7 @@ const CONSOLE_TAIL: usize = 30;
 #[command(after_help = "Examples:\n  \
     cargo xtask vmtest                      # all kernels, all backends\n  \
     cargo xtask vmtest --kernel 6.1 --backend kprobe\n  \
+    cargo xtask vmtest --backend none --nat-hook confirm   # only the NAT scenario, kprobe pair\n  \
     cargo xtask vmtest --boot-only          # fetch and boot each kernel, no portexhaust\n  \
     cargo xtask vmtest --binary target/release/portexhaust --json matrix.json")]
 pub struct VmtestArgs {
@@ -51,6 +62,11 @@ pub struct VmtestArgs {
     #[arg(long, value_delimiter = ',', default_value = "all",
           value_parser = ["auto", "tp-btf", "raw-tp", "fentry", "kprobe", "tracepoint", "all", "none"])]
     backend: Vec<String>,
+    /// NAT hooks to run the source-NAT scenario with (comma-separated): confirm (kprobe pair
+    /// on __nf_conntrack_confirm), kfree_skb (tp_btf), all, none. Each is a matrix column.
+    #[arg(long, value_delimiter = ',', default_value = "all",
+          value_parser = ["confirm", "kfree_skb", "all", "none"])]
+    nat_hook: Vec<String>,
     /// Also run this shell command in the guest after the checks, as root, and show its output
     /// (repeatable). For digging into a failure, e.g.
     /// --backend none --exec 'portexhaust selftest --backend fentry; dmesg | tail'.
@@ -168,6 +184,47 @@ fn selected_kernels(args: &VmtestArgs) -> Vec<&'static KernelSpec> {
         .collect()
 }
 
+fn selected_nat_hooks(args: &VmtestArgs) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for h in &args.nat_hook {
+        let names: Vec<&str> = match h.as_str() {
+            "all" => NAT_HOOKS.to_vec(),
+            "none" => Vec::new(),
+            other => vec![other],
+        };
+        for n in names {
+            if !out.iter().any(|o| o == n) {
+                out.push(n.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// (host path, guest path) of the NAT scenario's programs, or what is missing.
+fn nat_programs() -> Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for (name, guest, package) in NAT_PROGRAMS {
+        match find_in_path(name).or_else(|| {
+            [format!("/usr/sbin/{name}"), format!("/sbin/{name}")]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file())
+        }) {
+            Some(p) => out.push((p, guest.to_string())),
+            None => missing.push(format!("{name} (Debian package {package})")),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "the NAT scenario needs {} on this machine (or pass --nat-hook none)",
+            missing.join(", ")
+        );
+    }
+    Ok(out)
+}
+
 fn selected_backends(args: &VmtestArgs) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for b in &args.backend {
@@ -191,6 +248,16 @@ pub fn vmtest(args: &VmtestArgs) -> Result<()> {
         Vec::new()
     } else {
         selected_backends(args)
+    };
+    let nat_hooks = if args.boot_only {
+        Vec::new()
+    } else {
+        selected_nat_hooks(args)
+    };
+    let nat_programs = if nat_hooks.is_empty() {
+        Vec::new()
+    } else {
+        nat_programs()?
     };
     // qemu, busybox and cpio are test packages: install them first (a no-op when present).
     crate::setup::setup(crate::setup::Scope::Tests)?;
@@ -244,6 +311,8 @@ pub fn vmtest(args: &VmtestArgs) -> Result<()> {
         busybox,
         binary,
         backends,
+        nat_hooks,
+        nat_programs,
         expect: Expect {
             failures: u64::from(WORKLOAD_FAILURES),
             dst: "127.0.0.1:5000".into(),
@@ -259,10 +328,11 @@ pub fn vmtest(args: &VmtestArgs) -> Result<()> {
     ));
 
     let (backends, expect) = (&run.backends, &run.expect);
-    print!("{}", render(&rows, backends, args.boot_only));
+    print!("{}", render(&rows, &run.columns(), args.boot_only));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&serde_json::json!({
             "backends": backends,
+            "nat_hooks": run.nat_hooks,
             "expect": {"failures": expect.failures, "dst": expect.dst, "errno": expect.errno,
                        "site": expect.site},
             "kernels": rows,

@@ -113,6 +113,11 @@ pub enum Cmd {
     /// Exhaust ports in a private network namespace (test and benchmark load generator).
     #[command(hide = true)]
     Workload(WorkloadArgs),
+    /// One end of a source-NAT exhaustion, in a namespace the caller made (vmtest's NAT
+    /// scenario): `server` keeps every connection; `client` connects COUNT times through the NAT
+    /// and prints {"pid","ok","failed"}.
+    #[command(hide = true)]
+    WorkloadNat(WorkloadNatArgs),
     /// Write the man pages (portexhaust.1 and one per command) into a directory, for packages.
     #[command(hide = true)]
     Manpages(ManpagesArgs),
@@ -411,6 +416,30 @@ pub struct WorkloadArgs {
     /// `churn`: for how many seconds.
     #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NatRole {
+    Server,
+    Client,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct WorkloadNatArgs {
+    #[arg(long, value_enum)]
+    pub role: NatRole,
+    /// The server's address (listened on, or connected to).
+    #[arg(long)]
+    pub addr: std::net::SocketAddr,
+    /// `client`: connects to make.
+    #[arg(long, default_value_t = 13)]
+    pub count: u32,
+    /// `client`: give up on a connect after this many milliseconds.
+    #[arg(long, default_value_t = 1500)]
+    pub timeout_ms: u64,
+    /// `client`: keep the connections this many milliseconds after the last connect.
+    #[arg(long, default_value_t = 1000)]
+    pub hold_ms: u64,
 }
 
 #[derive(Args, Clone, Debug)]

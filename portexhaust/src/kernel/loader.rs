@@ -148,6 +148,34 @@ pub fn per_cpu_budget(events_per_s: u32, cpus: u32) -> u32 {
     events_per_s.div_ceil(cpus.max(1))
 }
 
+/// What the NAT hook choice needs (see `plan::nat_hooks`).
+fn nat_facts(caps: &Caps, btf: &mut KernelBtf) -> crate::kernel::plan::NatFacts {
+    use crate::kernel::plan::{NAT_HOOK_ENV, NatFacts, NatHook};
+    NatFacts {
+        conntrack: btf.nat().map(|_| ()),
+        kfree_skb: btf.nat_reason().map(|_| ()),
+        kprobe: caps.kprobe.clone(),
+        nf_conntrack_loaded: nf_conntrack_loaded(),
+        force: std::env::var(NAT_HOOK_ENV)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| NatHook::parse(&v)),
+    }
+}
+
+/// Whether `__nf_conntrack_confirm` exists to be probed: nf_conntrack is a module on most
+/// distributions (Debian's included), loaded by the first conntrack or NAT rule. It has
+/// parameters, so /sys/module lists it built in too; /proc/kallsyms is the slower check.
+fn nf_conntrack_loaded() -> bool {
+    if std::path::Path::new("/sys/module/nf_conntrack").is_dir() {
+        return true;
+    }
+    std::fs::read_to_string("/proc/kallsyms").is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("__nf_conntrack_confirm"))
+    })
+}
+
 /// One failure kind and the hook watching it, or why nothing does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Coverage {
@@ -222,10 +250,9 @@ impl Tracer {
                 Some(reason) => Err(reason),
                 None => {
                     let mut plan = Plan::new(backend, &offer, tracking.catch);
-                    if plan.watches_nat()
-                        && let Err(why) = btf.nat()
-                    {
-                        plan.refuse_nat(why);
+                    if plan.watches_nat() {
+                        let facts = nat_facts(&caps, &mut btf);
+                        plan.choose_nat(&facts);
                     }
                     load_object(&plan, filters, tracking, &mut btf).and_then(|mut ebpf| {
                         debug!("start-up: object loaded after {:?}", t0.elapsed());

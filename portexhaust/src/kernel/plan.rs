@@ -30,8 +30,8 @@ pub struct Plan {
     pub early: Watch,
     pub bind: Watch,
     pub udp: Watch,
-    /// Source-NAT drops (`skb:kfree_skb`): only on request, whatever the backend (the hook
-    /// does not depend on it).
+    /// Source-NAT drops (`skb:kfree_skb` or `__nf_conntrack_confirm`): only on request,
+    /// whatever the backend (the hooks do not depend on it); chosen by [`Plan::choose_nat`].
     pub nat: Watch,
 }
 
@@ -93,24 +93,29 @@ impl Plan {
             early,
             bind: functions(Set::BindFexit, Set::BindKprobe, KIND_BIND),
             udp: functions(Set::UdpFexit, Set::UdpKprobe, KIND_UDP),
+            // The kfree_skb form until `choose_nat` has the kernel's facts.
             nat: if catch & KIND_NAT != 0 {
                 Watch::Functions(vec![Set::NatBtf])
             } else {
                 Watch::No(
-                    "off by default: its hook (tp_btf kfree_skb) runs on every packet the \
-                     machine drops; --catch nat turns it on"
+                    "off by default: its hook (tp_btf kfree_skb, or kprobes on \
+                     __nf_conntrack_confirm) runs on every dropped packet or new connection; \
+                     --catch nat turns it on"
                         .to_string(),
                 )
             },
         }
     }
 
-    /// The kernel cannot run the NAT program (no drop reason, no conntrack in its BTF): say
-    /// why instead of attaching it.
-    pub fn refuse_nat(&mut self, why: String) {
-        if matches!(self.nat, Watch::Functions(_)) {
-            self.nat = Watch::No(why);
+    /// Pick the NAT hook from what the kernel offers (when `--catch nat` asked for one).
+    pub fn choose_nat(&mut self, facts: &NatFacts) {
+        if !matches!(self.nat, Watch::Functions(_)) {
+            return;
         }
+        self.nat = match nat_hooks(facts) {
+            Ok(sets) => Watch::Functions(sets),
+            Err(why) => Watch::No(why),
+        };
     }
 
     /// Whether the NAT program is to be attached.
@@ -178,6 +183,81 @@ impl Plan {
             (KIND_UDP, &self.udp),
             (KIND_NAT, &self.nat),
         ]
+    }
+}
+
+/// Which NAT hook to force (`PORTEXHAUST_NAT_HOOK`), for tests where both exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NatHook {
+    /// tp_btf `kfree_skb` with `SKB_DROP_REASON_NETFILTER_DROP`.
+    KfreeSkb,
+    /// kprobe + kretprobe `__nf_conntrack_confirm` returning NF_DROP.
+    Confirm,
+}
+
+/// The variable that forces a NAT hook.
+pub const NAT_HOOK_ENV: &str = "PORTEXHAUST_NAT_HOOK";
+
+impl NatHook {
+    /// `PORTEXHAUST_NAT_HOOK`'s value: `kfree_skb` or `confirm`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "kfree_skb" => Ok(Self::KfreeSkb),
+            "confirm" => Ok(Self::Confirm),
+            other => Err(format!(
+                "{NAT_HOOK_ENV}={other:?} is neither kfree_skb nor confirm"
+            )),
+        }
+    }
+}
+
+/// What the NAT hook choice needs to know about the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatFacts {
+    /// The `sk_buff` / `nf_conn` offsets from BTF (both hooks read them).
+    pub conntrack: Result<(), String>,
+    /// tp_btf `kfree_skb` carries the drop reason and `SKB_DROP_REASON_NETFILTER_DROP` exists
+    /// (5.17+).
+    pub kfree_skb: Result<(), String>,
+    /// kprobes work.
+    pub kprobe: Result<(), String>,
+    /// `nf_conntrack` is loaded (a kprobe on a module function needs the module).
+    pub nf_conntrack_loaded: bool,
+    /// `PORTEXHAUST_NAT_HOOK`, when set (a bad value is the error to show).
+    pub force: Option<Result<NatHook, String>>,
+}
+
+/// The NAT sets to try, in order, or why NAT cannot be watched. kfree_skb first where it
+/// works: it runs only on dropped packets (one compare for those that are not netfilter's),
+/// while the kprobe pair runs on every new connection's confirm; the pair is the fallback
+/// should the tp_btf attach fail.
+pub fn nat_hooks(f: &NatFacts) -> Result<Vec<Set>, String> {
+    f.conntrack.clone()?;
+    let confirm = match (&f.kprobe, f.nf_conntrack_loaded) {
+        (Err(why), _) => Err(format!("no kprobes for __nf_conntrack_confirm ({why})")),
+        (Ok(()), false) => Err(
+            "nf_conntrack is not loaded, so there is no __nf_conntrack_confirm to probe \
+             (no connection is tracked, so no NAT drops either)"
+                .to_string(),
+        ),
+        (Ok(()), true) => Ok(()),
+    };
+    match &f.force {
+        Some(Err(why)) => Err(why.clone()),
+        Some(Ok(NatHook::KfreeSkb)) => f
+            .kfree_skb
+            .clone()
+            .map(|()| vec![Set::NatBtf])
+            .map_err(|why| format!("{NAT_HOOK_ENV}=kfree_skb: {why}")),
+        Some(Ok(NatHook::Confirm)) => confirm
+            .map(|()| vec![Set::NatKprobe])
+            .map_err(|why| format!("{NAT_HOOK_ENV}=confirm: {why}")),
+        None => match (&f.kfree_skb, confirm) {
+            (Ok(()), Ok(())) => Ok(vec![Set::NatBtf, Set::NatKprobe]),
+            (Ok(()), Err(_)) => Ok(vec![Set::NatBtf]),
+            (Err(_), Ok(())) => Ok(vec![Set::NatKprobe]),
+            (Err(a), Err(b)) => Err(format!("{a}; and {b}")),
+        },
     }
 }
 
@@ -253,9 +333,80 @@ mod tests {
             assert_eq!(p.nat, Watch::Functions(vec![Set::NatBtf]));
             assert!(p.all_sets().contains(&Set::NatBtf));
             assert!(p.syscall_sets().is_empty());
-            p.refuse_nat("no reason argument".into());
+            p.choose_nat(&facts(false, false, true));
+            assert!(matches!(&p.nat, Watch::No(why) if why.contains("no drop reason")));
             assert!(!p.watches_nat());
         }
+    }
+
+    fn facts(kfree: bool, kprobe: bool, loaded: bool) -> NatFacts {
+        let r = |ok: bool, why: &str| if ok { Ok(()) } else { Err(why.to_string()) };
+        NatFacts {
+            conntrack: Ok(()),
+            kfree_skb: r(kfree, "no drop reason"),
+            kprobe: r(kprobe, "CONFIG_KPROBES is off"),
+            nf_conntrack_loaded: loaded,
+            force: None,
+        }
+    }
+
+    #[test]
+    fn nat_takes_kfree_skb_where_it_can_and_the_confirm_pair_elsewhere() {
+        // 6.1+ with kprobes: kfree_skb, the pair as the fallback.
+        assert_eq!(
+            nat_hooks(&facts(true, true, true)),
+            Ok(vec![Set::NatBtf, Set::NatKprobe])
+        );
+        // The development machines (6.18): kfree_skb only.
+        assert_eq!(nat_hooks(&facts(true, false, true)), Ok(vec![Set::NatBtf]));
+        assert_eq!(nat_hooks(&facts(true, true, false)), Ok(vec![Set::NatBtf]));
+        // 5.10: no reason argument; kprobes and nf_conntrack loaded.
+        assert_eq!(
+            nat_hooks(&facts(false, true, true)),
+            Ok(vec![Set::NatKprobe])
+        );
+        // Nothing: one line with both reasons.
+        let why = nat_hooks(&facts(false, true, false)).unwrap_err();
+        assert!(why.contains("no drop reason") && why.contains("nf_conntrack is not loaded"));
+        let why = nat_hooks(&facts(false, false, true)).unwrap_err();
+        assert!(why.contains("CONFIG_KPROBES"), "{why}");
+        assert!(!why.contains('\n'));
+        // No conntrack offsets: neither hook can read the entry.
+        let mut f = facts(true, true, true);
+        f.conntrack = Err("no struct nf_conn in BTF".into());
+        assert_eq!(nat_hooks(&f), Err("no struct nf_conn in BTF".into()));
+    }
+
+    #[test]
+    fn the_nat_hook_can_be_forced() {
+        let mut f = facts(true, true, true);
+        f.force = Some(NatHook::parse("confirm"));
+        assert_eq!(nat_hooks(&f), Ok(vec![Set::NatKprobe]));
+        f.force = Some(NatHook::parse("kfree_skb"));
+        assert_eq!(nat_hooks(&f), Ok(vec![Set::NatBtf]));
+        let mut f = facts(false, true, true);
+        f.force = Some(NatHook::parse("kfree_skb"));
+        let why = nat_hooks(&f).unwrap_err();
+        assert!(
+            why.starts_with("PORTEXHAUST_NAT_HOOK=kfree_skb: no drop reason"),
+            "{why}"
+        );
+        let mut f = facts(true, false, true);
+        f.force = Some(NatHook::parse("confirm"));
+        assert!(nat_hooks(&f).is_err());
+        f.force = Some(NatHook::parse("fexit"));
+        assert!(
+            nat_hooks(&f)
+                .unwrap_err()
+                .contains("neither kfree_skb nor confirm")
+        );
+        // Without --catch nat nothing is chosen.
+        let mut p = Plan::new(Backend::TpBtf, &offer(false, true), 0);
+        p.choose_nat(&facts(true, true, true));
+        assert!(!p.watches_nat());
+        let mut p = Plan::new(Backend::TpBtf, &offer(false, true), KIND_NAT);
+        p.choose_nat(&facts(false, true, true));
+        assert_eq!(p.nat, Watch::Functions(vec![Set::NatKprobe]));
     }
 
     #[test]

@@ -221,6 +221,7 @@ fn boot_and_collect(
         &GuestConfig {
             kernel_label: label.to_string(),
             backends: Vec::new(),
+            nat_hooks: Vec::new(),
             boot_only: false,
             step_timeout_secs: 60,
             trace_secs: 60,

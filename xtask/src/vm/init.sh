@@ -153,6 +153,45 @@ alive() {
     [ -n "$state" ] && [ "$state" != Z ]
 }
 
+# wait_ready PID STDERR: sets ready=1 once the session said "ready" (attaching can take many
+# seconds under emulation), ready=0 if it ended or the step's budget ran out first.
+wait_ready() {
+    ready=0
+    i=0
+    while [ $i -lt $((PXH_STEP_TIMEOUT * 5)) ]; do
+        if grep -q ready "$2" 2>/dev/null; then
+            ready=1
+            break
+        fi
+        alive $1 || break
+        usleep 200000
+        i=$((i + 1))
+    done
+}
+
+# stop_session PID: sets stop=self|int|term.
+# --duration is only the backstop: once the workload is done (and the last events had a
+# moment to reach user space), Ctrl-C ends the session with its summary, as a user would.
+# A background job of a non-interactive shell starts with SIGINT ignored; a program may
+# keep it so, hence SIGTERM (also documented to end a session) if SIGINT did nothing.
+stop_session() {
+    stop=self
+    if alive $1; then
+        sleep 1
+        stop=int
+        kill -INT $1 2>/dev/null
+        i=0
+        while alive $1 && [ $i -lt 25 ]; do
+            usleep 200000
+            i=$((i + 1))
+        done
+        if alive $1; then
+            stop=term
+            kill -TERM $1 2>/dev/null
+        fi
+    fi
+}
+
 run_trace() {
     b=$1
     step_begin "$b" trace
@@ -161,18 +200,7 @@ run_trace() {
         portexhaust trace --json --backend "$b" --duration "$PXH_TRACE_SECS" \
         > /tmp/$b.trace.out 2> /tmp/$b.trace.err < /dev/null &
     tpid=$!
-    # Attaching can take many seconds under emulation: wait for the word "ready".
-    ready=0
-    i=0
-    while [ $i -lt $((PXH_STEP_TIMEOUT * 5)) ]; do
-        if grep -q ready /tmp/$b.trace.err 2>/dev/null; then
-            ready=1
-            break
-        fi
-        alive $tpid || break
-        usleep 200000
-        i=$((i + 1))
-    done
+    wait_ready $tpid /tmp/$b.trace.err
     if [ $ready = 1 ]; then
         step_begin "$b" workload
         w0=$(now)
@@ -189,25 +217,7 @@ run_trace() {
         send_file "$b.workload.err" /tmp/$b.workload.err
         say "@@PXH-STEP backend=$b step=workload exit=$wrc secs=$((w1 - w0)) pid=$wpid@@"
     fi
-    # --duration is only the backstop: once the workload is done (and the last events had a
-    # moment to reach user space), Ctrl-C ends the session with its summary, as a user would.
-    # A background job of a non-interactive shell starts with SIGINT ignored; a program may
-    # keep it so, hence SIGTERM (also documented to end a session) if SIGINT did nothing.
-    stop=self
-    if alive $tpid; then
-        sleep 1
-        stop=int
-        kill -INT $tpid 2>/dev/null
-        i=0
-        while alive $tpid && [ $i -lt 25 ]; do
-            usleep 200000
-            i=$((i + 1))
-        done
-        if alive $tpid; then
-            stop=term
-            kill -TERM $tpid 2>/dev/null
-        fi
-    fi
+    stop_session $tpid
     wait $tpid
     trc=$?
     t1=$(now)
@@ -223,6 +233,97 @@ for b in $PXH_BACKENDS; do
     if [ $? != 3 ]; then
         run_trace "$b"
     fi
+done
+
+# The NAT scenario (issue 15), once per NAT hook in $PXH_NAT_HOOKS (forced with
+# PORTEXHAUST_NAT_HOOK): client, router and server namespaces joined by veth pairs; the router
+# masquerades the client to 10 ports, so of 13 connects 10 get through and the SYNs of the
+# others are dropped at conntrack confirm (insert_failed). A fresh topology per hook: the
+# first run's conntrack entries hold every NAT port for minutes. iproute2's ip (busybox's has
+# no netns) and nft come from the host, with their libraries.
+IP=/usr/lib/pxh/ip
+NFT=/usr/lib/pxh/nft
+NAT_SERVER=10.203.2.2:5000
+nat_topology() {
+    for ns in pxc pxr pxs; do
+        $IP netns add $ns || return 1
+        $IP -n $ns link set lo up || return 1
+    done
+    $IP link add pxc0 netns pxc type veth peer name pxr0 netns pxr || return 1
+    $IP link add pxr1 netns pxr type veth peer name pxs0 netns pxs || return 1
+    $IP -n pxc addr add 10.203.1.2/24 dev pxc0 && $IP -n pxc link set pxc0 up &&
+        $IP -n pxc route add default via 10.203.1.1 &&
+        $IP -n pxr addr add 10.203.1.1/24 dev pxr0 && $IP -n pxr addr add 10.203.2.1/24 dev pxr1 &&
+        $IP -n pxr link set pxr0 up && $IP -n pxr link set pxr1 up &&
+        $IP -n pxs addr add 10.203.2.2/24 dev pxs0 && $IP -n pxs link set pxs0 up || return 1
+    # Forwarding in the router namespace only.
+    $IP netns exec pxr sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward' || return 1
+    # $1 = masq: the NAT; drop: the control, a firewall rule dropping new connections and
+    # no NAT (the same NF_DROP verdict, never a confirm failure: nothing must be reported).
+    if [ "$1" = drop ]; then
+        printf '%s\n' 'table ip pxhnat {' '  chain filt {' \
+            '    type filter hook forward priority filter; policy accept;' \
+            '    ct state new tcp dport 5000 drop' \
+            '  }' '}' | $IP netns exec pxr $NFT -f - || return 1
+    else
+        printf '%s\n' 'table ip pxhnat {' '  chain post {' \
+            '    type nat hook postrouting priority srcnat; policy accept;' \
+            '    oifname "pxr1" ip saddr 10.203.1.2 meta l4proto 6 masquerade to :40000-40009' \
+            '  }' '}' | $IP netns exec pxr $NFT -f - || return 1
+    fi
+}
+nat_stat() { $IP netns exec pxr cat /proc/net/stat/nf_conntrack > "$1" 2>&1; }
+# run_nat HOOK masq|drop [CONNECTS]
+run_nat() {
+    h=$1
+    b=nat-$h
+    [ "$2" = drop ] && b=nat-$h-drop
+    step_begin "$b" trace
+    t0=$(now)
+    nat_topology "$2" > /tmp/$b.setup.err 2>&1
+    setup=$?
+    spid=
+    ready=0
+    crc=
+    if [ $setup = 0 ]; then
+        $IP netns exec pxs portexhaust workload-nat --role server --addr $NAT_SERVER \
+            > /tmp/$b.server.out 2> /tmp/$b.server.err < /dev/null &
+        spid=$!
+        i=0
+        while ! grep -q listening /tmp/$b.server.out 2>/dev/null && [ $i -lt 50 ]; do
+            usleep 100000
+            i=$((i + 1))
+        done
+        nat_stat /tmp/$b.stat.before
+        PORTEXHAUST_NAT_HOOK=$h timeout -s KILL $((PXH_TRACE_SECS + PXH_STEP_TIMEOUT)) \
+            portexhaust trace --json --catch nat --duration "$PXH_TRACE_SECS" \
+            > /tmp/$b.trace.out 2> /tmp/$b.trace.err < /dev/null &
+        tpid=$!
+        wait_ready $tpid /tmp/$b.trace.err
+        if [ $ready = 1 ]; then
+            timeout -s KILL "$PXH_STEP_TIMEOUT" $IP netns exec pxc portexhaust workload-nat \
+                --role client --addr $NAT_SERVER --count "${3:-13}" --timeout-ms 1500 \
+                > /tmp/$b.client.out 2> /tmp/$b.client.err < /dev/null
+            crc=$?
+        fi
+        nat_stat /tmp/$b.stat.after
+        stop_session $tpid
+        wait $tpid
+        trc=$?
+    else
+        trc=
+    fi
+    [ -n "$spid" ] && kill $spid 2>/dev/null && wait $spid 2>/dev/null
+    for ns in pxc pxr pxs; do $IP netns del $ns 2>/dev/null; done
+    t1=$(now)
+    for f in setup.err trace.out trace.err client.out client.err server.err stat.before stat.after; do
+        send_file "$b.$f" /tmp/$b.$f
+    done
+    say "@@PXH-STEP backend=$b step=trace exit=${trc:-none} secs=$((t1 - t0)) ready=$ready stop=${stop:-none} setup=$setup client=${crc:-none}@@"
+}
+for h in $PXH_NAT_HOOKS; do
+    run_nat "$h" masq
+    run_nat "$h" drop 2
 done
 
 # --exec: the developer's own commands (for digging into a failure), after the checks.

@@ -18,6 +18,8 @@ pub struct GuestConfig {
     pub kernel_label: String,
     /// Backends to check, in order; empty with `boot_only`.
     pub backends: Vec<String>,
+    /// NAT hooks to run the NAT scenario with (`PORTEXHAUST_NAT_HOOK` values), in order.
+    pub nat_hooks: Vec<String>,
     pub boot_only: bool,
     pub step_timeout_secs: u64,
     pub trace_secs: u64,
@@ -38,7 +40,7 @@ impl GuestConfig {
         format!(
             "PXH_KERNEL=\"{}\"\nPXH_MODE=\"{}\"\nPXH_BACKENDS=\"{}\"\nPXH_STEP_TIMEOUT=\"{}\"\n\
              PXH_TRACE_SECS=\"{}\"\nPXH_WORKLOAD_PORTS=\"{}\"\nPXH_WORKLOAD_FAILURES=\"{}\"\n\
-             PXH_BENCH_TIMEOUT=\"{}\"\n",
+             PXH_BENCH_TIMEOUT=\"{}\"\nPXH_NAT_HOOKS=\"{}\"\n",
             self.kernel_label,
             match (self.boot_only, &self.bench_plan) {
                 (true, _) => "boot",
@@ -51,6 +53,11 @@ impl GuestConfig {
             self.workload_ports,
             self.workload_failures,
             self.bench_timeout_secs,
+            if self.boot_only {
+                String::new()
+            } else {
+                self.nat_hooks.join(" ")
+            },
         )
     }
 }
@@ -206,6 +213,7 @@ mod tests {
         let g = GuestConfig {
             kernel_label: "6.1".into(),
             backends: vec!["fentry".into(), "kprobe".into()],
+            nat_hooks: vec!["confirm".into()],
             boot_only: false,
             step_timeout_secs: 120,
             trace_secs: 10,
@@ -218,6 +226,7 @@ mod tests {
         let env = g.env_file();
         assert!(env.contains("PXH_BACKENDS=\"fentry kprobe\"\n"));
         assert!(env.contains("PXH_MODE=\"full\"\n"));
+        assert!(env.contains("PXH_NAT_HOOKS=\"confirm\"\n"));
         let bench = GuestConfig {
             bench_plan: Some("{}".into()),
             ..g

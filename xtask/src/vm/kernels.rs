@@ -64,7 +64,15 @@ pub struct Kernel {
     pub modules: Vec<PathBuf>,
     /// Needed options this kernel lacks, said once per fetch and shown in the report.
     pub warnings: Vec<String>,
+    /// Which `NEEDED_CONFIG` the kernel was unpacked for: an older unpacking lacks modules a
+    /// newer guest loads (0: before the field existed), so it is unpacked again.
+    #[serde(default)]
+    pub layout: u32,
 }
+
+/// Bump when `NEEDED_CONFIG` (unpack.rs) changes. 1: the NAT scenario's modules; 2: and
+/// inet_diag, tcp_diag, nf_conntrack_netlink; 3: nft_ct.
+pub const LAYOUT: u32 = 3;
 
 /// Where one unpacked kernel lives in the cache.
 fn kernel_dir(cache: &Path, package: &str, version: &str) -> PathBuf {
@@ -74,7 +82,8 @@ fn kernel_dir(cache: &Path, package: &str, version: &str) -> PathBuf {
 fn load_meta(dir: &Path) -> Option<Kernel> {
     let text = std::fs::read_to_string(dir.join("meta.json")).ok()?;
     let k: Kernel = serde_json::from_str(&text).ok()?;
-    (k.vmlinuz.is_file() && k.modules.iter().all(|m| m.is_file())).then_some(k)
+    (k.layout == LAYOUT && k.vmlinuz.is_file() && k.modules.iter().all(|m| m.is_file()))
+        .then_some(k)
 }
 
 /// The suite's most recently fetched kernel, for --offline.

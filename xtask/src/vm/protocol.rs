@@ -471,6 +471,289 @@ pub fn check_trace(
     }
 }
 
+/// The NAT scenario's server, behind the router's masquerade (must match init.sh).
+pub const NAT_DST: &str = "10.203.2.2:5000";
+/// Connects the scenario's client makes, and how many the NAT's 10 ports let through.
+pub const NAT_CONNECTS: u64 = 13;
+pub const NAT_PORTS: u64 = 10;
+
+/// The matrix column of a NAT hook: `nat-confirm`, `nat-kfree_skb`.
+pub fn nat_column(hook: &str) -> String {
+    format!("nat-{hook}")
+}
+
+/// What `watching nat: ...` must say for each hook `PORTEXHAUST_NAT_HOOK` forces.
+fn nat_hook_words(hook: &str) -> &'static str {
+    match hook {
+        "confirm" => "kprobe __nf_conntrack_confirm",
+        _ => "tp_btf kfree_skb",
+    }
+}
+
+/// Reasons for "not watching nat" that mean the kernel lacks the hook (not a failure).
+const NAT_UNSUPPORTED: &[&str] = &[
+    "no drop reason",
+    "no kprobes for __nf_conntrack_confirm",
+    "has no skb:kfree_skb",
+    "has no SKB_DROP_REASON_NETFILTER_DROP",
+];
+
+/// `insert_failed` of /proc/net/stat/nf_conntrack, summed over its per-CPU hex rows.
+pub fn insert_failed(stat: &str) -> Option<u64> {
+    let mut lines = stat.lines();
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let col = header.iter().position(|h| *h == "insert_failed")?;
+    let mut sum = 0;
+    for l in lines.filter(|l| !l.trim().is_empty()) {
+        let v = l.split_whitespace().nth(col)?;
+        sum += u64::from_str_radix(v, 16).ok()?;
+    }
+    Some(sum)
+}
+
+/// Judge the NAT scenario with one hook. None: the guest never ran it.
+pub fn classify_nat(r: &GuestReport, hook: &str) -> Option<Cell> {
+    let col = nat_column(hook);
+    let file = |name: &str| r.text(&format!("{col}.{name}"));
+    let st = r.step(&col, "trace")?;
+    let (tr_out, tr_err) = (file("trace.out"), file("trace.err"));
+    let details = || {
+        let mut d = labelled("setup", &file("setup.err"), 5);
+        d.extend(labelled("trace stderr", &tr_err, 15));
+        d.extend(labelled("trace stdout (last lines)", &tr_out, 5));
+        d.extend(labelled("client stdout", &file("client.out"), 3));
+        d.extend(labelled("client stderr", &file("client.err"), 5));
+        d.extend(labelled("server stderr", &file("server.err"), 5));
+        d
+    };
+    let fail = |why: String| Some(Cell::new(Status::Fail, why).with_details(details()));
+    let field = |k: &str| st.fields.get(k).map(String::as_str);
+    if field("setup") != Some("0") {
+        return fail(format!(
+            "setting up the NAT topology failed: {}",
+            last_line(&file("setup.err"))
+        ));
+    }
+    if let Some(why) = tr_err
+        .lines()
+        .find_map(|l| l.split_once("not watching nat: ").map(|(_, w)| w.trim()))
+    {
+        if NAT_UNSUPPORTED.iter().any(|u| why.contains(u)) {
+            return Some(Cell::new(Status::Unsupported, why));
+        }
+        return fail(format!("NAT not watched: {why}"));
+    }
+    if field("ready") != Some("1") {
+        return fail(format!(
+            "trace never said it was ready (exit {}): {}",
+            field("exit").unwrap_or("?"),
+            last_line(&tr_err)
+        ));
+    }
+    let watching = tr_err
+        .lines()
+        .find_map(|l| {
+            l.split_once("watching nat: ")
+                .map(|(_, w)| w.trim().to_string())
+        })
+        .unwrap_or_default();
+    if !watching.contains(nat_hook_words(hook)) {
+        return fail(format!(
+            "PORTEXHAUST_NAT_HOOK={hook}, but the coverage line says \"watching nat: {watching}\""
+        ));
+    }
+    if field("client") != Some("0") || field("exit") != Some("0") {
+        return fail(format!(
+            "client exited {}, trace exited {}: {}",
+            field("client").unwrap_or("?"),
+            field("exit").unwrap_or("?"),
+            last_line(&tr_err)
+        ));
+    }
+    let client: Value = serde_json::from_str(file("client.out").trim()).unwrap_or(Value::Null);
+    let before = insert_failed(&file("stat.before"));
+    let after = insert_failed(&file("stat.after"));
+    let summary = match check_nat(&tr_out, &client, before, after) {
+        Ok(summary) => summary,
+        Err(why) => return fail(why),
+    };
+    // The control: a firewall drop rule instead of the NAT, same hook.
+    let ctl = format!("{col}-drop");
+    let ctl_file = |name: &str| r.text(&format!("{ctl}.{name}"));
+    let Some(cs) = r.step(&ctl, "trace") else {
+        return fail("the firewall-drop control never ran".into());
+    };
+    let cfield = |k: &str| cs.fields.get(k).map(String::as_str);
+    if cfield("setup") != Some("0") || cfield("client") != Some("0") || cfield("exit") != Some("0")
+    {
+        let mut d = labelled("control setup", &ctl_file("setup.err"), 5);
+        d.extend(labelled("control trace stderr", &ctl_file("trace.err"), 10));
+        return Some(
+            Cell::new(
+                Status::Fail,
+                format!(
+                    "the firewall-drop control did not run through (setup {}, client {}, trace {})",
+                    cfield("setup").unwrap_or("?"),
+                    cfield("client").unwrap_or("?"),
+                    cfield("exit").unwrap_or("?")
+                ),
+            )
+            .with_details(d),
+        );
+    }
+    let control: Value = serde_json::from_str(ctl_file("client.out").trim()).unwrap_or(Value::Null);
+    match check_nat_control(
+        &ctl_file("trace.out"),
+        &control,
+        insert_failed(&ctl_file("stat.before")),
+        insert_failed(&ctl_file("stat.after")),
+    ) {
+        Ok(c) => Some(Cell::new(
+            Status::Pass,
+            format!("{summary}; {c} ({watching})"),
+        )),
+        Err(why) => {
+            let mut d = labelled("control trace stdout", &ctl_file("trace.out"), 5);
+            d.extend(labelled("control trace stderr", &ctl_file("trace.err"), 10));
+            Some(Cell::new(Status::Fail, why).with_details(d))
+        }
+    }
+}
+
+/// The control run: the client's SYNs dropped by a firewall rule (no NAT) must not be
+/// reported, and the router's insert_failed must not move.
+pub fn check_nat_control(
+    ndjson: &str,
+    client: &Value,
+    before: Option<u64>,
+    after: Option<u64>,
+) -> Result<String, String> {
+    let ok = client.get("ok").and_then(Value::as_u64);
+    let failed = client.get("failed").and_then(Value::as_u64).unwrap_or(0);
+    if ok != Some(0) || failed == 0 {
+        return Err(format!(
+            "control: the drop rule should have stopped every connect: {client}"
+        ));
+    }
+    let reported = ndjson
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .filter(|v| v.get("site").and_then(Value::as_str) == Some("nf_nat"))
+        .count();
+    if reported != 0 {
+        return Err(format!(
+            "control: {reported} nf_nat line(s) for connects a firewall rule dropped"
+        ));
+    }
+    match (before, after) {
+        (Some(b), Some(a)) if a == b => Ok(format!(
+            "a drop rule's {failed} refused connects not reported"
+        )),
+        _ => Err(format!(
+            "control: the router's insert_failed moved ({} -> {})",
+            show(before),
+            show(after)
+        )),
+    }
+}
+
+/// Check the NDJSON of `trace --json --catch nat` against the client's report and the router's
+/// `insert_failed` before and after.
+pub fn check_nat(
+    ndjson: &str,
+    client: &Value,
+    before: Option<u64>,
+    after: Option<u64>,
+) -> Result<String, String> {
+    let pid = client.get("pid").and_then(Value::as_u64);
+    let ok = client.get("ok").and_then(Value::as_u64);
+    let failed = client.get("failed").and_then(Value::as_u64);
+    if ok != Some(NAT_PORTS) || failed != Some(NAT_CONNECTS - NAT_PORTS) {
+        return Err(format!(
+            "the client got {} of {NAT_CONNECTS} connections through a NAT of {NAT_PORTS} ports \
+             (want {NAT_PORTS}): {client}",
+            show(ok)
+        ));
+    }
+    let (Some(before), Some(after)) = (before, after) else {
+        return Err("no insert_failed in the router's /proc/net/stat/nf_conntrack".into());
+    };
+    let delta = after.saturating_sub(before);
+    if delta == 0 {
+        return Err("the NAT dropped nothing: the router's insert_failed did not rise".into());
+    }
+    let mut nat = 0u64;
+    let mut problems: BTreeMap<String, u64> = BTreeMap::new();
+    let mut summary: Option<Value> = None;
+    for line in ndjson.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line.trim()) else {
+            continue;
+        };
+        match v.get("type").and_then(Value::as_str) {
+            Some("summary") => summary = Some(v),
+            Some("failure") if v.get("site").and_then(Value::as_str) == Some("nf_nat") => {
+                nat += 1;
+                let mut bad = Vec::new();
+                let cause = v.get("cause").and_then(Value::as_str);
+                if cause != Some("snat_exhausted") {
+                    bad.push(format!("cause {}", cause.unwrap_or("missing")));
+                }
+                let got = v.get("pid").and_then(Value::as_u64);
+                if got != pid {
+                    bad.push(format!("pid {} (the client is {})", show(got), show(pid)));
+                }
+                let dst = v.get("dst").and_then(Value::as_str);
+                if dst != Some(NAT_DST) {
+                    bad.push(format!("dst {}", dst.unwrap_or("missing")));
+                }
+                // The NAT's own table has another connection on that reply tuple.
+                if v.pointer("/nat/clash").and_then(Value::as_bool) != Some(true) {
+                    bad.push("no clash in the NAT's conntrack table".into());
+                }
+                if !bad.is_empty() {
+                    *problems.entry(bad.join(", ")).or_default() += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut why = Vec::new();
+    if nat != delta {
+        why.push(format!(
+            "{nat} nf_nat failure lines, the router's insert_failed rose by {delta}"
+        ));
+    }
+    for (p, n) in &problems {
+        why.push(format!("{n} nf_nat line(s) with {p}"));
+    }
+    let entry = summary
+        .as_ref()
+        .and_then(|s| s.get("nat")?.as_array()?.first().cloned());
+    let drops = entry.as_ref().and_then(|e| e.get("drops")?.as_u64());
+    if drops != Some(delta) {
+        why.push(format!(
+            "the summary's nat drops {}, insert_failed +{delta}",
+            show(drops)
+        ));
+    }
+    let in_use = entry.as_ref().and_then(|e| e.get("in_use")?.as_u64());
+    if in_use != Some(NAT_PORTS) {
+        why.push(format!(
+            "the summary says {} of the NAT's {NAT_PORTS} ports in use",
+            show(in_use)
+        ));
+    }
+    if why.is_empty() {
+        Ok(format!(
+            "{nat} nf_nat drops = insert_failed +{delta}, snat_exhausted, clash, client pid {} \
+             named, NAT {NAT_PORTS}/{NAT_PORTS} ports in use",
+            show(pid)
+        ))
+    } else {
+        Err(format!("nat: {}", why.join("; ")))
+    }
+}
+
 fn show(v: Option<u64>) -> String {
     v.map_or("missing".into(), |n| n.to_string())
 }
@@ -580,6 +863,69 @@ mod tests {
             failed_rows(table),
             vec!["tcp [::1]:5000 EADDRNOTAVAIL | 5 | 0 | FAIL".to_string()]
         );
+    }
+
+    fn nat_line(pid: u64, cause: &str) -> String {
+        format!(
+            r#"{{"type":"failure","pid":{pid},"dst":"{NAT_DST}","errno":0,"site":"nf_nat","cause":"{cause}","nat":{{"clash":true}}}}"#
+        )
+    }
+
+    #[test]
+    fn nat_counts_must_equal_insert_failed() {
+        let stat = |n: u64| {
+            format!(
+                "entries  clashres found new invalid ignore delete delete_list insert insert_failed drop\n\
+                 00000000 00000000 0 0 0 0 0 0 0 {:08x} 0\n00000000 00000000 0 0 0 0 0 0 0 00000001 0\n",
+                n
+            )
+        };
+        assert_eq!(insert_failed(&stat(2)), Some(3));
+        assert_eq!(insert_failed("nothing"), None);
+        let client = serde_json::json!({"pid": 42, "ok": 10, "failed": 3});
+        let sum = r#"{"type":"summary","nat":[{"drops":2,"in_use":10}]}"#;
+        let good = format!(
+            "{}\n{}\n{sum}\n",
+            nat_line(42, "snat_exhausted"),
+            nat_line(42, "snat_exhausted")
+        );
+        let ok = check_nat(&good, &client, Some(5), Some(7)).unwrap();
+        assert!(ok.starts_with("2 nf_nat drops = insert_failed +2"), "{ok}");
+        // One line short of the kernel's count.
+        let err = check_nat(&good, &client, Some(5), Some(8)).unwrap_err();
+        assert!(
+            err.contains("2 nf_nat failure lines, the router's insert_failed rose by 3"),
+            "{err}"
+        );
+        // Another pid, and nothing dropped at all.
+        let other = format!(
+            "{}\n{}\n{sum}\n",
+            nat_line(41, "snat_exhausted"),
+            nat_line(42, "snat_exhausted")
+        );
+        assert!(
+            check_nat(&other, &client, Some(5), Some(7))
+                .unwrap_err()
+                .contains("pid 41")
+        );
+        assert!(
+            check_nat(&good, &client, Some(5), Some(5))
+                .unwrap_err()
+                .contains("dropped nothing")
+        );
+        let few = serde_json::json!({"pid": 42, "ok": 9, "failed": 4});
+        assert!(check_nat(&good, &few, Some(5), Some(7)).is_err());
+        // The firewall control: nothing reported, nothing inserted-failed.
+        let refused = serde_json::json!({"pid": 43, "ok": 0, "failed": 2});
+        let quiet = r#"{"type":"summary"}"#;
+        assert!(check_nat_control(quiet, &refused, Some(1), Some(1)).is_ok());
+        assert!(
+            check_nat_control(&good, &refused, Some(1), Some(1))
+                .unwrap_err()
+                .contains("2 nf_nat")
+        );
+        assert!(check_nat_control(quiet, &refused, Some(1), Some(2)).is_err());
+        assert!(check_nat_control(quiet, &client, Some(1), Some(1)).is_err());
     }
 
     #[test]

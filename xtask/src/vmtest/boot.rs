@@ -28,13 +28,24 @@ pub(super) struct Run<'a> {
     /// None with --boot-only.
     pub(super) binary: Option<PathBuf>,
     pub(super) backends: Vec<String>,
+    /// NAT hooks the NAT scenario runs with, and the host programs it needs in the guest.
+    pub(super) nat_hooks: Vec<String>,
+    pub(super) nat_programs: Vec<(PathBuf, String)>,
     pub(super) expect: Expect,
 }
 
 impl Run<'_> {
+    /// The matrix columns: the backends, then one per NAT hook.
+    pub(super) fn columns(&self) -> Vec<String> {
+        let mut c = self.backends.clone();
+        c.extend(self.nat_hooks.iter().map(|h| protocol::nat_column(h)));
+        c
+    }
+
     /// Fetch, boot and judge one kernel. Never fails: what goes wrong is in the row.
     pub(super) fn kernel(&self, spec: &KernelSpec) -> Row {
-        let (args, backends) = (self.args, &self.backends);
+        let args = self.args;
+        let backends = &self.columns();
         let mut row = Row::new(spec);
         let label = spec.label;
         let say = |m: &str| log(format!("[{label}] {m}"));
@@ -104,6 +115,7 @@ impl Run<'_> {
         row: &mut Row,
     ) -> Result<()> {
         let (args, backends, expect) = (self.args, &self.backends, &self.expect);
+        let columns = &self.columns();
         let binary = self.binary.as_deref();
         let label = spec.label;
         std::fs::create_dir_all(run_dir)
@@ -112,6 +124,7 @@ impl Run<'_> {
         let guest = GuestConfig {
             kernel_label: label.to_string(),
             backends: backends.to_vec(),
+            nat_hooks: self.nat_hooks.clone(),
             boot_only: args.boot_only,
             step_timeout_secs: args.step_timeout_secs,
             trace_secs: args.trace_secs,
@@ -126,7 +139,7 @@ impl Run<'_> {
                 busybox: &self.busybox,
                 portexhaust: binary,
                 modules: &kernel.modules,
-                programs: &[],
+                programs: &self.nat_programs,
             },
             &guest,
             &image,
@@ -180,6 +193,11 @@ impl Run<'_> {
                 row.cells.insert(b.clone(), cell);
             }
         }
+        for h in &self.nat_hooks {
+            if let Some(cell) = protocol::classify_nat(&report, h) {
+                row.cells.insert(protocol::nat_column(h), cell);
+            }
+        }
         for (i, cmd) in args.exec.iter().enumerate() {
             let n = format!("{:02}", i + 1);
             if let Some(step) = report.step("exec", &n) {
@@ -201,7 +219,7 @@ impl Run<'_> {
             if row.console_tail.is_empty() {
                 row.console_tail = vec!["(the console stayed empty)".into()];
             }
-            row.fail_row(backends, kind, &why);
+            row.fail_row(columns, kind, &why);
         } else if binary.is_some() && report.facts.get("payload").is_some_and(|v| v == "missing") {
             bail!("the guest found no /usr/bin/portexhaust");
         }

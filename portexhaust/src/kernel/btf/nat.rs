@@ -55,8 +55,9 @@ impl Btf {
     }
 }
 
-/// The offsets of [`NatOffsets`], or why this kernel cannot run the NAT program.
-pub fn resolve(btf: &Btf) -> Result<NatOffsets, String> {
+/// The value of `SKB_DROP_REASON_NETFILTER_DROP`, or why the `kfree_skb` hook cannot tell
+/// netfilter drops here.
+pub fn kfree_skb_reason(btf: &Btf) -> Result<u32, String> {
     // tp_btf arguments are (ctx, skb, location, reason[, rx_sk]): the reason came with
     // kfree_skb_reason() in 5.17; before it the tracepoint had no reason to filter on.
     let params = btf
@@ -71,12 +72,19 @@ pub fn resolve(btf: &Btf) -> Result<NatOffsets, String> {
     let reason = btf
         .enumerator("SKB_DROP_REASON_NETFILTER_DROP")
         .ok_or("the kernel's BTF has no SKB_DROP_REASON_NETFILTER_DROP")?;
+    u32::try_from(reason).map_err(|_| "odd drop reason value".to_string())
+}
+
+/// The conntrack offsets of [`NatOffsets`] (both NAT hooks read the same `sk_buff` and
+/// `nf_conn` fields), or why this kernel's BTF does not have them. `reason_netfilter_drop` is
+/// left at `u32::MAX` (matches no drop): [`kfree_skb_reason`] fills it where it exists.
+pub fn resolve(btf: &Btf) -> Result<NatOffsets, String> {
     let m = |ty: &str, path: &str| {
         btf.member_offset(ty, path)
             .map_err(|e| format!("the kernel's BTF lacks a field the NAT program reads: {e}"))
     };
     let o = NatOffsets {
-        reason_netfilter_drop: u32::try_from(reason).map_err(|_| "odd drop reason value")?,
+        reason_netfilter_drop: u32::MAX,
         // Only with CONFIG_NF_CONNTRACK.
         skb_nfct: m("sk_buff", "_nfct")?,
         ct_status: m("nf_conn", "status")?,
@@ -131,7 +139,14 @@ mod tests {
         };
         match resolve(&btf) {
             Ok(o) => {
-                assert!(o.reason_netfilter_drop > 0, "{o:?}");
+                assert_eq!(
+                    o.reason_netfilter_drop,
+                    u32::MAX,
+                    "filled by the loader: {o:?}"
+                );
+                if let Ok(reason) = kfree_skb_reason(&btf) {
+                    assert!(reason > 0);
+                }
                 assert_eq!(o.tuplehash_size, 56, "{o:?}");
                 assert_eq!(o.tuplehash_tuple, 16, "{o:?}");
                 assert!(o.ct_status > o.ct_tuplehash, "{o:?}");

@@ -15,8 +15,10 @@ pub(super) struct KernelBtf {
     /// An `EbpfLoader`, made on another thread too: `EbpfLoader::new()` parses the kernel BTF
     /// itself (aya 0.14 offers no constructor that does not).
     pub(super) loader: Option<std::thread::JoinHandle<EbpfLoader<'static>>>,
-    /// What the source-NAT program reads, resolved when a plan first asks for it.
+    /// What the source-NAT programs read, resolved when a plan first asks for it.
     pub(super) nat: Option<std::result::Result<portexhaust_common::NatOffsets, String>>,
+    /// `SKB_DROP_REASON_NETFILTER_DROP` (the kfree_skb form only), likewise.
+    pub(super) nat_reason: Option<std::result::Result<u32, String>>,
 }
 
 impl KernelBtf {
@@ -30,6 +32,7 @@ impl KernelBtf {
                 resolved: None,
                 loader,
                 nat: None,
+                nat_reason: None,
             };
         }
         let t = std::time::Instant::now();
@@ -58,6 +61,7 @@ impl KernelBtf {
             resolved,
             loader,
             nat: None,
+            nat_reason: None,
         }
     }
 
@@ -70,6 +74,19 @@ impl KernelBtf {
             });
         }
         self.nat
+            .clone()
+            .unwrap_or_else(|| Err("unresolved".to_string()))
+    }
+
+    /// The drop reason the kfree_skb form filters on, or why it cannot.
+    pub(super) fn nat_reason(&mut self) -> std::result::Result<u32, String> {
+        if self.nat_reason.is_none() {
+            self.nat_reason = Some(match &self.ours {
+                Some(btf) => crate::kernel::btf::nat::kfree_skb_reason(btf),
+                None => Err("no kernel BTF".to_string()),
+            });
+        }
+        self.nat_reason
             .clone()
             .unwrap_or_else(|| Err("unresolved".to_string()))
     }
@@ -292,7 +309,13 @@ pub(super) fn load_object(
     let log_level = klog::ebpf_level();
     // The NAT program's offsets (its plan entry was refused earlier if they are missing).
     let nat = if plan.watches_nat() {
-        btf.nat().ok()
+        // Without the reason (before 5.17) only the confirm pair runs: the kfree_skb
+        // program keeps its default, which matches no drop.
+        let reason = btf.nat_reason().unwrap_or(u32::MAX);
+        btf.nat().ok().map(|o| portexhaust_common::NatOffsets {
+            reason_netfilter_drop: reason,
+            ..o
+        })
     } else {
         None
     };

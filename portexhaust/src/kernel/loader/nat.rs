@@ -10,12 +10,17 @@ pub struct NatStats {
     pub unstreamed: u64,
     /// Drops whose key did not fit in `NAT_COUNTS` (in `drops`, in no entry).
     pub uncounted: u64,
+    /// `__nf_conntrack_confirm` calls nested deeper than the per-CPU stack of the kprobe
+    /// pair (their drops are missed), or stale entries it dropped (a return not seen).
+    pub confirm_unmatched: u64,
 }
 
 impl Tracer {
     /// Whether the NAT program is attached.
     pub fn watches_nat(&self) -> bool {
-        self.attached.iter().any(|p| p.set == Set::NatBtf)
+        self.attached
+            .iter()
+            .any(|p| matches!(p.set, Set::NatBtf | Set::NatKprobe))
     }
 
     /// The exact NAT drop counts per (NAT namespace, destination, NAT address).
@@ -36,7 +41,7 @@ impl Tracer {
             .ebpf
             .map(name)
             .ok_or(Error::MissingObject { kind: "map", name })?;
-        let a: PerCpuArray<&MapData, [u64; 5]> =
+        let a: PerCpuArray<&MapData, [u64; 6]> =
             PerCpuArray::try_from(map).map_err(|source| Error::Map { map: name, source })?;
         let v = a
             .get(&0, 0)
@@ -46,6 +51,7 @@ impl Tracer {
             s.drops += cpu[0];
             s.unstreamed += cpu[1];
             s.uncounted += cpu[2];
+            s.confirm_unmatched += cpu[5];
         }
         Ok(s)
     }

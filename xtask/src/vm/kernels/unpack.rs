@@ -12,8 +12,11 @@ use super::Kernel;
 
 /// Kernel options the guest payload relies on. A `Some(module)` option may be built as a module:
 /// then that module (and what it depends on) is put into the initramfs and loaded by /init.
-/// On the Debian cloud kernels all of these are built in (checked on 5.10.223, 6.1.176,
-/// 6.12.117), so normally no module is needed at all.
+/// On the Debian cloud kernels the first group is built in (checked on 5.10.223, 6.1.176,
+/// 6.12.117); the NAT scenario's (veth, conntrack, NAT, nftables masquerade, socket and
+/// conntrack diagnostics over netlink) are modules there,
+/// so the guest loads them, dependencies first (nf_defrag_ipv4/6, libcrc32c, ... come from the
+/// modules' own `depends=`).
 const NEEDED_CONFIG: &[(&str, Option<&str>)] = &[
     ("CONFIG_BPF_SYSCALL", None),
     ("CONFIG_BPF_EVENTS", None),
@@ -23,6 +26,19 @@ const NEEDED_CONFIG: &[(&str, Option<&str>)] = &[
     ("CONFIG_DEVTMPFS", None),
     ("CONFIG_SERIAL_8250_CONSOLE", None),
     ("CONFIG_BLK_DEV_INITRD", None),
+    ("CONFIG_VETH", Some("veth")),
+    ("CONFIG_NF_CONNTRACK", Some("nf_conntrack")),
+    ("CONFIG_NF_NAT", Some("nf_nat")),
+    ("CONFIG_NF_TABLES", Some("nf_tables")),
+    ("CONFIG_NFT_NAT", Some("nft_chain_nat")),
+    ("CONFIG_NFT_MASQ", Some("nft_masq")),
+    // `ct state new ... drop`: the firewall control of the NAT scenario.
+    ("CONFIG_NFT_CT", Some("nft_ct")),
+    // What names the NAT's client and reads the NAT's own view: sock_diag (the sockets of
+    // every namespace) and conntrack over netlink.
+    ("CONFIG_INET_DIAG", Some("inet_diag")),
+    ("CONFIG_INET_TCP_DIAG", Some("tcp_diag")),
+    ("CONFIG_NF_CT_NETLINK", Some("nf_conntrack_netlink")),
 ];
 
 /// Unpack the .deb, keep vmlinuz and the modules NEEDED_CONFIG asks for, drop the rest.
@@ -119,6 +135,7 @@ fn unpack_into(
         vmlinuz,
         modules,
         warnings,
+        layout: super::LAYOUT,
     };
     let meta = serde_json::to_string_pretty(&kernel).context("serialising kernel metadata")?;
     std::fs::write(dest.join("meta.json"), meta)
