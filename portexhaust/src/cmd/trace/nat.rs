@@ -144,6 +144,8 @@ pub struct NatWatch {
     baseline: HashMap<u64, u64>,
     /// Each NAT namespace's conntrack table, for the clash check.
     views: HashMap<u64, (Instant, NatView)>,
+    /// `confirm_unmatched` as last warned about.
+    unmatched_said: u64,
 }
 
 impl NatWatch {
@@ -211,6 +213,16 @@ impl NatWatch {
         totals.failures_total += stats.uncounted;
         totals.uncounted_keys += stats.uncounted;
         totals.nat_unstreamed = stats.unstreamed;
+        // The confirm kprobe pair could not pair some calls (nested too deep, a lost return):
+        // drops among them would be missed. Said once, when it first happens.
+        if stats.confirm_unmatched > self.unmatched_said {
+            log::warn!(
+                "{} __nf_conntrack_confirm call(s) could not be paired with their return: NAT \
+                 drops among them are not counted",
+                stats.confirm_unmatched
+            );
+            self.unmatched_said = stats.confirm_unmatched;
+        }
         Ok(())
     }
 
