@@ -184,11 +184,13 @@ fn selected_kernels(args: &VmtestArgs) -> Vec<&'static KernelSpec> {
         .collect()
 }
 
-fn selected_nat_hooks(args: &VmtestArgs) -> Vec<String> {
+/// The names a comma list asked for, `all` standing for every one of `every`, `none` for
+/// none, each once, in the order asked.
+fn expand(asked: &[String], every: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for h in &args.nat_hook {
-        let names: Vec<&str> = match h.as_str() {
-            "all" => NAT_HOOKS.to_vec(),
+    for a in asked {
+        let names: Vec<&str> = match a.as_str() {
+            "all" => every.to_vec(),
             "none" => Vec::new(),
             other => vec![other],
         };
@@ -199,6 +201,10 @@ fn selected_nat_hooks(args: &VmtestArgs) -> Vec<String> {
         }
     }
     out
+}
+
+fn selected_nat_hooks(args: &VmtestArgs) -> Vec<String> {
+    expand(&args.nat_hook, NAT_HOOKS)
 }
 
 /// (host path, guest path) of the NAT scenario's programs, or what is missing.
@@ -226,20 +232,7 @@ fn nat_programs() -> Result<Vec<(PathBuf, String)>> {
 }
 
 fn selected_backends(args: &VmtestArgs) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for b in &args.backend {
-        let names: Vec<&str> = match b.as_str() {
-            "all" => BACKENDS.to_vec(),
-            "none" => Vec::new(),
-            other => vec![other],
-        };
-        for n in names {
-            if !out.iter().any(|o| o == n) {
-                out.push(n.to_string());
-            }
-        }
-    }
-    out
+    expand(&args.backend, BACKENDS)
 }
 
 pub fn vmtest(args: &VmtestArgs) -> Result<()> {
@@ -357,4 +350,23 @@ pub fn vmtest(args: &VmtestArgs) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod expand_tests {
+    use super::*;
+
+    #[test]
+    fn lists_expand_all_and_none_once_each() {
+        let asked = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            expand(&asked(&["all"]), NAT_HOOKS),
+            ["confirm", "kfree_skb"]
+        );
+        assert!(expand(&asked(&["none"]), BACKENDS).is_empty());
+        assert_eq!(
+            expand(&asked(&["kprobe", "all", "kprobe"]), BACKENDS),
+            ["kprobe", "tp-btf", "raw-tp", "fentry", "tracepoint"]
+        );
+    }
 }
