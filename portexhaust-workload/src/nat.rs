@@ -37,9 +37,13 @@ pub fn nat_server(addr: SocketAddr) -> Result<(), WorkloadError> {
 }
 
 /// Connect `n` times to `addr`, giving up on each after `timeout` (the SYN and, with 1.5 s,
-/// one retransmission), keeping the connections that got through; then hold them for `hold`
-/// so that the tracer can still find the client while it names the last drops.
-pub fn nat_client(addr: SocketAddr, n: u32, timeout: Duration, hold: Duration) -> NatClientReport {
+/// one retransmission): what happened, and the connections that got through, which the caller
+/// keeps open so that the tracer can still find the client while it names the last drops.
+pub fn nat_client(
+    addr: SocketAddr,
+    n: u32,
+    timeout: Duration,
+) -> (NatClientReport, Vec<TcpStream>) {
     let mut kept = Vec::new();
     let (mut ok, mut failed) = (0, 0);
     for _ in 0..n {
@@ -51,10 +55,10 @@ pub fn nat_client(addr: SocketAddr, n: u32, timeout: Duration, hold: Duration) -
             Err(_) => failed += 1,
         }
     }
-    std::thread::sleep(hold);
-    NatClientReport {
+    let report = NatClientReport {
         pid: std::process::id(),
         ok,
         failed,
-    }
+    };
+    (report, kept)
 }

@@ -120,13 +120,16 @@ fn workload_nat(a: &WorkloadNatArgs) -> anyhow::Result<ExitCode> {
     match a.role {
         NatRole::Server => portexhaust_workload::nat_server(a.addr)?,
         NatRole::Client => {
-            let r = portexhaust_workload::nat_client(
+            let (r, kept) = portexhaust_workload::nat_client(
                 a.addr,
                 a.count,
                 std::time::Duration::from_millis(a.timeout_ms),
-                std::time::Duration::from_millis(a.hold_ms),
             );
+            // The report first, then the hold: a caller that waits for it (tests/nat.rs) reads
+            // it while the connections are still open.
             println(&serde_json::to_string(&r)?)?;
+            std::thread::sleep(std::time::Duration::from_millis(a.hold_ms));
+            drop(kept);
         }
     }
     Ok(ExitCode::SUCCESS)

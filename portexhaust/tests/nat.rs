@@ -14,7 +14,7 @@ mod common;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -166,26 +166,24 @@ impl Topology {
         })
     }
 
-    /// A helper process (this test binary, role `role`) in namespace `ns`.
+    /// `portexhaust workload-nat --role ROLE` (the server, or a client making `n` connects) in
+    /// namespace `ns`, towards the IPv4 server.
     fn helper(&self, ns: &str, role: &str, n: u32) -> Guard {
         self.helper_to(ns, role, n, SERVER)
     }
 
-    /// A helper process serving or connecting to `server`.
+    /// A `workload-nat` serving or connecting to `server`; a client keeps its connections
+    /// until it is killed (the guard's drop).
     fn helper_to(&self, ns: &str, role: &str, n: u32, server: &str) -> Guard {
-        let me = std::env::current_exe().expect("test binary");
         let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(me)
-            .args(["helper_process", "--exact", "--ignored", "--nocapture"])
-            .env("PXH_NAT_ROLE", role)
-            .env("PXH_NAT_N", n.to_string())
-            .env("PXH_NAT_SERVER", server)
-            .stdin(Stdio::piped())
+            .args(["netns", "exec", ns, BIN, "workload-nat", "--role", role])
+            .args(["--addr", server, "--count", &n.to_string()])
+            .args(["--timeout-ms", "1500", "--hold-ms", "3600000"])
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("helper");
+            .expect("workload-nat");
         Guard(child)
     }
 }
@@ -215,46 +213,11 @@ fn line_of(g: &mut Guard, prefix: &str) -> String {
     }
 }
 
-/// The server and client processes the test runs inside its namespaces (this binary again):
-/// `PXH_NAT_ROLE=server` accepts and keeps every connection; `client` connects `PXH_NAT_N`
-/// times, keeping the connections it gets, and gives up on a connect after 1.5 s (its SYN and
-/// one retransmission dropped), then holds until its stdin closes.
-#[test]
-#[ignore = "a helper process of the nat tests, started by them"]
-fn helper_process() {
-    let Ok(role) = std::env::var("PXH_NAT_ROLE") else {
-        return;
-    };
-    let n: u32 = std::env::var("PXH_NAT_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let server: SocketAddr = std::env::var("PXH_NAT_SERVER")
-        .unwrap_or_else(|_| SERVER.into())
-        .parse()
-        .expect("addr");
-    let mut kept = Vec::new();
-    if role == "server" {
-        let l = TcpListener::bind(server).expect("listen");
-        println!("listening");
-        for s in l.incoming() {
-            kept.push(s.expect("accept"));
-        }
-        return;
-    }
-    let (mut ok, mut failed) = (0, 0);
-    for _ in 0..n {
-        match TcpStream::connect_timeout(&server, Duration::from_millis(1500)) {
-            Ok(s) => {
-                ok += 1;
-                kept.push(s);
-            }
-            Err(_) => failed += 1,
-        }
-    }
-    println!("done ok={ok} failed={failed}");
-    let mut sink = String::new();
-    let _ = std::io::stdin().read_line(&mut sink);
+/// A client's report (`{"pid":..,"ok":..,"failed":..}`, once its connects are done), as
+/// `done ok=N failed=M`.
+fn client_done(g: &mut Guard) -> String {
+    let v: Value = serde_json::from_str(&line_of(g, "{")).expect("client report");
+    format!("done ok={} failed={}", v["ok"], v["failed"])
 }
 
 fn comm_of(pid: u32) -> String {
@@ -344,7 +307,7 @@ fn exhaust_to(backend: &str, ruleset: &str, attempts: u32, server_addr: &str) ->
         &addr,
     ]);
     let mut client = t.helper_to(&t.client, "client", attempts, server_addr);
-    let client_line = line_of(&mut client, "done");
+    let client_line = client_done(&mut client);
     let client_pid = client.0.id();
     let client_comm = comm_of(client_pid);
     // The last drop reaches user space within the drain interval (50 ms).
@@ -679,7 +642,7 @@ fn top_shows_a_row_per_nat_destination() {
         "10000",
     ]);
     let mut client = t.helper(&t.client, "client", 13);
-    let client_line = line_of(&mut client, "done");
+    let client_line = client_done(&mut client);
     let client_pid = client.0.id();
     // Two refreshes after the last drop.
     std::thread::sleep(Duration::from_millis(1500));
@@ -732,7 +695,7 @@ fn doctor_in_the_nat_namespace_says_it_is_full_and_what_to_do() {
     let (t, server) = serving("doc", &masquerade(), SERVER);
     // The client takes the NAT's 10 ports and holds them.
     let mut holder = t.helper(&t.client, "client", 10);
-    let holder_line = line_of(&mut holder, "done");
+    let holder_line = client_done(&mut holder);
     assert!(holder_line.contains("ok=10"), "{holder_line}");
     let doctor = |extra: &[&str]| {
         let mut cmd = Command::new("ip");
@@ -797,7 +760,7 @@ fn doctor_in_the_nat_namespace_says_it_is_full_and_what_to_do() {
         "the NAT is watched: {seen}"
     );
     let mut client = t.helper(&t.client, "client", 3);
-    let client_line = line_of(&mut client, "done");
+    let client_line = client_done(&mut client);
     assert!(client_line.contains("ok=0 failed=3"), "{client_line}");
     let out = child.wait_with_output().expect("doctor --watch");
     let after = t.router_stat();
